@@ -1,0 +1,153 @@
+"""The run configuration: every key, its default, its meaning, and validation at start-up.
+
+The same keys live in ``pyproject.toml`` under ``[tool.flwr.app.config]`` (a test keeps the two and
+the README's table in step). ``ExperimentConfig.from_run_config`` rejects a bad value with a
+``ConfigError`` that names the key and the accepted values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+from .attacks import ATTACKS
+from .data import DATASETS, PARTITIONERS, DataConfig
+from .defenses import DEFENSES
+from .defenses.aggregators import AGGREGATORS
+from .models import MODELS
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot work; the message names the key."""
+
+
+def _key(doc: str, choices: tuple | None = None, check=None):
+    return {"doc": doc, "choices": choices, "check": check}
+
+
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+def _fraction(v):
+    return 0.0 <= v <= 1.0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    num_server_rounds: int = field(default=5, metadata=_key("federated rounds", check=_positive))
+    fraction_fit: float = field(default=1.0, metadata=_key("share of clients sampled per round", check=lambda v: 0 < v <= 1))
+    min_fit_clients: int = field(default=2, metadata=_key("minimum clients sampled per round", check=_positive))
+    min_valid_clients: int = field(default=1, metadata=_key("fewer valid results than this and the global model is kept", check=_positive))
+    max_update_norm: float = field(default=0.0, metadata=_key("reject client updates with a larger L2 norm (0: off)", check=_non_negative))
+    dataset: str = field(default="digits", metadata=_key("dataset name", tuple(DATASETS)))
+    data_dir: str = field(default="", metadata=_key("folder with <dataset>/{train,test}.parquet; empty: the hub id (digits: bundled)"))
+    partitioner: str = field(default="iid", metadata=_key("how training data is split over clients", PARTITIONERS))
+    dirichlet_alpha: float = field(default=0.5, metadata=_key("Dirichlet concentration (partitioner=dirichlet)", check=_positive))
+    classes_per_client: int = field(default=2, metadata=_key("classes per client (partitioner=pathological)", check=_positive))
+    server_fraction: float = field(default=0.0, metadata=_key("share of training data held out for the server, never given to clients", check=lambda v: 0 <= v < 1))
+    model: str = field(default="auto", metadata=_key("model; auto picks mlp for digits, cifar_cnn for 32x32x3, cnn_small otherwise", ("auto",) + MODELS))
+    local_epochs: int = field(default=2, metadata=_key("local epochs E", check=_positive))
+    batch_size: int = field(default=32, metadata=_key("local batch size", check=_positive))
+    learning_rate: float = field(default=0.1, metadata=_key("client SGD learning rate", check=_positive))
+    momentum: float = field(default=0.0, metadata=_key("client SGD momentum", check=lambda v: 0 <= v < 1))
+    attack: str = field(default="plus", metadata=_key("attackers' backdoor trigger (none: no attack)", ATTACKS))
+    malicious_fraction: float = field(default=0.1, metadata=_key("share of partitions that attack (seeded, fixed for the run)", check=_fraction))
+    poison_rate: float = field(default=0.5, metadata=_key("share of an attacker's eligible samples it poisons", check=_fraction))
+    target_label: int = field(default=7, metadata=_key("label the backdoor redirects to", check=_non_negative))
+    base_label: int = field(default=-1, metadata=_key("only this class is poisoned and measured (-1: every non-target class)", check=lambda v: v >= -1))
+    defense: str = field(default="rlr", metadata=_key("server defense", tuple(DEFENSES)))
+    server_lr: float = field(default=1.0, metadata=_key("server learning rate eta", check=_positive))
+    rlr_theta: int = field(default=4, metadata=_key("RLR sign-vote threshold theta, an integer in [1, clients per round]", check=lambda v: v >= 1))
+    rlr_aggregator: str = field(default="mean", metadata=_key("RLR base aggregator", tuple(AGGREGATORS)))
+    clip_norm: float = field(default=0.0, metadata=_key("RLR: clip each update to this L2 norm (0: off)", check=_non_negative))
+    noise: float = field(default=0.0, metadata=_key("RLR: Gaussian noise sigma, times clip-norm when clipping (0: off)", check=_non_negative))
+    device: str = field(default="cpu", metadata=_key("device of the server's updates matrix and of client training (cpu, cuda, cuda:N)"))
+    seed: int = field(default=42, metadata=_key("seed of partitions, attackers, model init, training and noise"))
+    results_dir: str = field(default="results", metadata=_key("where each run writes its folder of results"))
+    run_name: str = field(default="", metadata=_key("name of the results folder (empty: defense-dataset-timestamp)"))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: dict) -> "ExperimentConfig":
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(known)}")
+        values = {}
+        for key, f in known.items():
+            value = run_config.get(key, f.default if f.default is not MISSING else None)
+            values[f.name] = _coerce(key, value, type(f.default))
+            meta = f.metadata
+            if meta["choices"] is not None and values[f.name] not in meta["choices"]:
+                raise ConfigError(f"run-config key '{key}': {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+            if meta["check"] is not None and not meta["check"](values[f.name]):
+                raise ConfigError(f"run-config key '{key}': {value!r} is out of range ({meta['doc']})")
+        cfg = cls(**values)
+        cfg._cross_check()
+        return cfg
+
+    def _cross_check(self) -> None:
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"run-config key 'device': {self.device!r} is not cpu, cuda or cuda:N")
+        if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
+            raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
+
+    def data_config(self, num_partitions: int) -> DataConfig:
+        return DataConfig(dataset=self.dataset, data_dir=self.data_dir, partitioner=self.partitioner,
+                          num_partitions=num_partitions, dirichlet_alpha=self.dirichlet_alpha,
+                          classes_per_client=self.classes_per_client, server_fraction=self.server_fraction,
+                          seed=self.seed)
+
+    @property
+    def model_name(self) -> str:
+        from .models import default_model
+
+        return default_model(self.dataset) if self.model == "auto" else self.model
+
+    def defense_kwargs(self) -> dict:
+        """The defense's own parameters, from the run config."""
+        if self.defense == "rlr":
+            return {"theta": self.rlr_theta, "server_lr": self.server_lr, "aggregator": self.rlr_aggregator,
+                    "clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed}
+        if self.defense == "fedavg":
+            return {"server_lr": self.server_lr}
+        return {}
+
+    def as_run_config(self) -> dict:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def docs(cls) -> list[tuple[str, object, str]]:
+        rows = []
+        for f in fields(cls):
+            doc = f.metadata["doc"]
+            if f.metadata["choices"]:
+                doc += f" ({', '.join(map(str, f.metadata['choices']))})"
+            rows.append((f.name.replace("_", "-"), f.default, doc))
+        return rows
+
+
+def _coerce(key: str, value: object, kind: type) -> object:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"run-config key '{key}': {value!r} is not a valid {kind.__name__}") from None

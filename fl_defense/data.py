@@ -1,0 +1,174 @@
+"""Datasets and partitions, through Hugging Face ``datasets`` and flwr-datasets.
+
+A dataset is named (``digits``, ``mnist``, ``fashion_mnist``, ``usps``, ``cifar10``, ``cifar100``)
+and comes from its hub id, or from ``<data_dir>/<name>/{train,test}.parquet`` files in the hub's
+own schema: the same FederatedDataset code path serves both. ``digits`` is scikit-learn's bundled
+8x8 digits set (no download), the default that makes ``flwr run .`` work on any machine.
+
+Before partitioning, the training split is shuffled with the run's seed and, when asked, a
+``server_fraction`` of it is held out for the server (SDFC's validation set, FLTrust's root set):
+no client ever receives those rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    hub_id: str | None
+    image_column: str
+    label_column: str
+    num_classes: int
+    shape: tuple[int, int, int]  # C, H, W
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(None, "image", "label", 10, (1, 8, 8)),
+    "mnist": DatasetSpec("ylecun/mnist", "image", "label", 10, (1, 28, 28)),
+    "fashion_mnist": DatasetSpec("zalando-datasets/fashion_mnist", "image", "label", 10, (1, 28, 28)),
+    "usps": DatasetSpec("flwrlabs/usps", "image", "label", 10, (1, 16, 16)),
+    "cifar10": DatasetSpec("uoft-cs/cifar10", "img", "label", 10, (3, 32, 32)),
+    "cifar100": DatasetSpec("uoft-cs/cifar100", "img", "fine_label", 100, (3, 32, 32)),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str = ""
+    partitioner: str = "iid"
+    num_partitions: int = 10
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    server_fraction: float = 0.0
+    seed: int = 42
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return DATASETS[self.dataset]
+
+
+def make_partitioner(cfg: DataConfig):
+    """The flwr-datasets partitioner named by ``cfg.partitioner``."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    label = "label"  # columns are renamed to image/label on load
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions=cfg.num_partitions)
+    if cfg.partitioner == "dirichlet":
+        return DirichletPartitioner(num_partitions=cfg.num_partitions, partition_by=label,
+                                    alpha=cfg.dirichlet_alpha, min_partition_size=2,
+                                    self_balancing=False, shuffle=True, seed=cfg.seed)
+    if cfg.partitioner == "pathological":
+        return PathologicalPartitioner(num_partitions=cfg.num_partitions, partition_by=label,
+                                       num_classes_per_partition=cfg.classes_per_client,
+                                       class_assignment_mode="random", shuffle=True, seed=cfg.seed)
+    raise ValueError(f"unknown partitioner {cfg.partitioner!r}; choose one of {PARTITIONERS}")
+
+
+def _digits_splits():
+    import datasets
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0 * 255).round().astype(np.uint8)
+    x_tr, x_te, y_tr, y_te = train_test_split(images, digits.target, test_size=0.2, random_state=0,
+                                              stratify=digits.target)
+    def to_ds(x, y):
+        return datasets.Dataset.from_dict({"image": list(x), "label": y.astype(np.int64)})
+    return datasets.DatasetDict({"train": to_ds(x_tr, y_tr), "test": to_ds(x_te, y_te)})
+
+
+def _standardise(dd, spec: DatasetSpec, cfg: DataConfig):
+    """Rename columns to image/label, shuffle the train split (seeded), hold out the server split."""
+    import datasets
+
+    out = {}
+    for split, ds in dd.items():
+        if spec.image_column != "image":
+            ds = ds.rename_column(spec.image_column, "image")
+        if spec.label_column != "label":
+            ds = ds.rename_column(spec.label_column, "label")
+        out[split] = ds.select_columns(["image", "label"])
+    train = out["train"].shuffle(seed=cfg.seed)
+    n_server = int(round(cfg.server_fraction * len(train)))
+    out["server"] = train.select(range(n_server))
+    out["train"] = train.select(range(n_server, len(train)))
+    return datasets.DatasetDict(out)
+
+
+def data_files(cfg: DataConfig) -> dict[str, str]:
+    root = Path(cfg.data_dir).expanduser() / cfg.dataset
+    files = {s: str(root / f"{s}.parquet") for s in ("train", "test")}
+    missing = [f for f in files.values() if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data-dir {cfg.data_dir!r}: missing {', '.join(missing)}")
+    return files
+
+
+@lru_cache(maxsize=4)
+def federated_dataset(cfg: DataConfig):
+    """A flwr-datasets FederatedDataset (or, for digits, the same pieces built by hand)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    spec = cfg.spec
+    if cfg.dataset == "digits":
+        return _DigitsFederated(cfg, _standardise(_digits_splits(), spec, cfg))
+    from flwr_datasets import FederatedDataset
+
+    kwargs = {"dataset": spec.hub_id}
+    if cfg.data_dir:
+        kwargs = {"dataset": "parquet", "data_files": data_files(cfg)}
+    return FederatedDataset(partitioners={"train": make_partitioner(cfg)},
+                            preprocessor=lambda dd: _standardise(dd, spec, cfg), shuffle=False, **kwargs)
+
+
+class _DigitsFederated:
+    """The slice of FederatedDataset's interface used here, over an in-memory DatasetDict."""
+
+    def __init__(self, cfg: DataConfig, dd) -> None:
+        self._dd = dd
+        self._partitioner = make_partitioner(cfg)
+        self._partitioner.dataset = dd["train"]
+
+    def load_partition(self, partition_id: int, split: str = "train"):
+        return self._partitioner.load_partition(partition_id)
+
+    def load_split(self, split: str):
+        return self._dd[split]
+
+
+def to_tensors(ds, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a split to float images in [0, 1], shape (N, C, H, W), and int64 labels."""
+    c, h, w = spec.shape
+    if len(ds) == 0:
+        return torch.empty((0, c, h, w)), torch.empty((0,), dtype=torch.int64)
+    arr = np.stack([np.asarray(img, dtype=np.uint8) for img in ds.with_format(None)["image"]])
+    arr = arr.reshape(len(arr), h, w, c).transpose(0, 3, 1, 2) if arr.ndim == 4 else arr.reshape(len(arr), 1, h, w)
+    x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
+    y = torch.as_tensor(np.asarray(ds["label"], dtype=np.int64))
+    return x, y
+
+
+@lru_cache(maxsize=64)
+def load_partition(cfg: DataConfig, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not 0 <= partition_id < cfg.num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {cfg.num_partitions})")
+    return to_tensors(federated_dataset(cfg).load_partition(partition_id, "train"), cfg.spec)
+
+
+@lru_cache(maxsize=8)
+def load_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split, or the server's held-out split ("server")."""
+    return to_tensors(federated_dataset(cfg).load_split(split), cfg.spec)

@@ -1,0 +1,71 @@
+"""The contract every defense implements (see DESIGN.md, "The contract of a defense")."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from ..updates import RoundUpdates
+
+
+@dataclass
+class DefenseResult:
+    """What a defense returns for one round.
+
+    ``params`` is the new global trainable vector. ``weights[k]`` is the share client k ended up
+    with in the aggregate (0 for a dropped client) and ``flagged[k]`` says whether the defense
+    judged it malicious; together they make detection metrics uniform across defenses.
+    """
+
+    params: torch.Tensor
+    weights: torch.Tensor
+    flagged: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+class Defense:
+    """Base class: a server-side rule over a round's updates matrix. Knows nothing of Flower.
+
+    Subclasses set ``name``, ``paper``, ``detects`` (whether ``flagged`` carries a judgement, so
+    TPR/FPR are meaningful) and ``needs_fisher`` (clients must ship Fisher diagonals), take their
+    parameters in ``__init__`` and validate them in ``validate``.
+    """
+
+    name: str = "defense"
+    paper: str = ""
+    detects: bool = False
+    needs_fisher: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the parameter when the configuration is unusable."""
+
+    def check_num_clients(self, n: int) -> None:
+        """Raise ``ValueError`` when ``n`` sampled clients cannot work with this configuration."""
+
+    def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
+        raise NotImplementedError
+
+    # State kept across rounds (none by default); saved with checkpoints.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self) -> dict:
+        return {p: getattr(self, p) for p in self.param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def no_flags(n: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.bool, device=device)

@@ -1,0 +1,118 @@
+"""RLR: robust learning rate (Ozdayi, Kantarcioglu and Gel, AAAI 2021)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..updates import RoundUpdates
+from .aggregators import AGGREGATORS, clip_rows
+from .base import Defense, DefenseResult, no_flags
+
+
+class RLR(Defense):
+    """Robust learning rate, eqs. (4)-(6) of Ozdayi et al., AAAI 2021.
+
+    Per coordinate i the server learning rate is
+
+        eta_theta,i = eta   if |sum_k sign(delta_k,i)| >= theta
+                      -eta  otherwise                                   (eq. 4)
+
+    and the new model is w + eta_theta (.) agg(delta) (eq. 5), where ``agg`` is the
+    sample-weighted mean (the paper's default), the coordinate median or the sign vote. With
+    ``clip_norm`` C > 0 each update is first scaled to norm at most C, and with ``noise`` sigma > 0
+    Gaussian noise N(0, (sigma * C)^2) is added to the aggregate (eq. 6; sigma alone if C == 0).
+
+    RLR does not single out clients: every client keeps its aggregator weight and none is flagged.
+    The sign vote is an unweighted count, so theta is an integer between 1 and the number of
+    clients sampled in a round; with theta < 1 no coordinate could ever fall below it and RLR would
+    be plain averaging.
+
+    Parameters
+    ----------
+    theta : int
+        Vote threshold (the paper uses 4 for 10 clients, 8 for 40).
+    server_lr : float
+        eta, the server learning rate.
+    aggregator : {"mean", "median", "sign"}
+    clip_norm : float
+        C; 0 disables clipping.
+    noise : float
+        sigma; 0 disables noise.
+    seed : int
+        Seed of the noise generator (the run's seed).
+    """
+
+    name = "rlr"
+    paper = "Ozdayi et al., AAAI 2021"
+
+    def __init__(
+        self,
+        theta: int = 4,
+        server_lr: float = 1.0,
+        aggregator: str = "mean",
+        clip_norm: float = 0.0,
+        noise: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.theta = theta
+        self.server_lr = server_lr
+        self.aggregator = aggregator
+        self.clip_norm = clip_norm
+        self.noise = noise
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.theta, bool) or not float(self.theta).is_integer() or self.theta < 1:
+            raise ValueError(
+                f"theta must be an integer >= 1 (sign sums are integers; theta < 1 never flips a "
+                f"coordinate), got {self.theta!r}"
+            )
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {sorted(AGGREGATORS)}, got {self.aggregator!r}")
+        if not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
+        if self.clip_norm < 0 or self.noise < 0:
+            raise ValueError("clip_norm and noise must be >= 0")
+
+    def check_num_clients(self, n: int) -> None:
+        if self.theta > n:
+            raise ValueError(
+                f"theta={self.theta} exceeds the {n} clients sampled per round: every coordinate "
+                f"would get a negative learning rate. Choose theta <= {n}."
+            )
+
+    def robust_lr(self, updates: torch.Tensor) -> torch.Tensor:
+        """eta_theta (eq. 4): +eta where the sign vote reaches theta, -eta elsewhere."""
+        votes = torch.sign(updates).sum(dim=0).abs()
+        return torch.where(votes >= self.theta, self.server_lr, -self.server_lr)
+
+    def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
+        self.check_num_clients(round_updates.n)
+        updates = round_updates.updates
+        if self.clip_norm > 0:
+            updates, _ = clip_rows(updates, self.clip_norm)
+        lr = self.robust_lr(updates)
+        step, weights = AGGREGATORS[self.aggregator](round_updates, updates)
+        if self.noise > 0:
+            std = self.noise * (self.clip_norm if self.clip_norm > 0 else 1.0)
+            step = step + std * torch.randn(step.shape, generator=self._rng(step.device), device="cpu").to(step.device)
+        flipped = int((lr < 0).sum())
+        return DefenseResult(
+            params=global_params + lr * step,
+            weights=weights,
+            flagged=no_flags(round_updates.n, round_updates.device),
+            info={"flipped-coordinates": flipped, "flipped-fraction": flipped / max(1, round_updates.d)},
+        )
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed)
+        return self._generator
+
+    def state_dict(self) -> dict:
+        return {"noise-rng": self._rng("cpu").get_state()} if self.noise > 0 else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "noise-rng" in state:
+            self._rng("cpu").set_state(state["noise-rng"])

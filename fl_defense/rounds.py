@@ -1,0 +1,242 @@
+"""One round of defended aggregation, shared by both Flower adapters.
+
+The adapters translate Flower's results into ``ClientResult``s (ground truth already split off),
+and this module validates them, builds the updates matrix, calls the defense, averages buffers,
+and writes the per-client ``RoundRecord`` that detection metrics are computed from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .defenses.base import Defense
+from .fisher import FisherDecodeError, decode_fisher
+from .updates import ParamLayout, RoundUpdates
+from .validation import check_arrays, check_num_examples
+
+log = logging.getLogger("fl_defense")
+
+# Simulation-only ground truth travels under this metrics key. The adapters remove it before a
+# defense sees the round; only the evaluation layer reads it (from RoundRecord.ground_truth).
+GROUND_TRUTH_KEY = "fl-defense.malicious"
+FISHER_KEY = "fl-defense.fisher"
+FISHER_REQUEST_KEY = "fl-defense.compute-fisher"
+PARTITION_KEY = "partition-id"
+
+
+def split_ground_truth(metrics: dict | None) -> tuple[dict, bool | None]:
+    """Return (metrics without the reserved key, the ground-truth flag or None)."""
+    clean = dict(metrics or {})
+    gt = clean.pop(GROUND_TRUTH_KEY, None)
+    return clean, (None if gt is None else bool(gt))
+
+
+@dataclass
+class ClientResult:
+    client_id: str
+    arrays: list
+    num_examples: object
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """Per-client outcome of one round: the uniform input of detection metrics and plots."""
+
+    server_round: int
+    defense: str
+    detects: bool
+    client_ids: list[str] = field(default_factory=list)
+    partition_ids: list[int | None] = field(default_factory=list)
+    num_examples: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    flagged: list[bool] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    failures: int = 0
+    kept_global: bool = False
+    reason: str = ""
+    info: dict = field(default_factory=dict)
+    aggregation_seconds: float = 0.0
+    # Evaluation only: client id -> attacker? Never passed to a defense.
+    ground_truth: dict[str, bool] = field(default_factory=dict)
+
+    def detection(self) -> dict:
+        """Confusion counts of flagged vs ground truth, and TPR/FPR (None where undefined)."""
+        tp = fp = fn = tn = 0
+        for cid, flag in zip(self.client_ids, self.flagged):
+            mal = self.ground_truth.get(cid)
+            if mal is None:
+                continue
+            tp += flag and mal
+            fp += flag and not mal
+            fn += (not flag) and mal
+            tn += (not flag) and not mal
+        return {
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "tpr": tp / (tp + fn) if (tp + fn) and self.detects else None,
+            "fpr": fp / (fp + tn) if (fp + tn) and self.detects else None,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DefendedAggregation:
+    """Validate, flatten, defend, rebuild: the adapter-independent body of aggregate_fit/_train.
+
+    Parameters
+    ----------
+    defense : Defense
+    trainable : list[bool] | None
+        Which arrays are trainable parameters (defended); the others are buffers, averaged with
+        the weights the defense gave. Default: every floating-point array is trainable.
+    device : str
+        Where the updates matrix lives ("cpu", "cuda", "cuda:1").
+    min_clients : int
+        Fewer valid results than this and the global model is kept unchanged.
+    max_update_norm : float
+        Reject updates whose L2 norm exceeds this (0 disables the check).
+    """
+
+    def __init__(self, defense: Defense, trainable: list[bool] | None = None, device: str = "cpu",
+                 min_clients: int = 1, max_update_norm: float = 0.0) -> None:
+        defense.validate()
+        if min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        self.defense = defense
+        self.trainable = trainable
+        self.device = torch.device(device)
+        self.min_clients = min_clients
+        self.max_update_norm = max_update_norm
+        self.records: list[RoundRecord] = []
+
+    def layout_for(self, global_arrays: list[np.ndarray]) -> ParamLayout:
+        return ParamLayout.from_arrays(global_arrays, self.trainable)
+
+    def aggregate(self, server_round: int, global_arrays: list[np.ndarray], results: list[ClientResult],
+                  failures: int = 0, ground_truth: dict[str, bool] | None = None) -> tuple[list[np.ndarray] | None, dict]:
+        """Return (new arrays or None when the global model is kept, round metrics)."""
+        t0 = time.perf_counter()
+        layout = self.layout_for(global_arrays)
+        record = RoundRecord(server_round=server_round, defense=self.defense.name,
+                             detects=self.defense.detects, failures=failures,
+                             ground_truth=dict(ground_truth or {}))
+        valid, fishers = [], []
+        for res in results:
+            reason = check_num_examples(res.num_examples) or check_arrays(
+                res.arrays, layout, self.max_update_norm, global_arrays)
+            fisher = None
+            if reason is None and self.defense.needs_fisher:
+                try:
+                    fisher = decode_fisher(res.metrics.get(FISHER_KEY), layout.dim)
+                except FisherDecodeError as err:
+                    reason = str(err)
+            if reason is not None:
+                log.warning("round %d: rejected result of client %s: %s", server_round, res.client_id, reason)
+                record.rejected.append({"client_id": res.client_id, "reason": reason})
+                continue
+            valid.append(res)
+            fishers.append(fisher)
+
+        record.client_ids = [r.client_id for r in valid]
+        record.partition_ids = [_as_int(r.metrics.get(PARTITION_KEY)) for r in valid]
+        record.num_examples = [int(r.num_examples) for r in valid]
+        if len(valid) < self.min_clients:
+            record.kept_global = True
+            record.reason = f"{len(valid)} valid results, fewer than the minimum of {self.min_clients}"
+        else:
+            try:
+                self.defense.check_num_clients(len(valid))
+            except ValueError as err:
+                record.kept_global, record.reason = True, str(err)
+        if record.kept_global:
+            log.warning("round %d: global model kept unchanged: %s", server_round, record.reason)
+            record.weights = [0.0] * len(valid)
+            record.flagged = [False] * len(valid)
+            record.aggregation_seconds = time.perf_counter() - t0
+            self.records.append(record)
+            return None, self._metrics(record)
+
+        round_updates, global_vec = self._build_round(layout, global_arrays, valid, fishers)
+        result = self.defense.aggregate(global_vec, round_updates)
+        weights = result.weights.detach().to("cpu", torch.float64).numpy()
+        buffers = self._average_buffers(layout, valid, weights)
+        new_arrays = layout.unflatten(result.params, buffers)
+
+        record.weights = [float(w) for w in weights]
+        record.flagged = [bool(f) for f in result.flagged.detach().cpu().numpy()]
+        record.info = {k: _plain(v) for k, v in result.info.items()}
+        record.aggregation_seconds = time.perf_counter() - t0
+        self.records.append(record)
+        return new_arrays, self._metrics(record)
+
+    def _build_round(self, layout: ParamLayout, global_arrays: list[np.ndarray], valid: list[ClientResult],
+                     fishers: list) -> tuple[RoundUpdates, torch.Tensor]:
+        n, d = len(valid), layout.dim
+        global_vec = layout.flatten(global_arrays, self.device)
+        updates = torch.empty((n, d), dtype=torch.float32, device=self.device)
+        for k, res in enumerate(valid):
+            layout.flatten_into(res.arrays, updates[k])
+        updates -= global_vec  # delta_k = w_k - w, in place: one n x d matrix in memory
+        fisher = None
+        if self.defense.needs_fisher:
+            fisher = torch.from_numpy(np.stack(fishers)).to(self.device)
+        num_examples = torch.tensor([float(r.num_examples) for r in valid], dtype=torch.float64)
+        return RoundUpdates(updates=updates, num_examples=num_examples,
+                            client_ids=[r.client_id for r in valid],
+                            layer_slices=layout.layer_slices, fisher=fisher), global_vec
+
+    @staticmethod
+    def _average_buffers(layout: ParamLayout, valid: list[ClientResult], weights: np.ndarray) -> list[np.ndarray]:
+        """Buffers (BatchNorm statistics) are not defended: a plain mean with the defense's weights
+        (sample weights when the defense gave every client weight 0)."""
+        if not layout.buffer_indices:
+            return []
+        w = weights if weights.sum() > 0 else np.array([float(r.num_examples) for r in valid])
+        w = w / w.sum()
+        out = []
+        for i in layout.buffer_indices:
+            acc = sum(wk * np.asarray(r.arrays[i], dtype=np.float64) for wk, r in zip(w, valid))
+            dtype = np.dtype(layout.dtypes[i])
+            out.append(np.rint(acc).astype(dtype) if dtype.kind in "iu" else acc.astype(dtype))
+        return out
+
+    @staticmethod
+    def _metrics(record: RoundRecord) -> dict:
+        return {
+            "num-valid": len(record.client_ids),
+            "num-rejected": len(record.rejected),
+            "num-failures": record.failures,
+            "num-flagged": int(sum(record.flagged)),
+            "kept-global": int(record.kept_global),
+            "aggregation-seconds": record.aggregation_seconds,
+        }
+
+    # Checkpoint support: the defense's own state across rounds.
+    def state_dict(self) -> dict:
+        return {"defense": self.defense.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.defense.load_state_dict(state.get("defense", {}))
+
+
+def _as_int(v: object) -> int | None:
+    try:
+        return None if v is None else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _plain(v: object) -> object:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

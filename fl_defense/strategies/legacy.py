@@ -1,0 +1,111 @@
+"""Adapter for Flower's legacy strategy API (``flwr.server.strategy``, ``aggregate_fit``)."""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+import numpy as np
+from flwr.common import FitIns, Parameters, Scalar, log, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as FlowerFedAvg
+
+from .. import defenses
+from ..defenses.base import Defense
+from ..rounds import FISHER_REQUEST_KEY, ClientResult, split_ground_truth
+from ._common import split_kwargs
+
+
+class DefenseStrategy(FlowerFedAvg):
+    """A Flower ``FedAvg`` whose ``aggregate_fit`` runs a defense from ``fl_defense.defenses``.
+
+    Accepts every argument of ``flwr.server.strategy.FedAvg``, the defense's own parameters (for
+    the concrete subclasses), and: ``defense`` (an instance, for this generic class),
+    ``trainable`` (mask of arrays that are trainable parameters; the rest are buffers),
+    ``device`` ("cpu" or "cuda[:i]"), ``min_valid_clients`` and ``max_update_norm``.
+
+    After each round ``self.records`` holds the per-client ``RoundRecord``s.
+    """
+
+    defense_class: type[Defense] | None = None
+
+    def __init__(self, *, defense: Defense | None = None, **kwargs) -> None:
+        self.aggregation, fedavg_kwargs = split_kwargs(self.defense_class, defense, kwargs)
+        super().__init__(**fedavg_kwargs)
+        self._global: list[np.ndarray] | None = None
+        self._checked_sample_size: int | None = None
+
+    @property
+    def defense(self) -> Defense:
+        return self.aggregation.defense
+
+    @property
+    def records(self):
+        return self.aggregation.records
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(defense={self.defense!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        params = super().initialize_parameters(client_manager)
+        if params is not None:
+            self._global = parameters_to_ndarrays(params)
+        return params
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        self._global = parameters_to_ndarrays(parameters)
+        pairs = super().configure_fit(server_round, parameters, client_manager)
+        if pairs and self._checked_sample_size != len(pairs):
+            # A configuration that cannot work with this many clients fails now, not silently later.
+            self.defense.check_num_clients(len(pairs))
+            self._checked_sample_size = len(pairs)
+        if self.defense.needs_fisher:
+            for _, ins in pairs:
+                ins.config = {**ins.config, FISHER_REQUEST_KEY: True}
+        return pairs
+
+    def aggregate_fit(self, server_round: int, results, failures) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if self._global is None:
+            raise RuntimeError("aggregate_fit called before configure_fit: no global parameters known")
+        client_results, ground_truth = [], {}
+        for proxy, fit_res in results:
+            metrics, gt = split_ground_truth(fit_res.metrics)
+            if gt is not None:
+                ground_truth[str(proxy.cid)] = gt
+            try:
+                arrays = parameters_to_ndarrays(fit_res.parameters)
+            except Exception as err:  # a malformed payload is the client's fault, not the round's
+                arrays = f"undecodable parameters ({err})"
+            client_results.append(ClientResult(str(proxy.cid), arrays, fit_res.num_examples, metrics))
+        if failures:
+            log(WARNING, "round %d: %d clients failed: %s", server_round, len(failures),
+                "; ".join(_failure_text(f) for f in failures[:5]))
+        new_arrays, metrics = self.aggregation.aggregate(
+            server_round, self._global, client_results, failures=len(failures), ground_truth=ground_truth)
+        if new_arrays is None:
+            # Keep the model: hand Flower the current parameters back so it does not stall.
+            return ndarrays_to_parameters(self._global), metrics
+        self._global = new_arrays
+        return ndarrays_to_parameters(new_arrays), metrics
+
+
+def _failure_text(f) -> str:
+    if isinstance(f, BaseException):
+        return f"{type(f).__name__}: {f}"
+    return f"client {getattr(f[0], 'cid', '?')}"
+
+
+class FedAvg(DefenseStrategy):
+    """FedAvg through the defense core (no defense); same result as Flower's FedAvg."""
+
+    defense_class = defenses.FedAvg
+
+
+class RLR(DefenseStrategy):
+    """Robust learning rate (Ozdayi et al., AAAI 2021); see ``fl_defense.defenses.RLR``.
+
+    ``RLR(theta=4, server_lr=1.0, aggregator="mean", clip_norm=0.0, noise=0.0, **fedavg_kwargs)``.
+    """
+
+    defense_class = defenses.RLR

@@ -1,0 +1,118 @@
+"""Central evaluation and the results folder: one JSON line per round, one summary JSON.
+
+This is the evaluation layer, the only place that reads ground truth (from the strategy's
+``RoundRecord.ground_truth``, never from the defense).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fl_defense.attacks import trigger_mask
+from fl_defense.config import ExperimentConfig
+from fl_defense.metrics import accuracy, attack_success_rate
+from fl_defense.models import set_arrays
+
+
+class RunRecorder:
+    """Evaluates the global model each round (Flower's ``evaluate_fn``) and writes results."""
+
+    def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor],
+                 out_dir: Path, echo=None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.test_x, self.test_y = test
+        self.mask = trigger_mask(cfg.attack if cfg.attack != "none" else "plus", *test[0].shape[2:])
+        self.out_dir = out_dir
+        self.echo = echo or (lambda line: print(line, flush=True))
+        self.strategy = None  # set once the strategy exists; records are read from it
+        self.rows: list[dict] = []
+        self._t_last = time.perf_counter()
+        self._t_start = self._t_last
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._rounds_path = out_dir / "rounds.jsonl"
+        self._rounds_path.write_text("")
+
+    def evaluate(self, server_round: int, arrays, config) -> tuple[float, dict]:
+        set_arrays(self.model, arrays)
+        device = self.cfg.device if self.cfg.device == "cpu" or torch.cuda.is_available() else "cpu"
+        acc = accuracy(self.model, self.test_x, self.test_y, device)
+        asr = attack_success_rate(self.model, self.test_x, self.test_y, self.mask, self.cfg.target_label,
+                                  self.cfg.base_label, device)
+        now = time.perf_counter()
+        row = {"round": server_round, "accuracy": acc, "attack_success_rate": asr}
+        records = self.strategy.records if self.strategy is not None else []
+        if server_round > 0 and records and records[-1].server_round == server_round:
+            rec = records[-1]
+            det = rec.detection()
+            row.update({
+                "num_clients": len(rec.client_ids), "num_flagged": int(sum(rec.flagged)),
+                "tpr": det["tpr"], "fpr": det["fpr"], "detection": det,
+                "num_rejected": len(rec.rejected), "rejected": rec.rejected, "num_failures": rec.failures,
+                "kept_global": rec.kept_global, "reason": rec.reason,
+                "aggregation_seconds": rec.aggregation_seconds, "round_seconds": now - self._t_last,
+                "clients": [
+                    {"id": cid, "partition": pid, "num_examples": n, "weight": w, "flagged": f,
+                     "malicious": rec.ground_truth.get(cid)}
+                    for cid, pid, n, w, f in zip(rec.client_ids, rec.partition_ids, rec.num_examples,
+                                                 rec.weights, rec.flagged)
+                ],
+                "info": rec.info,
+            })
+        self._t_last = now
+        self.rows.append(row)
+        with self._rounds_path.open("a") as fh:
+            fh.write(json.dumps(_finite(row)) + "\n")
+        self.echo(_line(row))
+        if server_round == self.cfg.num_server_rounds:
+            self.write_summary()
+        return 1.0 - acc, {"accuracy": acc, "attack-success-rate": asr if not math.isnan(asr) else -1.0}
+
+    def write_summary(self) -> Path:
+        attackers = sorted({c["partition"] for r in self.rows for c in r.get("clients", []) if c["malicious"]})
+        final = self.rows[-1] if self.rows else {}
+        summary = {
+            "config": self.cfg.as_run_config(),
+            "defense": repr(self.strategy.defense) if self.strategy is not None else None,
+            "rounds_completed": final.get("round", 0),
+            "final": {k: final.get(k) for k in ("accuracy", "attack_success_rate", "tpr", "fpr", "num_flagged")},
+            "attacker_partitions_seen": attackers,
+            "wall_seconds": time.perf_counter() - self._t_start,
+        }
+        path = self.out_dir / "summary.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_finite(summary), indent=2))
+        os.replace(tmp, path)
+        return path
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _line(row: dict) -> str:
+    s = f"[fl-defense] round {row['round']:>3} | accuracy {_fmt(row['accuracy'])} | attack success {_fmt(row['attack_success_rate'])}"
+    if "num_flagged" in row:
+        s += f" | flagged {row['num_flagged']}/{row['num_clients']} (tpr {_fmt(row['tpr'])}, fpr {_fmt(row['fpr'])})"
+        if row["num_rejected"] or row["num_failures"]:
+            s += f" | rejected {row['num_rejected']}, failed {row['num_failures']}"
+        if row["kept_global"]:
+            s += " | global model kept"
+    return s
+
+
+def _finite(obj):
+    """JSON has no NaN: write null instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
