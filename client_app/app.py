@@ -72,9 +72,14 @@ def _seed(*parts: int) -> int:
 
 
 def client_fn(context: Context):
-    cfg = ExperimentConfig.from_run_config(dict(context.run_config))
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    return build_client(dict(context.run_config), context.node_config)
+
+
+def build_client(run_config: dict, node_config: dict):
+    """The client for one node: ``node_config`` names its partition (``partition-id``, ``num-partitions``)."""
+    cfg = ExperimentConfig.from_run_config(run_config)
+    partition_id = int(node_config["partition-id"])
+    num_partitions = int(node_config["num-partitions"])
     return DefenseClient(cfg, partition_id, num_partitions).to_client()
 
 

@@ -38,9 +38,10 @@ def _fraction(v):
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    num_server_rounds: int = field(default=5, metadata=_key("federated rounds", check=_positive))
+    num_server_rounds: int = field(default=10, metadata=_key("federated rounds", check=_positive))
     fraction_fit: float = field(default=1.0, metadata=_key("share of clients sampled per round", check=lambda v: 0 < v <= 1))
     min_fit_clients: int = field(default=2, metadata=_key("minimum clients sampled per round", check=_positive))
+    min_available_clients: int = field(default=0, metadata=_key("clients that must be connected before a round is sampled (0: every node connected when the ServerApp starts)", check=_non_negative))
     min_valid_clients: int = field(default=1, metadata=_key("fewer valid results than this and the global model is kept", check=_positive))
     max_update_norm: float = field(default=0.0, metadata=_key("reject client updates with a larger L2 norm (0: off)", check=_non_negative))
     dataset: str = field(default="digits", metadata=_key("dataset name", tuple(DATASETS)))
@@ -51,7 +52,7 @@ class ExperimentConfig:
     server_fraction: float = field(default=0.0, metadata=_key("share of training data held out for the server, never given to clients", check=lambda v: 0 <= v < 1))
     model: str = field(default="auto", metadata=_key("model; auto picks mlp for digits, cifar_cnn for 32x32x3, cnn_small otherwise", ("auto",) + MODELS))
     local_epochs: int = field(default=2, metadata=_key("local epochs E", check=_positive))
-    batch_size: int = field(default=32, metadata=_key("local batch size", check=_positive))
+    batch_size: int = field(default=16, metadata=_key("local batch size", check=_positive))
     learning_rate: float = field(default=0.1, metadata=_key("client SGD learning rate", check=_positive))
     momentum: float = field(default=0.0, metadata=_key("client SGD momentum", check=lambda v: 0 <= v < 1))
     attack: str = field(default="plus", metadata=_key("attackers' backdoor trigger (none: no attack)", ATTACKS))
@@ -98,6 +99,19 @@ class ExperimentConfig:
             raise ConfigError(f"run-config key 'device': {self.device!r} is not cpu, cuda or cuda:N")
         if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
             raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
+
+    def check_federation(self, num_nodes: int) -> int:
+        """Check the config against a federation of ``num_nodes``; return the clients per round."""
+        available = self.min_available_clients or num_nodes
+        per_round = max(int(available * self.fraction_fit), self.min_fit_clients)
+        hint = (f"the federation has {num_nodes} SuperNodes; for a larger simulated one run "
+                f"flwr run . --federation-config \"num-supernodes=10\"")
+        if per_round > max(num_nodes, available):
+            raise ConfigError(f"run-config key 'min-fit-clients': {self.min_fit_clients} clients per round, but {hint}")
+        if self.defense == "rlr" and self.rlr_theta > per_round:
+            raise ConfigError(f"run-config key 'rlr-theta': {self.rlr_theta} exceeds the {per_round} clients "
+                              f"sampled per round (sign sums cannot reach it; {hint})")
+        return per_round
 
     def data_config(self, num_partitions: int) -> DataConfig:
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, partitioner=self.partitioner,

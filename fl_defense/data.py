@@ -99,7 +99,8 @@ def _standardise(dd, spec: DatasetSpec, cfg: DataConfig):
             ds = ds.rename_column(spec.image_column, "image")
         if spec.label_column != "label":
             ds = ds.rename_column(spec.label_column, "label")
-        out[split] = ds.select_columns(["image", "label"])
+        ds = ds.select_columns(["image", "label"])
+        out[split] = ds.add_column("row", np.arange(len(ds), dtype=np.int64))  # provenance of each sample
     train = out["train"].shuffle(seed=cfg.seed)
     n_server = int(round(cfg.server_fraction * len(train)))
     out["server"] = train.select(range(n_server))

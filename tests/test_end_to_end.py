@@ -1,0 +1,93 @@
+"""End to end: a real Flower simulation on digits writes per-round and summary results."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _check_results(folder: Path, rounds: int, defense: str):
+    lines = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == list(range(rounds + 1))
+    for r in lines[1:]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["attack_success_rate"] <= 1.0
+        assert r["num_clients"] == 10 and r["num_rejected"] == 0
+        # one attacker among 10 (malicious-fraction 0.1), known to the evaluation layer only
+        assert sum(bool(c["malicious"]) for c in r["clients"]) == 1
+        assert abs(sum(c["weight"] for c in r["clients"]) - 1.0) < 1e-6
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["config"]["defense"] == defense and summary["config"]["num-server-rounds"] == rounds
+    assert summary["rounds_completed"] == rounds
+    assert summary["final"]["accuracy"] == lines[-1]["accuracy"]
+    assert len(summary["attacker_partitions_seen"]) == 1
+    return lines
+
+
+def test_run_simulation_in_process(tmp_path):
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp
+    from flwr.simulation import run_simulation
+
+    import client_app.app as ca
+    import server_app.app as sa
+
+    overrides = {"num-server-rounds": 2, "results-dir": str(tmp_path), "run-name": "e2e", "defense": "rlr"}
+
+    def server_fn(context):
+        return sa.build_components({**context.run_config, **overrides}, num_nodes=10)
+
+    def client_fn(context):
+        return ca.build_client({**context.run_config, **overrides}, context.node_config)
+
+    run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
+                   num_supernodes=10, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    lines = _check_results(tmp_path / "e2e", 2, "rlr")
+    assert lines[-1]["accuracy"] > lines[0]["accuracy"]  # it learns
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.skipif(not _port_free(39093), reason="a SuperLink already listens on the local ports")
+def test_flwr_run_with_managed_superlink(tmp_path):
+    """`flwr run . --stream` exactly as the README says; the SuperLink it starts is stopped after."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr_home"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    flwr = Path(sys.executable).with_name("flwr")
+    cmd = [str(flwr), "run", ".", "--stream", "--run-config",
+           f"num-server-rounds=2 defense='fedavg' results-dir='{tmp_path}' run-name='cli'",
+           "--federation-config", "num-supernodes=10 client-resources-num-cpus=1"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert "[fl-defense] round   2 | accuracy" in out
+        _check_results(tmp_path / "cli", 2, "fedavg")
+    finally:
+        _stop_superlink(tmp_path / "flwr_home")
+
+
+def _stop_superlink(flwr_home: Path):
+    found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
+    for pid in map(int, found.stdout.split()):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)

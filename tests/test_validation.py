@@ -1,0 +1,95 @@
+"""A malformed client result is rejected with a reason and the round goes on."""
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from fl_defense import strategies
+from fl_defense.fisher import FisherDecodeError, decode_fisher, encode_fisher
+from fl_defense.rounds import DefendedAggregation, ClientResult
+from fl_defense.defenses import FedAvg
+from tests.helpers import FakeProxy, client_models, legacy_results, model_arrays
+from tests.test_adapters import run_legacy
+
+
+def _bad_variants(g):
+    yield "expected 4 arrays", [g[0]]
+    yield "shape", [g[0].T, g[1], g[2], g[3]]
+    yield "NaN", [np.full_like(g[0], np.nan), g[1], g[2], g[3]]
+    yield "dtype", [g[0].astype(np.complex64), g[1], g[2], g[3]]
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_malformed_arrays_are_rejected_and_round_goes_on(i):
+    rng = np.random.default_rng(0)
+    g = model_arrays(rng)
+    clients = client_models(g, 5, rng)
+    reason, bad = list(_bad_variants(g))[i]
+    clients[2] = (bad, clients[2][1], clients[2][2])
+    strategy = strategies.FedAvg()
+    out, metrics = run_legacy(strategy, g, clients)
+    assert metrics["num-rejected"] == 1 and metrics["num-valid"] == 4
+    rec = strategy.records[-1]
+    assert rec.rejected[0]["client_id"] == "2" and reason in rec.rejected[0]["reason"]
+    good = [c for k, c in enumerate(clients) if k != 2]
+    expected, _ = run_legacy(strategies.FedAvg(), g, good)
+    for a, b in zip(out, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_zero_samples_and_absurd_norm_rejected():
+    rng = np.random.default_rng(1)
+    g = model_arrays(rng)
+    agg = DefendedAggregation(FedAvg(), max_update_norm=10.0)
+    results = [ClientResult("a", [a + 0.01 for a in g], 0), ClientResult("b", [a + 100 for a in g], 5),
+               ClientResult("c", [a + 0.01 for a in g], 5), ClientResult("d", [a + 0.01 for a in g], 2.5)]
+    new, metrics = agg.aggregate(1, g, results)
+    reasons = {r["client_id"]: r["reason"] for r in agg.records[-1].rejected}
+    assert set(reasons) == {"a", "b", "d"}
+    assert "positive" in reasons["a"] and "exceeds the bound" in reasons["b"] and "integer" in reasons["d"]
+    np.testing.assert_allclose(new[0], g[0] + 0.01, rtol=1e-6)
+
+
+def test_too_few_valid_results_keep_the_global_model():
+    rng = np.random.default_rng(2)
+    g = model_arrays(rng)
+    clients = client_models(g, 3, rng)
+    strategy = strategies.FedAvg(min_valid_clients=3)
+    clients[0] = ([g[0]], clients[0][1], clients[0][2])
+    out, metrics = run_legacy(strategy, g, clients)
+    assert metrics["kept-global"] == 1
+    for a, b in zip(out, g):
+        np.testing.assert_array_equal(a, b)
+    assert "fewer than the minimum of 3" in strategy.records[-1].reason
+
+
+def test_undecodable_parameters_are_rejected():
+    rng = np.random.default_rng(3)
+    g = model_arrays(rng)
+    clients = client_models(g, 3, rng)
+    results = legacy_results(clients)
+    results[1][1].parameters.tensors[0] = b"garbage"
+    strategy = strategies.FedAvg()
+    from tests.helpers import client_manager
+    strategy.configure_fit(1, ndarrays_to_parameters(g), client_manager(3))
+    params, metrics = strategy.aggregate_fit(1, results, [RuntimeError("node died")])
+    assert metrics["num-rejected"] == 1 and metrics["num-failures"] == 1 and metrics["num-valid"] == 2
+    assert params is not None
+
+
+def test_fisher_round_trip_and_rejections():
+    f = np.abs(np.random.default_rng(0).normal(size=100)).astype(np.float32)
+    np.testing.assert_array_equal(decode_fisher(encode_fisher(f), 100), f)
+    np.testing.assert_allclose(decode_fisher(encode_fisher(f, half=True), 100), f, rtol=1e-3)
+    with pytest.raises(FisherDecodeError, match="missing"):
+        decode_fisher(None, 100)
+    with pytest.raises(FisherDecodeError, match="99 entries"):
+        decode_fisher(encode_fisher(f[:99]), 100)
+    with pytest.raises(FisherDecodeError, match="negative"):
+        decode_fisher(encode_fisher(-f), 100)
+    with pytest.raises(FisherDecodeError, match="NaN"):
+        decode_fisher(encode_fisher(np.full(100, np.inf)), 100)
+    with pytest.raises(FisherDecodeError, match="header"):
+        decode_fisher(b"abc", 100)
+    with pytest.raises(FisherDecodeError, match="length"):
+        decode_fisher(encode_fisher(f)[:-4], 100)
