@@ -1,0 +1,94 @@
+"""Run `flwr run .` for a list of cells and print one Markdown table of their final figures.
+
+Each cell is a set of run-config overrides; every run goes through Flower's simulation engine
+exactly as a user runs it (managed local SuperLink, `--stream`), writes its own results folder, and
+the table is read back from the `summary.json` files. The SuperLink this starts is stopped at the
+end (by process id).
+
+    python benchmarks/flwr_runs.py rlr-digits     # FedAvg vs RLR on digits (issue 2)
+    python benchmarks/flwr_runs.py rlr-fmnist     # FedAvg vs RLR on fashion_mnist (issue 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("FL_DEFENSE_DATA", str(ROOT.parent / "shared" / "data"))
+
+RLR_SETTING = {"malicious-fraction": 0.1, "poison-rate": 0.5, "rlr-theta": 4, "partitioner": "iid", "attack": "plus"}
+
+SUITES: dict[str, list[dict]] = {
+    "rlr-digits": [
+        {**RLR_SETTING, "dataset": "digits", "num-server-rounds": 40, "defense": d} for d in ("fedavg", "rlr")
+    ] + [{**RLR_SETTING, "dataset": "digits", "num-server-rounds": 40, "defense": "fedavg", "attack": "none"}],
+    "rlr-fmnist": [
+        {**RLR_SETTING, "dataset": "fashion_mnist", "data-dir": DATA, "num-server-rounds": 20,
+         "batch-size": 64, "defense": d} for d in ("fedavg", "rlr")
+    ] + [{**RLR_SETTING, "dataset": "fashion_mnist", "data-dir": DATA, "num-server-rounds": 20,
+          "batch-size": 64, "defense": "fedavg", "attack": "none"}],
+}
+
+
+def toml_value(v) -> str:
+    return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict) -> dict:
+    name = "-".join(str(cell[k]) for k in ("defense", "dataset", "attack")) + f"-s{cell.get('seed', 42)}"
+    overrides = {**cell, "results-dir": str(out), "run-name": name}
+    cmd = ["flwr", "run", str(ROOT), "--stream", "--federation-config",
+           f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+           "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("[fl-defense]"):
+            print(line, flush=True)
+    summary_path = out / name / "summary.json"
+    if proc.returncode != 0 or not summary_path.exists():
+        raise SystemExit(f"run {name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    summary = json.loads(summary_path.read_text())
+    summary["name"], summary["wall"] = name, time.time() - t0
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=sorted(SUITES))
+    parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    flwr_home = out / "flwr_home"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    rows = []
+    try:
+        for cell in SUITES[args.suite]:
+            rows.append(run_cell(cell, out, args.num_supernodes, env))
+    finally:
+        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
+        for pid in map(int, found.stdout.split()):
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    print(f"\n| run | dataset | attack | defense | rounds | accuracy | attack success | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in rows:
+        c, f = s["config"], s["final"]
+        asr = "-" if c["attack"] == "none" else f"{f['attack_success_rate']:.3f}"
+        print(f"| {s['name']} | {c['dataset']} | {c['attack']} | {c['defense']} | {s['rounds_completed']} | "
+              f"{f['accuracy']:.3f} | {asr} | {s['wall']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
