@@ -101,3 +101,26 @@ def empirical_fisher(
             total[k] += (g**2).sum(dim=0)
     n = max(1, len(inputs))
     return torch.cat([(total[k] / n).reshape(-1) for k in params]).cpu().numpy().astype(np.float32)
+
+
+class ValidationFisher:
+    """The diagonal Fisher of a model on a fixed (server-held) dataset, as a function of the
+    trainable-parameter vector: what SDFC compares client-reported Fisher against.
+
+    The vector is cloned before it is loaded, so computing a Fisher never aliases the caller's
+    tensor (``vector_to_parameters`` alone would make the model's parameters views of it).
+    """
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 max_samples: int | None = 512) -> None:
+        if len(labels) == 0:
+            raise ValueError("the validation set is empty (raise server-fraction)")
+        self.model = model
+        self.images, self.labels = images, labels
+        self.max_samples = max_samples
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(vector.detach().to("cpu", torch.float32).clone(), params)
+        return torch.from_numpy(empirical_fisher(self.model, self.images, self.labels, max_samples=self.max_samples))

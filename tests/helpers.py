@@ -9,7 +9,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from fl_defense.rounds import GROUND_TRUTH_KEY
+from fl_defense.fisher import decode_fisher, encode_fisher
+from fl_defense.rounds import FISHER_KEY, GROUND_TRUTH_KEY
 from fl_defense.updates import RoundUpdates
 
 
@@ -65,11 +66,15 @@ def model_arrays(rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def client_models(global_arrays, n, rng, scale=0.1, malicious=()):
-    """n clients' arrays, each the global plus noise; returns (arrays list, num_examples, metrics)."""
+    """n clients' arrays, each the global plus noise, malicious ones shifted, with a Fisher diagonal
+    in the legacy wire encoding; returns a list of (arrays, num_examples, metrics)."""
     out = []
+    d = sum(a.size for a in global_arrays)
     for k in range(n):
-        arrays = [a + scale * rng.normal(size=a.shape).astype(np.float32) for a in global_arrays]
-        metrics = {"partition-id": k, GROUND_TRUTH_KEY: int(k in malicious)}
+        shift = 0.5 if k in malicious else 0.0
+        arrays = [a + shift + scale * rng.normal(size=a.shape).astype(np.float32) for a in global_arrays]
+        fisher = np.abs(rng.normal(size=d)).astype(np.float32) * (3.0 if k in malicious else 1.0)
+        metrics = {"partition-id": k, GROUND_TRUTH_KEY: int(k in malicious), FISHER_KEY: encode_fisher(fisher)}
         out.append((arrays, int(rng.integers(20, 60)), metrics))
     return out
 
@@ -90,6 +95,9 @@ def message_replies(clients, extra_records=None):
             "arrays": ArrayRecord({str(i): Array(a) for i, a in enumerate(arrays)}),
             "metrics": MetricRecord({**{m: v for m, v in metrics.items() if isinstance(v, (int, float))}, "num-examples": n}),
         })
+        if FISHER_KEY in metrics:  # the Message API carries Fisher as its own ArrayRecord
+            fisher = decode_fisher(metrics[FISHER_KEY], sum(a.size for a in arrays))
+            content[FISHER_KEY] = ArrayRecord({"fisher": Array(fisher)})
         for key, rec in (extra_records or {}).get(k, {}).items():
             content[key] = rec
         replies.append(Message(content=content, metadata=md))

@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAvg as FlowerFedAvg
@@ -11,12 +12,23 @@ from flwr.serverapp.strategy import FedAvg as FlowerMessageFedAvg
 
 from fl_defense import strategies
 from fl_defense.defenses import DEFENSES
-from fl_defense.rounds import GROUND_TRUTH_KEY
+from fl_defense.rounds import FISHER_KEY, GROUND_TRUTH_KEY
 from fl_defense.strategies import message
 from tests.helpers import (FakeGrid, arrayrecord, client_manager, client_models, legacy_results,
                            message_replies, model_arrays)
 
 N = 10
+
+
+def make(name, api="legacy", **extra):
+    """A strategy for defense ``name``; SDFC gets a stand-in validation Fisher."""
+    kwargs = dict(extra)
+    if name == "sdfc":
+        kwargs["validation_fisher"] = lambda params: torch.ones_like(params)
+    cls = strategies.STRATEGIES[name]
+    if api == "message":
+        cls = getattr(message, cls.__name__)
+    return cls(**kwargs)
 
 
 def _round(seed=0, malicious=(2, 7)):
@@ -49,6 +61,7 @@ def test_fedavg_matches_flowers_legacy_fedavg():
 
 def test_fedavg_matches_flowers_message_fedavg():
     g, clients = _round()
+    clients = [(a, n, {k: v for k, v in m.items() if k != FISHER_KEY}) for a, n, m in clients]
     ours, _ = run_message(message.FedAvg(), g, clients)
     theirs, _ = FlowerMessageFedAvg().aggregate_train(1, message_replies(clients))
     for a, b in zip(ours, theirs.to_numpy_ndarrays()):
@@ -58,10 +71,8 @@ def test_fedavg_matches_flowers_message_fedavg():
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_both_adapters_give_identical_parameters(name):
     g, clients = _round(seed=3)
-    kwargs = {"theta": 4} if name == "rlr" else {}
-    legacy, _ = run_legacy(strategies.STRATEGIES[name](**kwargs), g, clients)
-    msg_cls = getattr(message, strategies.STRATEGIES[name].__name__)
-    msg, _ = run_message(msg_cls(**kwargs), g, clients)
+    legacy, _ = run_legacy(make(name), g, clients)
+    msg, _ = run_message(make(name, "message"), g, clients)
     for a, b in zip(legacy, msg):
         np.testing.assert_array_equal(a, b)
 
@@ -70,14 +81,14 @@ def test_both_adapters_give_identical_parameters(name):
 def test_ground_truth_key_never_reaches_the_defense(name):
     """Output is unchanged when the reserved key is removed or its values shuffled."""
     g, clients = _round(seed=5)
-    base, _ = run_legacy(strategies.STRATEGIES[name](), g, clients)
+    base, _ = run_legacy(make(name), g, clients)
     removed = [(a, n, {k: v for k, v in m.items() if k != GROUND_TRUTH_KEY}) for a, n, m in clients]
     flipped = [(a, n, {**m, GROUND_TRUTH_KEY: 1 - m[GROUND_TRUTH_KEY]}) for a, n, m in clients]
     for variant in (removed, flipped):
-        out, _ = run_legacy(strategies.STRATEGIES[name](), g, variant)
+        out, _ = run_legacy(make(name), g, variant)
         for a, b in zip(base, out):
             np.testing.assert_array_equal(a, b)
-        out_m, _ = run_message(getattr(message, strategies.STRATEGIES[name].__name__)(), g, variant)
+        out_m, _ = run_message(make(name, "message"), g, variant)
         for a, b in zip(base, out_m):
             np.testing.assert_array_equal(a, b)
 

@@ -5,12 +5,18 @@ docstring names its paper and equations.
 """
 
 from .base import Defense, DefenseResult
+from .fdcr import FDCR
 from .fedavg import FedAvg
+from .fedward import Fedward
 from .rlr import RLR
+from .sdfc import SDFC
 
 DEFENSES: dict[str, type[Defense]] = {
-    FedAvg.name: FedAvg,  # McMahan et al. 2017
+    FedAvg.name: FedAvg,  # McMahan et al., AISTATS 2017
     RLR.name: RLR,  # Ozdayi et al., AAAI 2021
+    Fedward.name: Fedward,  # Chen et al., arXiv 2307.00356
+    FDCR.name: FDCR,  # Huang et al., NeurIPS 2024
+    SDFC.name: SDFC,  # Huang et al., ECCV 2024
 }
 
-__all__ = ["DEFENSES", "Defense", "DefenseResult", "FedAvg", "RLR"]
+__all__ = ["DEFENSES", "Defense", "DefenseResult", "FDCR", "FedAvg", "Fedward", "RLR", "SDFC"]

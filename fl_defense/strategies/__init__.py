@@ -5,8 +5,8 @@
 (``aggregate_train``), drop-in for ``flwr.serverapp.strategy.FedAvg``. Both run the same core.
 """
 
-from .legacy import RLR, DefenseStrategy, FedAvg
+from .legacy import FDCR, RLR, SDFC, DefenseStrategy, FedAvg, Fedward
 
-STRATEGIES = {"fedavg": FedAvg, "rlr": RLR}
+STRATEGIES = {"fedavg": FedAvg, "rlr": RLR, "fedward": Fedward, "fdcr": FDCR, "sdfc": SDFC}
 
-__all__ = ["STRATEGIES", "DefenseStrategy", "FedAvg", "RLR"]
+__all__ = ["FDCR", "RLR", "SDFC", "STRATEGIES", "DefenseStrategy", "FedAvg", "Fedward"]

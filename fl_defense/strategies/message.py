@@ -125,3 +125,22 @@ class RLR(DefenseStrategy):
     """Robust learning rate (Ozdayi et al., AAAI 2021); see ``fl_defense.defenses.RLR``."""
 
     defense_class = defenses.RLR
+
+
+class Fedward(DefenseStrategy):
+    """Fedward (Chen et al., arXiv 2307.00356); see ``fl_defense.defenses.Fedward``."""
+
+    defense_class = defenses.Fedward
+
+
+class FDCR(DefenseStrategy):
+    """FDCR (Huang et al., NeurIPS 2024); asks clients for Fisher; see ``fl_defense.defenses.FDCR``."""
+
+    defense_class = defenses.FDCR
+
+
+class SDFC(DefenseStrategy):
+    """SDFC (Huang et al., ECCV 2024); asks clients for Fisher and needs ``validation_fisher``
+    (``fl_defense.fisher.ValidationFisher(model, images, labels)``); see ``fl_defense.defenses.SDFC``."""
+
+    defense_class = defenses.SDFC
