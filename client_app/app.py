@@ -58,7 +58,8 @@ class DefenseClient(NumPyClient):
         metrics = {PARTITION_KEY: self.partition_id, "train-loss": loss, "num-poisoned": self.num_poisoned,
                    GROUND_TRUTH_KEY: int(self.malicious)}
         if config.get(FISHER_REQUEST_KEY):
-            metrics[FISHER_KEY] = encode_fisher(empirical_fisher(self.model, self.images, self.labels))
+            fisher = empirical_fisher(self.model, self.images, self.labels, max_samples=self.cfg.fisher_samples)
+            metrics[FISHER_KEY] = encode_fisher(fisher)
         return get_arrays(self.model), len(self.images), metrics
 
     def evaluate(self, parameters, config):

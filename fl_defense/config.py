@@ -49,6 +49,7 @@ class ExperimentConfig:
     partitioner: str = field(default="iid", metadata=_key("how training data is split over clients", PARTITIONERS))
     dirichlet_alpha: float = field(default=0.5, metadata=_key("Dirichlet concentration (partitioner=dirichlet)", check=_positive))
     classes_per_client: int = field(default=2, metadata=_key("classes per client (partitioner=pathological)", check=_positive))
+    nir: float = field(default=0.5, metadata=_key("non-IID rate in [0, 1] (partitioner=nir, Fedward's setting)", check=_fraction))
     server_fraction: float = field(default=0.0, metadata=_key("share of training data held out for the server, never given to clients", check=lambda v: 0 <= v < 1))
     model: str = field(default="auto", metadata=_key("model; auto picks mlp for digits, cifar_cnn for 32x32x3, cnn_small otherwise", ("auto",) + MODELS))
     local_epochs: int = field(default=2, metadata=_key("local epochs E", check=_positive))
@@ -66,6 +67,12 @@ class ExperimentConfig:
     rlr_aggregator: str = field(default="mean", metadata=_key("RLR base aggregator", tuple(AGGREGATORS)))
     clip_norm: float = field(default=0.0, metadata=_key("RLR: clip each update to this L2 norm (0: off)", check=_non_negative))
     noise: float = field(default=0.0, metadata=_key("RLR: Gaussian noise sigma, times clip-norm when clipping (0: off)", check=_non_negative))
+    fdcr_clustering: str = field(default="finch", metadata=_key("FDCR: clustering of the Fisher discrepancies", ("finch", "kmeans", "dbscan")))
+    sdfc_reference: str = field(default="client", metadata=_key("SDFC: validation Fisher of each uploaded model (client) or of the global model once (global)", ("client", "global")))
+    sdfc_calibration: float = field(default=1.0, metadata=_key("SDFC: calibration strength lambda (0: off)", check=_non_negative))
+    fedward_clip_reference: str = field(default="admitted", metadata=_key("Fedward: clipping bound from the admitted group's or all clients' median magnitude", ("admitted", "all")))
+    fedward_combine: str = field(default="sum", metadata=_key("Fedward: sum (authors' code) or mean of the clipped sign updates", ("sum", "mean")))
+    fisher_samples: int = field(default=512, metadata=_key("samples a client (and the server) uses for a Fisher diagonal", check=_positive))
     device: str = field(default="cpu", metadata=_key("device of the server's updates matrix and of client training (cpu, cuda, cuda:N)"))
     seed: int = field(default=42, metadata=_key("seed of partitions, attackers, model init, training and noise"))
     results_dir: str = field(default="results", metadata=_key("where each run writes its folder of results"))
@@ -97,6 +104,8 @@ class ExperimentConfig:
     def _cross_check(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"run-config key 'device': {self.device!r} is not cpu, cuda or cuda:N")
+        if self.defense == "sdfc" and self.server_fraction <= 0:
+            raise ConfigError("run-config key 'server-fraction': SDFC needs a server validation set; set it > 0 (e.g. 0.02)")
         if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
             raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
 
@@ -116,7 +125,7 @@ class ExperimentConfig:
     def data_config(self, num_partitions: int) -> DataConfig:
         return DataConfig(dataset=self.dataset, data_dir=self.data_dir, partitioner=self.partitioner,
                           num_partitions=num_partitions, dirichlet_alpha=self.dirichlet_alpha,
-                          classes_per_client=self.classes_per_client, server_fraction=self.server_fraction,
+                          classes_per_client=self.classes_per_client, nir=self.nir, server_fraction=self.server_fraction,
                           seed=self.seed)
 
     @property
@@ -132,7 +141,14 @@ class ExperimentConfig:
                     "clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed}
         if self.defense == "fedavg":
             return {"server_lr": self.server_lr}
-        return {}
+        if self.defense == "fdcr":
+            return {"clustering": self.fdcr_clustering, "server_lr": self.server_lr}
+        if self.defense == "sdfc":
+            return {"reference": self.sdfc_reference, "calibration": self.sdfc_calibration, "server_lr": self.server_lr}
+        if self.defense == "fedward":
+            return {"clip_reference": self.fedward_clip_reference, "combine": self.fedward_combine,
+                    "server_lr": self.server_lr}
+        raise ConfigError(f"run-config key 'defense': no parameters known for {self.defense!r}")
 
     def as_run_config(self) -> dict:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

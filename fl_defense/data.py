@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "nir")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class DataConfig:
     num_partitions: int = 10
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 2
+    nir: float = 0.5
     server_fraction: float = 0.0
     seed: int = 42
 
@@ -72,6 +73,10 @@ def make_partitioner(cfg: DataConfig):
         return PathologicalPartitioner(num_partitions=cfg.num_partitions, partition_by=label,
                                        num_classes_per_partition=cfg.classes_per_client,
                                        class_assignment_mode="random", shuffle=True, seed=cfg.seed)
+    if cfg.partitioner == "nir":
+        from .partitioners import NIRPartitioner
+
+        return NIRPartitioner(num_partitions=cfg.num_partitions, nir=cfg.nir, partition_by=label, seed=cfg.seed)
     raise ValueError(f"unknown partitioner {cfg.partitioner!r}; choose one of {PARTITIONERS}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from pathlib import Path
@@ -15,16 +16,25 @@ from flwr.serverapp import Grid
 
 from fl_defense.config import ExperimentConfig
 from fl_defense.data import load_split
+from fl_defense.fisher import ValidationFisher
 from fl_defense.models import build_model, get_arrays, trainable_mask
 from fl_defense.strategies import STRATEGIES
 
 from .recorder import RunRecorder
 
 
-def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=None, min_available: int = 0):
-    """The legacy-API strategy for ``cfg.defense``, starting from ``model``'s parameters."""
+def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=None, min_available: int = 0,
+                   validation: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """The legacy-API strategy for ``cfg.defense``, starting from ``model``'s parameters.
+
+    ``validation`` is the server's held-out split, used by SDFC's validation Fisher."""
+    extra = {}
+    if cfg.defense == "sdfc":
+        # A private copy of the model: the validation Fisher loads parameter vectors into it.
+        extra["validation_fisher"] = ValidationFisher(copy.deepcopy(model), *validation, max_samples=cfg.fisher_samples)
     return STRATEGIES[cfg.defense](
         **cfg.defense_kwargs(),
+        **extra,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=0.0,  # evaluation is central, on the server's test split
         min_fit_clients=cfg.min_fit_clients,
@@ -59,7 +69,9 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     spec = data_cfg.spec
     model = build_model(cfg.model_name, spec.shape, spec.num_classes, seed=cfg.seed)
     recorder = RunRecorder(cfg, model, load_split(data_cfg, "test"), results_folder(cfg))
-    strategy = build_strategy(cfg, model, evaluate_fn=recorder.evaluate, min_available=min_available)
+    validation = load_split(data_cfg, "server") if cfg.defense == "sdfc" else None
+    strategy = build_strategy(cfg, model, evaluate_fn=recorder.evaluate, min_available=min_available,
+                              validation=validation)
     recorder.strategy = strategy
     print(f"[fl-defense] {strategy!r} on {cfg.dataset}; results in {recorder.out_dir}", flush=True)
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds))
