@@ -7,6 +7,8 @@ end (by process id).
 
     python benchmarks/flwr_runs.py rlr-digits     # FedAvg vs RLR on digits (issue 2)
     python benchmarks/flwr_runs.py rlr-fmnist     # FedAvg vs RLR on fashion_mnist (issue 2)
+    python benchmarks/flwr_runs.py seed-fmnist    # every seed defense, FDCR's setting (issue 3)
+    python benchmarks/flwr_runs.py seed-usps      # the same on usps (issue 3)
 """
 
 from __future__ import annotations
@@ -25,7 +27,22 @@ DATA = os.environ.get("FL_DEFENSE_DATA", str(ROOT.parent / "shared" / "data"))
 
 RLR_SETTING = {"malicious-fraction": 0.1, "poison-rate": 0.5, "rlr-theta": 4, "partitioner": "iid", "attack": "plus"}
 
+# FDCR's table-4 setting reduced for 2 cores: Dirichlet 0.5, 10 clients, 30% attackers, poison rate
+# 0.5. Every cell holds out the same 2% server split (SDFC's validation set), so all defenses see
+# identical client data.
+FDCR_SETTING = {"partitioner": "dirichlet", "dirichlet-alpha": 0.5, "malicious-fraction": 0.3, "poison-rate": 0.5,
+                "attack": "plus", "server-fraction": 0.02, "rlr-theta": 4, "batch-size": 64}
+SEED_DEFENSES = ("fedavg", "rlr", "fdcr", "sdfc", "fedward")
+
+
+def _seed_suite(dataset: str, rounds: int) -> list[dict]:
+    base = {**FDCR_SETTING, "dataset": dataset, "data-dir": DATA, "num-server-rounds": rounds}
+    return [{**base, "defense": d} for d in SEED_DEFENSES] + [{**base, "defense": "fedavg", "attack": "none"}]
+
+
 SUITES: dict[str, list[dict]] = {
+    "seed-fmnist": _seed_suite("fashion_mnist", 20),
+    "seed-usps": _seed_suite("usps", 30),
     "rlr-digits": [
         {**RLR_SETTING, "dataset": "digits", "num-server-rounds": 40, "defense": d} for d in ("fedavg", "rlr")
     ] + [{**RLR_SETTING, "dataset": "digits", "num-server-rounds": 40, "defense": "fedavg", "attack": "none"}],
@@ -81,13 +98,17 @@ def main() -> None:
                 os.killpg(os.getpgid(pid), signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    print(f"\n| run | dataset | attack | defense | rounds | accuracy | attack success | wall (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| dataset | attack | defense | rounds | accuracy | attack success | TPR (final / mean) | FPR (final / mean) | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s in rows:
-        c, f = s["config"], s["final"]
-        asr = "-" if c["attack"] == "none" else f"{f['attack_success_rate']:.3f}"
-        print(f"| {s['name']} | {c['dataset']} | {c['attack']} | {c['defense']} | {s['rounds_completed']} | "
-              f"{f['accuracy']:.3f} | {asr} | {s['wall']:.0f} |")
+        c, f, m = s["config"], s["final"], s.get("mean_over_rounds", {})
+        print(f"| {c['dataset']} | {c['attack']} | {c['defense']} | {s['rounds_completed']} | {f['accuracy']:.3f} | "
+              f"{_fmt(f['attack_success_rate'])} | {_fmt(f.get('tpr'))} / {_fmt(m.get('tpr'))} | "
+              f"{_fmt(f.get('fpr'))} / {_fmt(m.get('fpr'))} | {s['wall']:.0f} |")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 if __name__ == "__main__":

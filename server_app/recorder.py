@@ -77,11 +77,19 @@ class RunRecorder:
     def write_summary(self) -> Path:
         attackers = sorted({c["partition"] for r in self.rows for c in r.get("clients", []) if c["malicious"]})
         final = self.rows[-1] if self.rows else {}
+
+        def mean_of(key):
+            vals = [r[key] for r in self.rows if r.get(key) is not None and not math.isnan(r[key])]
+            return sum(vals) / len(vals) if vals else None
+
         summary = {
             "config": self.cfg.as_run_config(),
             "defense": repr(self.strategy.defense) if self.strategy is not None else None,
             "rounds_completed": final.get("round", 0),
             "final": {k: final.get(k) for k in ("accuracy", "attack_success_rate", "tpr", "fpr", "num_flagged")},
+            "mean_over_rounds": {"tpr": mean_of("tpr"), "fpr": mean_of("fpr"),
+                                 "aggregation_seconds": mean_of("aggregation_seconds"),
+                                 "round_seconds": mean_of("round_seconds")},
             "attacker_partitions_seen": attackers,
             "wall_seconds": time.perf_counter() - self._t_start,
         }
