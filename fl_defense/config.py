@@ -64,9 +64,17 @@ class ExperimentConfig:
     defense: str = field(default="rlr", metadata=_key("server defense", tuple(DEFENSES)))
     server_lr: float = field(default=1.0, metadata=_key("server learning rate eta", check=_positive))
     rlr_theta: int = field(default=4, metadata=_key("RLR sign-vote threshold theta, an integer in [1, clients per round]", check=lambda v: v >= 1))
-    rlr_aggregator: str = field(default="mean", metadata=_key("RLR base aggregator", tuple(AGGREGATORS)))
-    clip_norm: float = field(default=0.0, metadata=_key("RLR: clip each update to this L2 norm (0: off)", check=_non_negative))
-    noise: float = field(default=0.0, metadata=_key("RLR: Gaussian noise sigma, times clip-norm when clipping (0: off)", check=_non_negative))
+    rlr_aggregator: str = field(default="mean", metadata=_key("RLR base aggregator, or any other defense to run RLR on top of", tuple(AGGREGATORS) + tuple(d for d in DEFENSES if d != "rlr")))
+    clip_norm: float = field(default=0.0, metadata=_key("clip each update to this L2 norm before the defense (0: off; RLR's eq. 6, norm_clipping's M, a wrapper for the others)", check=_non_negative))
+    noise: float = field(default=0.0, metadata=_key("Gaussian noise sigma added to the step, times clip-norm when clipping (0: off)", check=_non_negative))
+    num_malicious: int = field(default=1, metadata=_key("Krum/Bulyan: f, the number of attackers tolerated", check=_non_negative))
+    krum_keep: int = field(default=0, metadata=_key("Krum: 0 for Krum, m > 0 for Multi-Krum averaging the m best", check=_non_negative))
+    trim_beta: float = field(default=0.2, metadata=_key("trimmed_mean: share cut at each end per coordinate", check=lambda v: 0 <= v < 0.5))
+    sign_lr: float = field(default=0.001, metadata=_key("signsgd: server step per coordinate", check=_positive))
+    foolsgold_kappa: float = field(default=1.0, metadata=_key("FoolsGold: confidence kappa of the logit", check=_positive))
+    flame_noise: float = field(default=0.001, metadata=_key("FLAME: noise lambda (std = lambda * median norm)", check=_non_negative))
+    flame_cluster_on: str = field(default="updates", metadata=_key("FLAME: cosine distances between updates or local models", ("updates", "models")))
+    flame_layers: str = field(default="all", metadata=_key("FLAME: cluster on all layers or the last layer only", ("all", "last")))
     fdcr_clustering: str = field(default="finch", metadata=_key("FDCR: clustering of the Fisher discrepancies", ("finch", "kmeans", "dbscan")))
     sdfc_reference: str = field(default="client", metadata=_key("SDFC: validation Fisher of each uploaded model (client) or of the global model once (global)", ("client", "global")))
     sdfc_calibration: float = field(default=1.0, metadata=_key("SDFC: calibration strength lambda (0: off)", check=_non_negative))
@@ -104,8 +112,12 @@ class ExperimentConfig:
     def _cross_check(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"run-config key 'device': {self.device!r} is not cpu, cuda or cuda:N")
-        if self.defense == "sdfc" and self.server_fraction <= 0:
-            raise ConfigError("run-config key 'server-fraction': SDFC needs a server validation set; set it > 0 (e.g. 0.02)")
+        uses = {self.defense, self.rlr_aggregator}
+        for needs in ("sdfc", "fltrust"):
+            if needs in uses and self.server_fraction <= 0:
+                raise ConfigError(f"run-config key 'server-fraction': {needs} needs a server-held dataset; set it > 0 (e.g. 0.02)")
+        if self.defense == "norm_clipping" and self.clip_norm <= 0:
+            raise ConfigError("run-config key 'clip-norm': norm_clipping needs a bound > 0")
         if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
             raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
 
@@ -134,21 +146,36 @@ class ExperimentConfig:
 
         return default_model(self.dataset) if self.model == "auto" else self.model
 
-    def defense_kwargs(self) -> dict:
-        """The defense's own parameters, from the run config."""
-        if self.defense == "rlr":
-            return {"theta": self.rlr_theta, "server_lr": self.server_lr, "aggregator": self.rlr_aggregator,
-                    "clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed}
-        if self.defense == "fedavg":
-            return {"server_lr": self.server_lr}
-        if self.defense == "fdcr":
-            return {"clustering": self.fdcr_clustering, "server_lr": self.server_lr}
-        if self.defense == "sdfc":
-            return {"reference": self.sdfc_reference, "calibration": self.sdfc_calibration, "server_lr": self.server_lr}
-        if self.defense == "fedward":
-            return {"clip_reference": self.fedward_clip_reference, "combine": self.fedward_combine,
-                    "server_lr": self.server_lr}
-        raise ConfigError(f"run-config key 'defense': no parameters known for {self.defense!r}")
+    def defense_kwargs(self, name: str | None = None) -> dict:
+        """The parameters of defense ``name`` (default: the configured one) from the run config."""
+        name = name or self.defense
+        table = {
+            "fedavg": {"server_lr": self.server_lr},
+            "rlr": {"theta": self.rlr_theta, "server_lr": self.server_lr, "aggregator": self.rlr_aggregator,
+                    "clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed},
+            "fdcr": {"clustering": self.fdcr_clustering, "server_lr": self.server_lr},
+            "sdfc": {"reference": self.sdfc_reference, "calibration": self.sdfc_calibration, "server_lr": self.server_lr},
+            "fedward": {"clip_reference": self.fedward_clip_reference, "combine": self.fedward_combine,
+                        "server_lr": self.server_lr},
+            "krum": {"num_malicious": self.num_malicious, "to_keep": self.krum_keep},
+            "bulyan": {"num_malicious": self.num_malicious},
+            "median": {},
+            "trimmed_mean": {"beta": self.trim_beta},
+            "norm_clipping": {"clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed},
+            "signsgd": {"server_lr": self.sign_lr},
+            "foolsgold": {"kappa": self.foolsgold_kappa, "server_lr": self.server_lr},
+            "flame": {"noise_lambda": self.flame_noise, "cluster_on": self.flame_cluster_on,
+                      "layers": self.flame_layers, "seed": self.seed},
+            "fltrust": {"server_lr": self.server_lr},
+        }
+        if name not in table:
+            raise ConfigError(f"run-config key 'defense': no parameters known for {name!r}")
+        return table[name]
+
+    @property
+    def wraps_clip_noise(self) -> bool:
+        """Clipping and noise wrap the defense, except where they are its own parameters."""
+        return self.defense not in ("rlr", "norm_clipping") and (self.clip_norm > 0 or self.noise > 0)
 
     def as_run_config(self) -> dict:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -181,3 +208,31 @@ def _coerce(key: str, value: object, kind: type) -> object:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"run-config key '{key}': {value!r} is not a valid {kind.__name__}") from None
+
+
+def sync_files(root: str = ".") -> None:
+    """Rewrite pyproject.toml's [tool.flwr.app.config] and README.md's run-config table from this
+    class (``python -m fl_defense.config``); a test checks they stay in step."""
+    from pathlib import Path
+
+    rows = ExperimentConfig.docs()
+    pyproject = Path(root) / "pyproject.toml"
+    text = pyproject.read_text()
+    head = text.index("[tool.flwr.app.config]\n") + len("[tool.flwr.app.config]\n")
+    tail = text.find("\n[", head)
+    body = "\n".join(f"{k} = {_toml(v)}" for k, v, _ in rows) + "\n"
+    pyproject.write_text(text[:head] + body + (text[tail:] if tail >= 0 else ""))
+    readme = Path(root) / "README.md"
+    text = readme.read_text()
+    start = text.index("| key | default | meaning |")
+    end = text.index("\n\n", start)
+    table = ["| key | default | meaning |", "|---|---|---|"] + [f"| `{k}` | `{_toml(v)}` | {doc} |" for k, v, doc in rows]
+    readme.write_text(text[:start] + "\n".join(table) + text[end:])
+
+
+def _toml(v: object) -> str:
+    return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+if __name__ == "__main__":
+    sync_files()

@@ -34,3 +34,27 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024, devi
     model.to(device).eval()
     out = [model(images[s:s + batch_size].to(device)).argmax(dim=1).cpu() for s in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+class ServerUpdate:
+    """The server's own training step on its root dataset (FLTrust's g_0): load the global
+    trainable vector into a private model copy (cloned, never aliased), train it like a client
+    would, and return the update (trained minus global)."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
+                 batch_size: int, lr: float, momentum: float = 0.0, seed: int = 0) -> None:
+        if len(labels) == 0:
+            raise ValueError("the server's root dataset is empty (raise server-fraction)")
+        self.model, self.images, self.labels = model, images, labels
+        self.epochs, self.batch_size, self.lr, self.momentum, self.seed = epochs, batch_size, lr, momentum, seed
+        self.calls = 0
+
+    def __call__(self, global_params: torch.Tensor) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        start = global_params.detach().to("cpu", torch.float32).clone()
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(start.clone(), params)
+        self.calls += 1
+        train(self.model, self.images, self.labels, self.epochs, self.batch_size, self.lr, self.momentum,
+              seed=self.seed + self.calls)
+        return torch.nn.utils.parameters_to_vector(params).detach() - start

@@ -16,25 +16,44 @@ from flwr.serverapp import Grid
 
 from fl_defense.config import ExperimentConfig
 from fl_defense.data import load_split
+from fl_defense.defenses import DEFENSES, ClipNoise, Defense
 from fl_defense.fisher import ValidationFisher
+from fl_defense.training import ServerUpdate
 from fl_defense.models import build_model, get_arrays, trainable_mask
-from fl_defense.strategies import STRATEGIES
+from fl_defense.strategies import DefenseStrategy
 
 from .recorder import RunRecorder
 
 
-def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=None, min_available: int = 0,
-                   validation: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """The legacy-API strategy for ``cfg.defense``, starting from ``model``'s parameters.
+def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
+                  server_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Defense:
+    """The configured defense, with what it needs from the server (SDFC's validation Fisher,
+    FLTrust's root-dataset update, both on ``server_data``), RLR's base defense, and the
+    clip/noise wrapper when asked for."""
 
-    ``validation`` is the server's held-out split, used by SDFC's validation Fisher."""
-    extra = {}
-    if cfg.defense == "sdfc":
-        # A private copy of the model: the validation Fisher loads parameter vectors into it.
-        extra["validation_fisher"] = ValidationFisher(copy.deepcopy(model), *validation, max_samples=cfg.fisher_samples)
-    return STRATEGIES[cfg.defense](
-        **cfg.defense_kwargs(),
-        **extra,
+    def make(name: str) -> Defense:
+        kwargs = cfg.defense_kwargs(name)
+        if name == "sdfc":  # a private model copy: the Fisher loads parameter vectors into it
+            kwargs["validation_fisher"] = ValidationFisher(copy.deepcopy(model), *server_data,
+                                                           max_samples=cfg.fisher_samples)
+        if name == "fltrust":
+            kwargs["server_update"] = ServerUpdate(copy.deepcopy(model), *server_data, cfg.local_epochs,
+                                                   cfg.batch_size, cfg.learning_rate, cfg.momentum, cfg.seed)
+        if name == "rlr" and cfg.rlr_aggregator in DEFENSES:
+            kwargs["aggregator"] = make(cfg.rlr_aggregator)
+        return DEFENSES[name](**kwargs)
+
+    defense = make(cfg.defense)
+    if cfg.wraps_clip_noise:
+        defense = ClipNoise(defense, clip_norm=cfg.clip_norm, noise=cfg.noise, seed=cfg.seed)
+    return defense
+
+
+def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=None, min_available: int = 0,
+                   server_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> DefenseStrategy:
+    """The legacy-API strategy running the configured defense from ``model``'s parameters."""
+    return DefenseStrategy(
+        defense=build_defense(cfg, model, server_data),
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=0.0,  # evaluation is central, on the server's test split
         min_fit_clients=cfg.min_fit_clients,
@@ -69,9 +88,9 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     spec = data_cfg.spec
     model = build_model(cfg.model_name, spec.shape, spec.num_classes, seed=cfg.seed)
     recorder = RunRecorder(cfg, model, load_split(data_cfg, "test"), results_folder(cfg))
-    validation = load_split(data_cfg, "server") if cfg.defense == "sdfc" else None
+    server_data = load_split(data_cfg, "server") if cfg.server_fraction > 0 else None
     strategy = build_strategy(cfg, model, evaluate_fn=recorder.evaluate, min_available=min_available,
-                              validation=validation)
+                              server_data=server_data)
     recorder.strategy = strategy
     print(f"[fl-defense] {strategy!r} on {cfg.dataset}; results in {recorder.out_dir}", flush=True)
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds))

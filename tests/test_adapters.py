@@ -25,6 +25,8 @@ def make(name, api="legacy", **extra):
     kwargs = dict(extra)
     if name == "sdfc":
         kwargs["validation_fisher"] = lambda params: torch.ones_like(params)
+    if name == "fltrust":
+        kwargs["server_update"] = lambda params: torch.full_like(params, 0.01)
     cls = strategies.STRATEGIES[name]
     if api == "message":
         cls = getattr(message, cls.__name__)
@@ -39,7 +41,7 @@ def _round(seed=0, malicious=(2, 7)):
 
 def run_legacy(strategy, g, clients, server_round=1):
     random.seed(0)
-    strategy.configure_fit(server_round, ndarrays_to_parameters(g), client_manager(N))
+    strategy.configure_fit(server_round, ndarrays_to_parameters(g), client_manager(len(clients)))
     params, metrics = strategy.aggregate_fit(server_round, legacy_results(clients), [])
     return parameters_to_ndarrays(params), metrics
 

@@ -32,8 +32,12 @@ def _check_results(folder: Path, rounds: int, defense: str, attackers: int = 1):
     return lines
 
 
-@pytest.mark.parametrize("defense", ["rlr", "fdcr", "sdfc", "fedward"])
-def test_run_simulation_in_process(tmp_path, defense):
+@pytest.mark.parametrize("defense, extra", [
+    ("rlr", {}), ("fdcr", {}), ("sdfc", {}), ("fedward", {}), ("fltrust", {}),
+    ("rlr", {"rlr-aggregator": "flame"}),  # composition: RLR on top of FLAME
+    ("krum", {"krum-keep": 5, "clip-norm": 2.0, "noise": 0.001}),  # Multi-Krum inside the clip/noise wrapper
+], ids=["rlr", "fdcr", "sdfc", "fedward", "fltrust", "rlr+flame", "multikrum+clip"])
+def test_run_simulation_in_process(tmp_path, defense, extra):
     from flwr.client import ClientApp
     from flwr.server import ServerApp
     from flwr.simulation import run_simulation
@@ -42,7 +46,7 @@ def test_run_simulation_in_process(tmp_path, defense):
     import server_app.app as sa
 
     overrides = {"num-server-rounds": 2, "results-dir": str(tmp_path), "run-name": "e2e", "defense": defense,
-                 "malicious-fraction": 0.3, "server-fraction": 0.05}
+                 "malicious-fraction": 0.3, "server-fraction": 0.05, **extra}
 
     def server_fn(context):
         return sa.build_components({**context.run_config, **overrides}, num_nodes=10)
@@ -54,7 +58,7 @@ def test_run_simulation_in_process(tmp_path, defense):
                    num_supernodes=10, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     lines = _check_results(tmp_path / "e2e", 2, defense, attackers=3)
     assert lines[-1]["accuracy"] > lines[0]["accuracy"]  # it learns
-    if defense != "rlr":  # detectors report TPR and FPR
+    if defense != "rlr" or extra:  # detectors report TPR and FPR
         assert lines[-1]["tpr"] is not None and lines[-1]["fpr"] is not None
 
 

@@ -8,8 +8,15 @@ from .base import Defense, DefenseResult
 from .fdcr import FDCR
 from .fedavg import FedAvg
 from .fedward import Fedward
+from .flame import FLAME
+from .fltrust import FLTrust
+from .foolsgold import FoolsGold
+from .krum import Bulyan, Krum
+from .norm_clipping import ClipNoise, NormClipping
 from .rlr import RLR
+from .robust_stats import Median, TrimmedMean
 from .sdfc import SDFC
+from .signsgd import SignSGD
 
 DEFENSES: dict[str, type[Defense]] = {
     FedAvg.name: FedAvg,  # McMahan et al., AISTATS 2017
@@ -17,6 +24,17 @@ DEFENSES: dict[str, type[Defense]] = {
     Fedward.name: Fedward,  # Chen et al., arXiv 2307.00356
     FDCR.name: FDCR,  # Huang et al., NeurIPS 2024
     SDFC.name: SDFC,  # Huang et al., ECCV 2024
+    # baselines
+    Krum.name: Krum,  # Blanchard et al., NeurIPS 2017 (Multi-Krum with to_keep > 0)
+    Bulyan.name: Bulyan,  # El Mhamdi et al., ICML 2018
+    Median.name: Median,  # Yin et al., ICML 2018
+    TrimmedMean.name: TrimmedMean,  # Yin et al., ICML 2018
+    NormClipping.name: NormClipping,  # Sun et al. 2019
+    SignSGD.name: SignSGD,  # Bernstein et al., ICLR 2019
+    FoolsGold.name: FoolsGold,  # Fung et al., RAID 2020
+    FLAME.name: FLAME,  # Nguyen et al., USENIX Security 2022
+    FLTrust.name: FLTrust,  # Cao et al., NDSS 2021
 }
 
-__all__ = ["DEFENSES", "Defense", "DefenseResult", "FDCR", "FedAvg", "Fedward", "RLR", "SDFC"]
+__all__ = ["DEFENSES", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLTrust", "FedAvg",
+           "Fedward", "FoolsGold", "Krum", "Median", "NormClipping", "RLR", "SDFC", "SignSGD", "TrimmedMean"]

@@ -18,7 +18,9 @@ class RLR(Defense):
                       -eta  otherwise                                   (eq. 4)
 
     and the new model is w + eta_theta (.) agg(delta) (eq. 5), where ``agg`` is the
-    sample-weighted mean (the paper's default), the coordinate median or the sign vote. With
+    sample-weighted mean (the paper's default), the coordinate median or the sign vote, or the
+    step of any other defense (a ``Defense`` or a registry name such as "krum" or "flame": RLR on
+    top of it; that defense's weights and flags are reported). With
     ``clip_norm`` C > 0 each update is first scaled to norm at most C, and with ``noise`` sigma > 0
     Gaussian noise N(0, (sigma * C)^2) is added to the aggregate (eq. 6; sigma alone if C == 0).
 
@@ -33,7 +35,7 @@ class RLR(Defense):
         Vote threshold (the paper uses 4 for 10 clients, 8 for 40).
     server_lr : float
         eta, the server learning rate.
-    aggregator : {"mean", "median", "sign"}
+    aggregator : {"mean", "median", "sign"} or a Defense or a registered defense name
     clip_norm : float
         C; 0 disables clipping.
     noise : float
@@ -68,14 +70,47 @@ class RLR(Defense):
                 f"theta must be an integer >= 1 (sign sums are integers; theta < 1 never flips a "
                 f"coordinate), got {self.theta!r}"
             )
-        if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"aggregator must be one of {sorted(AGGREGATORS)}, got {self.aggregator!r}")
+        base = self._base()
+        if base is not None:
+            base.validate()
+        elif self.aggregator not in AGGREGATORS:
+            from . import DEFENSES
+
+            raise ValueError(f"aggregator must be one of {sorted(AGGREGATORS)} or a defense "
+                             f"{sorted(set(DEFENSES) - {'rlr'})}, got {self.aggregator!r}")
         if not self.server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
         if self.clip_norm < 0 or self.noise < 0:
             raise ValueError("clip_norm and noise must be >= 0")
 
+    @property
+    def detects(self) -> bool:  # type: ignore[override]
+        base = self._base()
+        return base is not None and base.detects
+
+    @property
+    def needs_fisher(self) -> bool:  # type: ignore[override]
+        base = self._base()
+        return base is not None and base.needs_fisher
+
+    def _base(self) -> Defense | None:
+        """The defense RLR runs on top of, when ``aggregator`` names one (built once)."""
+        if isinstance(self.aggregator, Defense):
+            return self.aggregator
+        if self.aggregator in AGGREGATORS:
+            return None
+        if getattr(self, "_base_defense", None) is None:
+            from . import DEFENSES
+
+            if self.aggregator not in DEFENSES or self.aggregator == "rlr":
+                return None
+            self._base_defense = DEFENSES[self.aggregator]()
+        return self._base_defense
+
     def check_num_clients(self, n: int) -> None:
+        base = self._base()
+        if base is not None:
+            base.check_num_clients(n)
         if self.theta > n:
             raise ValueError(
                 f"theta={self.theta} exceeds the {n} clients sampled per round: every coordinate "
@@ -93,7 +128,16 @@ class RLR(Defense):
         if self.clip_norm > 0:
             updates, _ = clip_rows(updates, self.clip_norm)
         lr = self.robust_lr(updates)
-        step, weights = AGGREGATORS[self.aggregator](round_updates, updates)
+        base = self._base()
+        flagged = no_flags(round_updates.n, round_updates.device)
+        if base is not None:
+            inner = RoundUpdates(updates=updates, num_examples=round_updates.num_examples,
+                                 client_ids=round_updates.client_ids, layer_slices=round_updates.layer_slices,
+                                 fisher=round_updates.fisher, extras=round_updates.extras)
+            res = base.aggregate(torch.zeros_like(global_params), inner)
+            step, weights, flagged = res.params, res.weights, res.flagged
+        else:
+            step, weights = AGGREGATORS[self.aggregator](round_updates, updates)
         if self.noise > 0:
             std = self.noise * (self.clip_norm if self.clip_norm > 0 else 1.0)
             step = step + std * torch.randn(step.shape, generator=self._rng(step.device), device="cpu").to(step.device)
@@ -101,7 +145,7 @@ class RLR(Defense):
         return DefenseResult(
             params=global_params + lr * step,
             weights=weights,
-            flagged=no_flags(round_updates.n, round_updates.device),
+            flagged=flagged,
             info={"flipped-coordinates": flipped, "flipped-fraction": flipped / max(1, round_updates.d)},
         )
 

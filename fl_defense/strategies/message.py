@@ -144,3 +144,57 @@ class SDFC(DefenseStrategy):
     (``fl_defense.fisher.ValidationFisher(model, images, labels)``); see ``fl_defense.defenses.SDFC``."""
 
     defense_class = defenses.SDFC
+
+
+class Krum(DefenseStrategy):
+    """Krum / Multi-Krum (Blanchard et al. 2017): ``Krum(num_malicious=f, to_keep=m)``."""
+
+    defense_class = defenses.Krum
+
+
+class Bulyan(DefenseStrategy):
+    """Bulyan (El Mhamdi et al. 2018) over Krum: ``Bulyan(num_malicious=f)``."""
+
+    defense_class = defenses.Bulyan
+
+
+class Median(DefenseStrategy):
+    """Coordinate-wise median (Yin et al. 2018)."""
+
+    defense_class = defenses.Median
+
+
+class TrimmedMean(DefenseStrategy):
+    """Coordinate-wise trimmed mean (Yin et al. 2018): ``TrimmedMean(beta=0.2)``."""
+
+    defense_class = defenses.TrimmedMean
+
+
+class NormClipping(DefenseStrategy):
+    """Norm clipping with Gaussian noise (Sun et al. 2019)."""
+
+    defense_class = defenses.NormClipping
+
+
+class SignSGD(DefenseStrategy):
+    """signSGD with majority vote (Bernstein et al. 2019)."""
+
+    defense_class = defenses.SignSGD
+
+
+class FoolsGold(DefenseStrategy):
+    """FoolsGold (Fung et al. 2020); keeps per-client histories across rounds."""
+
+    defense_class = defenses.FoolsGold
+
+
+class FLAME(DefenseStrategy):
+    """FLAME (Nguyen et al. 2022): HDBSCAN on cosine distances, median-norm clipping, noise."""
+
+    defense_class = defenses.FLAME
+
+
+class FLTrust(DefenseStrategy):
+    """FLTrust (Cao et al. 2021); needs ``server_update`` (``fl_defense.training.ServerUpdate``)."""
+
+    defense_class = defenses.FLTrust

@@ -1,0 +1,101 @@
+"""Norm clipping with Gaussian noise (Sun et al., "Can you really backdoor FL?", 2019), and the
+same clipping + noise as a wrapper around any other defense (how the RLR paper combines them)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..updates import RoundUpdates
+from .aggregators import clip_rows
+from .base import Defense, DefenseResult, no_flags
+
+
+class _SeededNoise:
+    """A noise generator seeded from the run, whose state is saved with checkpoints."""
+
+    def _noise(self, shape, device) -> torch.Tensor:
+        if getattr(self, "_gen", None) is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
+        return torch.randn(shape, generator=self._gen).to(device)
+
+    def state_dict(self) -> dict:
+        return {"noise-rng": self._gen.get_state()} if getattr(self, "_gen", None) is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "noise-rng" in state:
+            self._gen = torch.Generator()
+            self._gen.set_state(state["noise-rng"])
+
+
+class NormClipping(_SeededNoise, Defense):
+    """Norm-bounded averaging with weak differential privacy, Sun et al. 2019 (sec. 4):
+    each update is scaled to L2 norm at most M, the clipped updates are averaged with sample
+    weights, and N(0, sigma^2) noise is added to the aggregate (sigma = 0: no noise)."""
+
+    name = "norm_clipping"
+    paper = "Sun et al., arXiv 1911.07963, 2019"
+
+    def __init__(self, clip_norm: float = 1.0, noise: float = 0.0, seed: int = 0) -> None:
+        self.clip_norm = clip_norm
+        self.noise = noise
+        self.seed = seed
+
+    def validate(self) -> None:
+        if not self.clip_norm > 0 or self.noise < 0:
+            raise ValueError("clip_norm must be > 0 and noise >= 0")
+
+    def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
+        clipped, _ = clip_rows(round_updates.updates, self.clip_norm)
+        w = round_updates.sample_weights
+        step = w @ clipped
+        if self.noise > 0:
+            step = step + self.noise * self._noise(step.shape, step.device)
+        return DefenseResult(params=global_params + step, weights=w, flagged=no_flags(round_updates.n, round_updates.device))
+
+
+class ClipNoise(_SeededNoise, Defense):
+    """Wrap any defense: clip every update to norm ``clip_norm`` before it, add N(0, (noise *
+    clip_norm)^2) to its step after it (noise alone when clip_norm is 0)."""
+
+
+    def __init__(self, inner: Defense, clip_norm: float = 0.0, noise: float = 0.0, seed: int = 0) -> None:
+        self.inner = inner
+        self.clip_norm = clip_norm
+        self.noise = noise
+        self.seed = seed
+        self.detects = inner.detects
+        self.needs_fisher = inner.needs_fisher
+
+    def validate(self) -> None:
+        self.inner.validate()
+        if self.clip_norm < 0 or self.noise < 0:
+            raise ValueError("clip_norm and noise must be >= 0")
+
+    def check_num_clients(self, n: int) -> None:
+        self.inner.check_num_clients(n)
+
+    def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
+        ru = round_updates
+        if self.clip_norm > 0:
+            clipped, _ = clip_rows(ru.updates, self.clip_norm)
+            ru = RoundUpdates(updates=clipped, num_examples=ru.num_examples, client_ids=ru.client_ids,
+                              layer_slices=ru.layer_slices, fisher=ru.fisher, extras=ru.extras)
+        res = self.inner.aggregate(global_params, ru)
+        if self.noise > 0:
+            std = self.noise * (self.clip_norm if self.clip_norm > 0 else 1.0)
+            res.params = res.params + std * self._noise(res.params.shape, res.params.device)
+        return res
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), **super().state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state.get("inner", {}))
+        super().load_state_dict(state)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.inner.name}+clip"
+
+    def get_params(self) -> dict:
+        return {"inner": self.inner, "clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed}

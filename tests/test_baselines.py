@@ -1,0 +1,157 @@
+"""Baselines: equal to Flower's own strategies where Flower has them; mechanisms shown otherwise."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import parameters_to_ndarrays
+from flwr.server.strategy import Bulyan as FlowerBulyan
+from flwr.server.strategy import FedMedian as FlowerMedian
+from flwr.server.strategy import FedTrimmedAvg as FlowerTrimmed
+from flwr.server.strategy import Krum as FlowerKrum
+
+from fl_defense import strategies
+from fl_defense.defenses import (FLAME, RLR, ClipNoise, FLTrust, FoolsGold, Krum, Median, NormClipping,
+                                 SignSGD)
+from fl_defense.defenses.krum import krum_scores, squared_distances
+from tests.helpers import client_models, legacy_results, model_arrays, round_updates
+from tests.test_adapters import run_legacy
+
+N = 11
+
+
+def _round(seed):
+    rng = np.random.default_rng(seed)
+    g = model_arrays(rng)
+    clients = client_models(g, N, rng, malicious=(3, 8))
+    return g, clients
+
+
+def _assert_same(ours, theirs):
+    for a, b in zip(ours, parameters_to_ndarrays(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda: strategies.Krum(num_malicious=2), lambda: FlowerKrum(num_malicious_clients=2)),
+    (lambda: strategies.Krum(num_malicious=2, to_keep=5), lambda: FlowerKrum(num_malicious_clients=2, num_clients_to_keep=5)),
+    (lambda: strategies.Bulyan(num_malicious=2), lambda: FlowerBulyan(num_malicious_clients=2, to_keep=0)),
+    (lambda: strategies.Median(), lambda: FlowerMedian()),
+    (lambda: strategies.TrimmedMean(beta=0.2), lambda: FlowerTrimmed(beta=0.2)),
+    (lambda: strategies.TrimmedMean(beta=0.1), lambda: FlowerTrimmed(beta=0.1)),
+], ids=["krum", "multikrum", "bulyan", "median", "trimmed0.2", "trimmed0.1"])
+def test_equal_to_flowers_strategy(ours, theirs, seed):
+    g, clients = _round(seed)
+    out, _ = run_legacy(ours(), g, clients)
+    flower_params, _ = theirs().aggregate_fit(1, legacy_results(clients), [])
+    _assert_same(out, flower_params)
+
+
+def test_krum_picks_the_update_with_the_smallest_neighbour_distance_score():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(7, 20))
+    u[5] = u[:5].mean(0)  # the centre of the crowd
+    u[6] += 10  # far away
+    ru = round_updates(u)
+    res = Krum(num_malicious=1).aggregate(torch.zeros(20), ru)
+    scores = krum_scores(squared_distances(ru.updates), 1)
+    assert int(torch.argmin(scores)) == 5 and not res.flagged[5] and int(res.flagged.sum()) == 6
+    torch.testing.assert_close(res.params, ru.updates[5])
+    # the score is the sum over the n - f - 2 = 4 nearest neighbours
+    d2 = ((u[:, None] - u[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(scores.numpy(), np.sort(d2, 1)[:, 1:5].sum(1), rtol=1e-6)
+
+
+def test_foolsgold_zeroes_colluding_identical_updates_and_keeps_diverse_benign():
+    rng = np.random.default_rng(1)
+    fg = FoolsGold()
+    for _ in range(3):  # histories accumulate across rounds
+        benign = rng.normal(size=(6, 50))
+        sybil = np.tile(rng.normal(size=50) * 0.1 + np.linspace(1, 2, 50), (3, 1)) + rng.normal(scale=1e-3, size=(3, 50))
+        res = fg.aggregate(torch.zeros(50), round_updates(np.vstack([benign, sybil])))
+    alpha = res.info["alpha"]
+    assert (alpha[6:] == 0).all() and res.flagged[6:].all()
+    assert (alpha[:6] > 0.5).all() and not res.flagged[:6].any()
+    state = fg.state_dict()
+    fg2 = FoolsGold()
+    fg2.load_state_dict(state)
+    assert set(fg2.history) == set(fg.history)
+
+
+def test_foolsgold_with_partial_participation_compares_only_sampled_histories():
+    fg = FoolsGold()
+    rng = np.random.default_rng(2)
+    ru = round_updates(rng.normal(size=(4, 10)))
+    ru.client_ids[:] = ["a", "b", "c", "d"]
+    fg.aggregate(torch.zeros(10), ru)
+    ru2 = round_updates(rng.normal(size=(2, 10)))
+    ru2.client_ids[:] = ["b", "e"]
+    res = fg.aggregate(torch.zeros(10), ru2)
+    assert res.weights.shape == (2,) and set(fg.history) == {"a", "b", "c", "d", "e"}
+
+
+def test_flame_drops_an_outlier_direction_and_clips_to_the_median_norm():
+    rng = np.random.default_rng(3)
+    direction = rng.normal(size=40)
+    benign = direction + rng.normal(scale=0.15, size=(7, 40))
+    benign[0] *= 4  # a benign client with a large norm but the same direction
+    attackers = -direction + rng.normal(scale=0.3, size=(3, 40))
+    ru = round_updates(np.vstack([benign, attackers]))
+    res = FLAME(noise_lambda=0.0).aggregate(torch.zeros(40), ru)
+    # the opposite direction is dropped; the 4x-norm benign client is kept (cosine ignores norm).
+    # HDBSCAN's excess-of-mass selection may leave the last benign point to join as noise too.
+    assert res.flagged[7:].all() and not res.flagged[0] and int(res.flagged[:7].sum()) <= 1
+    adm = ~res.flagged
+    norms = torch.linalg.vector_norm(ru.updates, dim=1)
+    clipped = ru.updates[adm] * torch.clamp(norms.median() / norms[adm], max=1.0)[:, None]
+    torch.testing.assert_close(res.params, clipped.mean(0))
+    assert float(torch.linalg.vector_norm(clipped, dim=1).max()) <= float(norms.median()) + 1e-5
+    noisy = FLAME(noise_lambda=0.01, seed=1).aggregate(torch.zeros(40), ru).params
+    assert 0 < float((noisy - res.params).std()) < 0.05 * float(norms.median())
+
+
+def test_fltrust_trusts_by_direction_and_normalises_magnitude():
+    g0 = torch.tensor([1.0, 0.0, 0.0])
+    u = np.array([[2.0, 0.0, 0.0], [10.0, 10.0, 0.0], [-1.0, 0.0, 0.0]])
+    res = FLTrust(server_update=lambda p: g0).aggregate(torch.zeros(3), round_updates(u))
+    ts = torch.tensor([1.0, np.cos(np.pi / 4), 0.0])
+    expected = (ts[0] * torch.tensor([1.0, 0, 0]) + ts[1] * torch.tensor([1.0, 1.0, 0]) / np.sqrt(2)) / ts.sum()
+    torch.testing.assert_close(res.params, expected.float())
+    assert res.flagged.tolist() == [False, False, True]
+
+
+def test_norm_clipping_signsgd_and_the_clip_noise_wrapper():
+    u = np.array([[3.0, 4.0], [0.3, 0.4]])
+    ru = round_updates(u, num_examples=[1, 1])
+    torch.testing.assert_close(NormClipping(clip_norm=1.0).aggregate(torch.zeros(2), ru).params,
+                               torch.tensor([0.45, 0.6]))
+    torch.testing.assert_close(SignSGD(server_lr=0.1).aggregate(torch.zeros(2), ru).params, torch.tensor([0.1, 0.1]))
+    wrapped = ClipNoise(Median(), clip_norm=1.0)
+    torch.testing.assert_close(wrapped.aggregate(torch.zeros(2), ru).params, torch.tensor([0.45, 0.6]))
+    a = ClipNoise(Median(), clip_norm=1.0, noise=0.1, seed=5).aggregate(torch.zeros(2), ru).params
+    b = ClipNoise(Median(), clip_norm=1.0, noise=0.1, seed=5).aggregate(torch.zeros(2), ru).params
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, torch.tensor([0.45, 0.6]))
+
+
+def test_rlr_composes_with_any_base_defense():
+    rng = np.random.default_rng(4)
+    u = rng.normal(size=(9, 30))
+    ru = round_updates(u)
+    g = torch.zeros(30)
+    rlr_krum = RLR(theta=4, aggregator="krum")
+    rlr_krum.validate()
+    res = rlr_krum.aggregate(g, ru)
+    krum = Krum().aggregate(g, ru)
+    lr = RLR(theta=4).robust_lr(ru.updates)
+    torch.testing.assert_close(res.params, lr * krum.params)
+    assert res.flagged.tolist() == krum.flagged.tolist() and rlr_krum.detects
+    with pytest.raises(ValueError, match="aggregator"):
+        RLR(aggregator="nonsense").validate()
+
+
+def test_bulyan_needs_4f_plus_3_clients():
+    with pytest.raises(ValueError, match="4f \\+ 3"):
+        strategies.Bulyan(num_malicious=3).defense.check_num_clients(11)
