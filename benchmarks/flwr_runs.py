@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,10 +59,19 @@ def toml_value(v) -> str:
     return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict) -> dict:
+def snapshot(out: Path) -> Path:
+    """Copy the app as it is now, so every cell of a long suite runs the same code even while the
+    working tree changes."""
+    dest = out / "app"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns("results", ".git", ".venv*", "__pycache__", "*.egg-info"))
+    return dest
+
+
+def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict, app: Path = ROOT) -> dict:
     name = "-".join(str(cell[k]) for k in ("defense", "dataset", "attack")) + f"-s{cell.get('seed', 42)}"
     overrides = {**cell, "results-dir": str(out), "run-name": name}
-    cmd = ["flwr", "run", str(ROOT), "--stream", "--federation-config",
+    cmd = ["flwr", "run", str(app), "--stream", "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
     t0 = time.time()
@@ -88,9 +98,10 @@ def main() -> None:
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     rows = []
+    app = snapshot(out)
     try:
         for cell in SUITES[args.suite]:
-            rows.append(run_cell(cell, out, args.num_supernodes, env))
+            rows.append(run_cell(cell, out, args.num_supernodes, env, app))
     finally:
         found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
         for pid in map(int, found.stdout.split()):

@@ -1,19 +1,24 @@
-"""ClientApp: local SGD on the client's partition; attackers poison their data first.
+"""ClientApp: local SGD on the client's partition; attackers poison their data and/or update.
 
-Whether a partition attacks is a seeded choice fixed for the run (``malicious-fraction`` of the
-partitions). The client reports, for evaluation only, whether it attacked under the reserved
-metrics key ``fl-defense.malicious``; the server's adapter strips it before any defense runs.
+Who attacks in a round is a seeded schedule (``malicious-fraction`` of the partitions, a fixed or
+fresh pool, from ``attack-start-round`` every ``attack-every`` rounds). The client reports, for
+evaluation only, whether it attacked under the reserved metrics key ``fl-defense.malicious``; the
+server's adapter strips it before any defense runs.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
 from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from fl_defense.attacks import poison_with_trigger, select_attackers, trigger_mask
+from fl_defense.attacks import (AttackSchedule, boost, gaussian_update, neurotoxin_mask, poison_data,
+                                project_to_ball, scale_to_bound, sign_flip)
 from fl_defense.config import ExperimentConfig
 from fl_defense.data import load_partition
 from fl_defense.fisher import empirical_fisher, encode_fisher
@@ -23,53 +28,112 @@ from fl_defense.rounds import FISHER_KEY, FISHER_REQUEST_KEY, GROUND_TRUTH_KEY, 
 from fl_defense.training import train
 
 
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def attack_schedule(cfg: ExperimentConfig, num_partitions: int) -> AttackSchedule:
+    fraction = cfg.malicious_fraction if (cfg.attack != "none" or cfg.model_poisoning != "none") else 0.0
+    return AttackSchedule(num_partitions, fraction, cfg.seed, cfg.attacker_pool, cfg.attack_start_round,
+                          cfg.attack_every)
+
+
 class DefenseClient(NumPyClient):
-    """Trains locally; if ``malicious``, first poisons its data with the configured trigger."""
+    """Trains locally; when the schedule says so, attacks as configured."""
 
     def __init__(self, cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
         data_cfg = cfg.data_config(num_partitions)
-        spec = data_cfg.spec
-        self.model = build_model(cfg.model_name, spec.shape, spec.num_classes, seed=cfg.seed)
+        self.shape = data_cfg.spec.shape
+        self.model = build_model(cfg.model_name, self.shape, data_cfg.spec.num_classes, seed=cfg.seed)
         self.device = cfg.device if cfg.device == "cpu" or torch.cuda.is_available() else "cpu"
-        images, labels = load_partition(data_cfg, partition_id)
-        self.malicious = cfg.attack != "none" and partition_id in select_attackers(
-            num_partitions, cfg.malicious_fraction, cfg.seed)
-        self.num_poisoned = 0
-        if self.malicious:
-            mask = trigger_mask(cfg.attack, spec.shape[1], spec.shape[2])
-            images, labels, idx = poison_with_trigger(images, labels, mask, cfg.poison_rate, cfg.target_label,
-                                                      cfg.base_label, seed=_seed(cfg.seed, partition_id))
-            self.num_poisoned = len(idx)
-        self.images, self.labels = images, labels
+        self.images, self.labels = load_partition(data_cfg, partition_id)
+        self.schedule = attack_schedule(cfg, num_partitions)
 
     def get_parameters(self, config):
         return get_arrays(self.model)
 
+    def _train(self, images, labels, seed, before_step=None, after_step=None) -> float:
+        torch.manual_seed(seed)  # dropout masks
+        loss = train(self.model, images, labels, self.cfg.local_epochs, self.cfg.batch_size, self.cfg.learning_rate,
+                     self.cfg.momentum, self.device, seed, before_step=before_step, after_step=after_step)
+        self.model.to("cpu")
+        return loss
+
     def fit(self, parameters, config):
+        cfg = self.cfg
         set_arrays(self.model, parameters)  # copies: the global arrays are never aliased
         server_round = int(config.get("server-round", 0))
-        seed = _seed(self.cfg.seed, self.partition_id, server_round)
-        torch.manual_seed(seed)  # dropout masks
-        loss = train(self.model, self.images, self.labels, self.cfg.local_epochs, self.cfg.batch_size,
-                     self.cfg.learning_rate, self.cfg.momentum, self.device, seed)
-        self.model.to("cpu")
-        metrics = {PARTITION_KEY: self.partition_id, "train-loss": loss, "num-poisoned": self.num_poisoned,
-                   GROUND_TRUTH_KEY: int(self.malicious)}
+        seed = _seed(cfg.seed, self.partition_id, server_round)
+        rank = self.schedule.rank(self.partition_id, server_round)
+        images, labels, poisoned = self.images, self.labels, torch.empty(0, dtype=torch.long)
+        if rank is not None:
+            images, labels, poisoned = poison_data(
+                self.images, self.labels, cfg.attack, self.shape, poison_rate=cfg.poison_rate,
+                target_label=cfg.target_label, base_label=cfg.base_label, seed=_seed(cfg.seed, self.partition_id),
+                rank=rank, dba_pieces=cfg.dba_pieces, dba_trigger=cfg.dba_trigger, blend_ratio=cfg.blend_ratio,
+                trigger_file=cfg.trigger_file, trigger_seed=cfg.seed)
+        loss = self._fit_model(parameters, images, labels, seed, rank is not None)
+        metrics = {PARTITION_KEY: self.partition_id, "train-loss": loss, "num-poisoned": len(poisoned),
+                   GROUND_TRUTH_KEY: int(rank is not None)}
         if config.get(FISHER_REQUEST_KEY):
-            fisher = empirical_fisher(self.model, self.images, self.labels, max_samples=self.cfg.fisher_samples)
+            fx, fy = images, labels
+            if rank is not None and cfg.fisher_forgery == "clean":  # report a benign-looking Fisher
+                clean = torch.ones(len(self.labels), dtype=torch.bool)
+                clean[poisoned] = False
+                fx, fy = self.images[clean], self.labels[clean]
+            fisher = empirical_fisher(self.model, fx, fy, max_samples=cfg.fisher_samples)
             metrics[FISHER_KEY] = encode_fisher(fisher)
         return get_arrays(self.model), len(self.images), metrics
+
+    def _fit_model(self, parameters, images, labels, seed: int, attacking: bool) -> float:
+        """Train, applying the configured model poisoning when ``attacking``."""
+        cfg, params = self.cfg, [p for p in self.model.parameters() if p.requires_grad]
+        global_vec = parameters_to_vector(params).detach().clone()
+        mode = cfg.model_poisoning if attacking else "none"
+        before = after = None
+        if mode == "pgd":
+            def after(model):
+                with torch.no_grad():
+                    vector_to_parameters(project_to_ball(global_vec, parameters_to_vector(params).detach(),
+                                                         cfg.attack_norm_bound).clone(), params)
+        if mode == "neurotoxin":
+            allowed = neurotoxin_mask(self._benign_update(parameters, seed), cfg.neurotoxin_ratio)
+
+            def before(model):
+                offset = 0
+                for p in params:
+                    n = p.numel()
+                    if p.grad is not None:
+                        p.grad.mul_(allowed[offset:offset + n].view_as(p).to(p.grad))
+                    offset += n
+        loss = self._train(images, labels, seed, before, after)
+        trained = parameters_to_vector(params).detach().clone()
+        reported = {
+            "none": lambda: trained, "pgd": lambda: scale_to_bound(global_vec, trained, cfg.attack_norm_bound),
+            "neurotoxin": lambda: trained, "boost": lambda: boost(global_vec, trained, cfg.boost_factor),
+            "signflip": lambda: sign_flip(global_vec, trained, cfg.boost_factor),
+            "gaussian": lambda: gaussian_update(global_vec, cfg.gaussian_std, seed),
+        }[mode]()
+        with torch.no_grad():
+            vector_to_parameters(reported.clone(), params)
+        return loss
+
+    def _benign_update(self, parameters, seed: int) -> torch.Tensor:
+        """What an honest round on the clean data would change: Neurotoxin's proxy for the
+        coordinates benign clients keep rewriting."""
+        shadow = copy.deepcopy(self.model)
+        set_arrays(shadow, parameters)
+        start = parameters_to_vector([p for p in shadow.parameters() if p.requires_grad]).detach().clone()
+        train(shadow, self.images, self.labels, 1, self.cfg.batch_size, self.cfg.learning_rate, self.cfg.momentum,
+              "cpu", seed)
+        return parameters_to_vector([p for p in shadow.parameters() if p.requires_grad]).detach() - start
 
     def evaluate(self, parameters, config):
         set_arrays(self.model, parameters)
         acc = accuracy(self.model, self.images, self.labels)
         return 1.0 - acc, len(self.images), {"accuracy": acc}
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def client_fn(context: Context):

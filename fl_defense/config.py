@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 
-from .attacks import ATTACKS
+from .attacks import DATA_ATTACKS, MODEL_ATTACKS, POOLS
 from .data import DATASETS, PARTITIONERS, DataConfig
 from .defenses import DEFENSES
 from .defenses.aggregators import AGGREGATORS
@@ -56,7 +56,20 @@ class ExperimentConfig:
     batch_size: int = field(default=16, metadata=_key("local batch size", check=_positive))
     learning_rate: float = field(default=0.1, metadata=_key("client SGD learning rate", check=_positive))
     momentum: float = field(default=0.0, metadata=_key("client SGD momentum", check=lambda v: 0 <= v < 1))
-    attack: str = field(default="plus", metadata=_key("attackers' backdoor trigger (none: no attack)", ATTACKS))
+    attack: str = field(default="plus", metadata=_key("attackers' data poisoning: a trigger, dba (pieces of dba-trigger), semantic (relabel base-label, no trigger), none", DATA_ATTACKS))
+    model_poisoning: str = field(default="none", metadata=_key("how attackers alter their update", MODEL_ATTACKS))
+    trigger_file: str = field(default="", metadata=_key("attack=mask: a .npy H x W array; nonzero pixels are stamped with their value"))
+    blend_ratio: float = field(default=0.1, metadata=_key("attack=blend: mixing ratio of the seeded noise pattern", check=_fraction))
+    dba_pieces: int = field(default=4, metadata=_key("attack=dba: pieces the trigger is split into", check=_positive))
+    dba_trigger: str = field(default="plus", metadata=_key("attack=dba: the full trigger", ("plus", "square", "corner")))
+    boost_factor: float = field(default=10.0, metadata=_key("model-poisoning=boost: update scale; signflip: its magnitude", check=_positive))
+    attack_norm_bound: float = field(default=1.0, metadata=_key("model-poisoning=pgd: the L2 bound the attacker keeps to", check=_positive))
+    neurotoxin_ratio: float = field(default=0.1, metadata=_key("model-poisoning=neurotoxin: share of top benign coordinates left alone", check=_fraction))
+    gaussian_std: float = field(default=0.1, metadata=_key("model-poisoning=gaussian: std of the random update", check=_positive))
+    fisher_forgery: str = field(default="none", metadata=_key("attackers' Fisher: honest (none) or computed on their clean samples only (clean)", ("none", "clean")))
+    attack_start_round: int = field(default=1, metadata=_key("first round in which attackers attack", check=_positive))
+    attack_every: int = field(default=1, metadata=_key("attack every k-th round from the start round", check=_positive))
+    attacker_pool: str = field(default="fixed", metadata=_key("the same attackers every round, or a fresh seeded pool per round", POOLS))
     malicious_fraction: float = field(default=0.1, metadata=_key("share of partitions that attack (seeded, fixed for the run)", check=_fraction))
     poison_rate: float = field(default=0.5, metadata=_key("share of an attacker's eligible samples it poisons", check=_fraction))
     target_label: int = field(default=7, metadata=_key("label the backdoor redirects to", check=_non_negative))
@@ -118,6 +131,10 @@ class ExperimentConfig:
                 raise ConfigError(f"run-config key 'server-fraction': {needs} needs a server-held dataset; set it > 0 (e.g. 0.02)")
         if self.defense == "norm_clipping" and self.clip_norm <= 0:
             raise ConfigError("run-config key 'clip-norm': norm_clipping needs a bound > 0")
+        if self.attack == "semantic" and self.base_label < 0:
+            raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
+        if self.attack == "mask" and not self.trigger_file:
+            raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
         if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
             raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attacks import apply_trigger, eligible
+from .attacks import Trigger, eligible, make_trigger
 from .training import predict
 
 
@@ -19,12 +19,35 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
     return float((predict(model, images, device=device) == labels).float().mean())
 
 
-def attack_success_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                        target_label: int, base_label: int = -1, device: str = "cpu") -> float:
-    """Share of triggered test images whose true label is not the target (and is the base class,
-    when one is set) that the model classifies as the target."""
+def attack_success_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                        trigger: Trigger | torch.Tensor | None, target_label: int, base_label: int = -1,
+                        device: str = "cpu") -> float:
+    """Share of test images whose true label is not the target (and is the base class, when one is
+    set) that the model classifies as the target once the trigger is applied (``trigger=None``: as
+    they are, the semantic backdoor's measure). A bare mask is stamped with 1.0."""
     keep = eligible(labels, target_label, base_label)
     if not bool(keep.any()):
         return float("nan")
-    preds = predict(model, apply_trigger(images[keep], mask), device=device)
+    x = images[keep]
+    if isinstance(trigger, torch.Tensor):
+        trigger = Trigger(mask=trigger)
+    if trigger is not None:
+        x = trigger.apply(x)
+    preds = predict(model, x, device=device)
     return float((preds == target_label).float().mean())
+
+
+def attack_probes(cfg, shape: tuple[int, int, int]) -> dict[str, Trigger | None]:
+    """What the central evaluation measures for the configured attack: name -> trigger (None: the
+    untriggered base class). ``attack_success_rate`` is the first entry; DBA adds one per piece.
+    With no data attack the RLR plus trigger is measured as a reference (a clean model's rate)."""
+    if cfg.attack == "semantic":
+        return {"attack_success_rate": None}
+    if cfg.attack == "dba":
+        full = make_trigger(cfg.dba_trigger, shape)
+        probes = {"attack_success_rate": full}
+        probes.update({f"asr_piece_{i}": p for i, p in enumerate(full.pieces(cfg.dba_pieces))})
+        return probes
+    name = "plus" if cfg.attack == "none" else cfg.attack
+    return {"attack_success_rate": make_trigger(name, shape, seed=cfg.seed, blend_ratio=cfg.blend_ratio,
+                                                trigger_file=cfg.trigger_file)}

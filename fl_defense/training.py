@@ -7,9 +7,11 @@ from torch import nn
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
-          lr: float, momentum: float = 0.0, device: str = "cpu", seed: int = 0) -> float:
+          lr: float, momentum: float = 0.0, device: str = "cpu", seed: int = 0,
+          before_step=None, after_step=None) -> float:
     """SGD on cross-entropy for ``epochs`` epochs with seeded shuffling; returns the mean loss of the
-    last epoch."""
+    last epoch. ``before_step(model)`` runs after backward (e.g. to mask gradients) and
+    ``after_step(model)`` after each optimiser step (e.g. to project the weights)."""
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
@@ -23,7 +25,11 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
+            if before_step is not None:
+                before_step(model)
             opt.step()
+            if after_step is not None:
+                after_step(model)
             total += loss.item() * len(idx)
         last = total / max(1, n)
     return last

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fl_defense.attacks import trigger_mask
 from fl_defense.config import ExperimentConfig
-from fl_defense.metrics import accuracy, attack_success_rate
+from fl_defense.metrics import accuracy, attack_probes, attack_success_rate
 from fl_defense.models import set_arrays
 
 
@@ -28,7 +27,7 @@ class RunRecorder:
         self.cfg = cfg
         self.model = model
         self.test_x, self.test_y = test
-        self.mask = trigger_mask(cfg.attack if cfg.attack != "none" else "plus", *test[0].shape[2:])
+        self.probes = attack_probes(cfg, tuple(test[0].shape[1:]))
         self.out_dir = out_dir
         self.echo = echo or (lambda line: print(line, flush=True))
         self.strategy = None  # set once the strategy exists; records are read from it
@@ -43,10 +42,11 @@ class RunRecorder:
         set_arrays(self.model, arrays)
         device = self.cfg.device if self.cfg.device == "cpu" or torch.cuda.is_available() else "cpu"
         acc = accuracy(self.model, self.test_x, self.test_y, device)
-        asr = attack_success_rate(self.model, self.test_x, self.test_y, self.mask, self.cfg.target_label,
-                                  self.cfg.base_label, device)
+        rates = {name: attack_success_rate(self.model, self.test_x, self.test_y, trig, self.cfg.target_label,
+                                           self.cfg.base_label, device) for name, trig in self.probes.items()}
+        asr = rates["attack_success_rate"]
         now = time.perf_counter()
-        row = {"round": server_round, "accuracy": acc, "attack_success_rate": asr}
+        row = {"round": server_round, "accuracy": acc, **rates}
         records = self.strategy.records if self.strategy is not None else []
         if server_round > 0 and records and records[-1].server_round == server_round:
             rec = records[-1]
