@@ -41,7 +41,36 @@ def _seed_suite(dataset: str, rounds: int) -> list[dict]:
     return [{**base, "defense": d} for d in SEED_DEFENSES] + [{**base, "defense": "fedavg", "attack": "none"}]
 
 
+BASELINES = ("krum", "bulyan", "median", "trimmed_mean", "norm_clipping", "signsgd", "foolsgold", "flame", "fltrust")
+# Per-baseline settings the FDCR setting needs: f = 3 attackers for Krum; Bulyan needs n >= 4f + 3, so
+# f = 1 is the most 10 clients allow; the clipping bound and signSGD step are the usual choices.
+BASELINE_EXTRA = {"krum": {"num-malicious": 3, "krum-keep": 0}, "bulyan": {"num-malicious": 1},
+                  "norm_clipping": {"clip-norm": 1.0, "noise": 0.001}, "signsgd": {"sign-lr": 0.001}}
+ATTACKS = {  # every targeted attack against FedAvg (issue 5), 1 attacker in 10, iid
+    "plus": {}, "square": {}, "pixel": {}, "corner": {}, "blend": {"blend-ratio": 0.1},
+    "dba": {"malicious-fraction": 0.4, "dba-pieces": 4}, "semantic": {"base-label": 1, "poison-rate": 1.0},
+    "plus-boost": {"attack": "plus", "model-poisoning": "boost", "boost-factor": 5.0},
+    "plus-pgd": {"attack": "plus", "model-poisoning": "pgd", "attack-norm-bound": 2.0},
+    "plus-neurotoxin": {"attack": "plus", "model-poisoning": "neurotoxin", "neurotoxin-ratio": 0.1},
+}
+
+
+def _baseline_suite(dataset: str, rounds: int) -> list[dict]:
+    base = {**FDCR_SETTING, "dataset": dataset, "data-dir": DATA, "num-server-rounds": rounds}
+    return [{**base, "defense": d, **BASELINE_EXTRA.get(d, {})} for d in BASELINES]
+
+
+def _attack_suite(dataset: str, rounds: int, extra: dict) -> list[dict]:
+    base = {**RLR_SETTING, "dataset": dataset, "data-dir": DATA, "num-server-rounds": rounds, "defense": "fedavg",
+            **extra}
+    return [{**base, "attack": name, **over} for name, over in ATTACKS.items()]
+
+
 SUITES: dict[str, list[dict]] = {
+    "baselines-usps": _baseline_suite("usps", 30),
+    "baselines-fmnist": _baseline_suite("fashion_mnist", 20),
+    "attacks-digits": _attack_suite("digits", 40, {}),
+    "attacks-fmnist": _attack_suite("fashion_mnist", 20, {"batch-size": 64}),
     "seed-fmnist": _seed_suite("fashion_mnist", 20),
     "seed-usps": _seed_suite("usps", 30),
     "rlr-digits": [
@@ -69,7 +98,9 @@ def snapshot(out: Path) -> Path:
 
 
 def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict, app: Path = ROOT) -> dict:
-    name = "-".join(str(cell[k]) for k in ("defense", "dataset", "attack")) + f"-s{cell.get('seed', 42)}"
+    name = "-".join(str(cell[k]) for k in ("defense", "dataset", "attack"))
+    name += f"-{cell['model-poisoning']}" if cell.get("model-poisoning", "none") != "none" else ""
+    name += f"-s{cell.get('seed', 42)}"
     overrides = {**cell, "results-dir": str(out), "run-name": name}
     cmd = ["flwr", "run", str(app), "--stream", "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
@@ -109,11 +140,12 @@ def main() -> None:
                 os.killpg(os.getpgid(pid), signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    print("\n| dataset | attack | defense | rounds | accuracy | attack success | TPR (final / mean) | FPR (final / mean) | wall (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| dataset | attack | model poisoning | defense | rounds | accuracy | attack success | TPR (final / mean) | FPR (final / mean) | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in rows:
         c, f, m = s["config"], s["final"], s.get("mean_over_rounds", {})
-        print(f"| {c['dataset']} | {c['attack']} | {c['defense']} | {s['rounds_completed']} | {f['accuracy']:.3f} | "
+        extra = "".join(f", {k[4:]} {_fmt(f[k])}" for k in sorted(f) if k.startswith("asr_piece"))
+        print(f"| {c['dataset']} | {c['attack']}{extra} | {c['model-poisoning']} | {c['defense']} | {s['rounds_completed']} | {f['accuracy']:.3f} | "
               f"{_fmt(f['attack_success_rate'])} | {_fmt(f.get('tpr'))} / {_fmt(m.get('tpr'))} | "
               f"{_fmt(f.get('fpr'))} / {_fmt(m.get('fpr'))} | {s['wall']:.0f} |")
 
