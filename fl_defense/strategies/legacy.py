@@ -60,9 +60,12 @@ class DefenseStrategy(FlowerFedAvg):
             # A configuration that cannot work with this many clients fails now, not silently later.
             self.defense.check_num_clients(len(pairs))
             self._checked_sample_size = len(pairs)
+        # Like the Message API, tell clients the round (seeds and attack schedules depend on it).
+        extra = {"server-round": server_round}
         if self.defense.needs_fisher:
-            for _, ins in pairs:
-                ins.config = {**ins.config, FISHER_REQUEST_KEY: True}
+            extra[FISHER_REQUEST_KEY] = True
+        for _, ins in pairs:
+            ins.config = {**ins.config, **extra}
         return pairs
 
     def aggregate_fit(self, server_round: int, results, failures) -> tuple[Parameters | None, dict[str, Scalar]]:
