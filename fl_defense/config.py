@@ -98,6 +98,8 @@ class ExperimentConfig:
     seed: int = field(default=42, metadata=_key("seed of partitions, attackers, model init, training and noise"))
     results_dir: str = field(default="results", metadata=_key("where each run writes its folder of results"))
     run_name: str = field(default="", metadata=_key("name of the results folder (empty: defense-dataset-timestamp)"))
+    checkpoint: bool = field(default=True, metadata=_key("save checkpoint.pkl (model, defense state, round, RNG) in the results folder after every round"))
+    resume: bool = field(default=False, metadata=_key("continue the run in results-dir/run-name from its checkpoint"))
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -131,6 +133,8 @@ class ExperimentConfig:
                 raise ConfigError(f"run-config key 'server-fraction': {needs} needs a server-held dataset; set it > 0 (e.g. 0.02)")
         if self.defense == "norm_clipping" and self.clip_norm <= 0:
             raise ConfigError("run-config key 'clip-norm': norm_clipping needs a bound > 0")
+        if self.resume and not self.run_name:
+            raise ConfigError("run-config key 'run-name': resume needs the name of the run to continue")
         if self.attack == "semantic" and self.base_label < 0:
             raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
         if self.attack == "mask" and not self.trigger_file:

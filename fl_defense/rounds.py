@@ -127,6 +127,9 @@ class DefendedAggregation:
                              detects=self.defense.detects, failures=failures,
                              ground_truth=dict(ground_truth or {}))
         valid, fishers = [], []
+        # Results arrive in completion order; a fixed order (partition, then client id) makes the
+        # floating-point sums, and so the whole run, reproducible.
+        results = sorted(results, key=lambda r: (_sort_key(r.metrics.get(PARTITION_KEY)), str(r.client_id)))
         for res in results:
             reason = check_num_examples(res.num_examples) or check_arrays(
                 res.arrays, layout, self.max_update_norm, global_arrays)
@@ -188,7 +191,7 @@ class DefendedAggregation:
             fisher = torch.from_numpy(np.stack(fishers)).to(self.device)
         num_examples = torch.tensor([float(r.num_examples) for r in valid], dtype=torch.float64)
         return RoundUpdates(updates=updates, num_examples=num_examples,
-                            client_ids=[r.client_id for r in valid],
+                            client_ids=[stable_identity(r) for r in valid],
                             layer_slices=layout.layer_slices, fisher=fisher), global_vec
 
     @staticmethod
@@ -223,6 +226,20 @@ class DefendedAggregation:
 
     def load_state_dict(self, state: dict) -> None:
         self.defense.load_state_dict(state.get("defense", {}))
+
+
+def stable_identity(res: ClientResult) -> str:
+    """The identity a defense keys per-client state by (FoolsGold's history): the partition id in
+    simulation, where node ids are drawn anew by every run (so a resumed run finds its clients
+    again), else the node id. A client could claim another's partition id; in a deployment no
+    partition id is reported and the node id, fixed by the SuperLink, is used."""
+    pid = _as_int(res.metrics.get(PARTITION_KEY))
+    return f"partition-{pid}" if pid is not None else str(res.client_id)
+
+
+def _sort_key(v: object) -> tuple[int, int]:
+    as_int = _as_int(v)
+    return (0, as_int) if as_int is not None else (1, 0)
 
 
 def _as_int(v: object) -> int | None:

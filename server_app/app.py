@@ -14,12 +14,13 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.compat import start_grid
 from flwr.serverapp import Grid
 
-from fl_defense.config import ExperimentConfig
+from fl_defense.checkpoint import load_checkpoint
+from fl_defense.config import ConfigError, ExperimentConfig
 from fl_defense.data import load_split
 from fl_defense.defenses import DEFENSES, ClipNoise, Defense
 from fl_defense.fisher import ValidationFisher
 from fl_defense.training import ServerUpdate
-from fl_defense.models import build_model, get_arrays, trainable_mask
+from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
 from fl_defense.strategies import DefenseStrategy
 
 from .recorder import RunRecorder
@@ -50,10 +51,13 @@ def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
 
 
 def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=None, min_available: int = 0,
-                   server_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> DefenseStrategy:
+                   server_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   checkpoint_path: Path | None = None, round_offset: int = 0) -> DefenseStrategy:
     """The legacy-API strategy running the configured defense from ``model``'s parameters."""
     return DefenseStrategy(
         defense=build_defense(cfg, model, server_data),
+        checkpoint_path=str(checkpoint_path) if checkpoint_path else None,
+        round_offset=round_offset,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=0.0,  # evaluation is central, on the server's test split
         min_fit_clients=cfg.min_fit_clients,
@@ -68,6 +72,7 @@ def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=No
 
 
 def results_folder(cfg: ExperimentConfig) -> Path:
+    """Where the run writes; a relative results-dir resolves against this process's directory."""
     name = cfg.run_name or f"{cfg.defense}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.results_dir).expanduser().resolve() / name
 
@@ -87,13 +92,25 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     data_cfg = cfg.data_config(num_partitions=1)  # the server needs only the test split
     spec = data_cfg.spec
     model = build_model(cfg.model_name, spec.shape, spec.num_classes, seed=cfg.seed)
-    recorder = RunRecorder(cfg, model, load_split(data_cfg, "test"), results_folder(cfg))
+    out_dir = results_folder(cfg)
+    checkpoint_path = out_dir / "checkpoint.pkl"
+    state = None
+    if cfg.resume:
+        if not checkpoint_path.exists():
+            raise ConfigError(f"run-config key 'resume': no checkpoint at {checkpoint_path}")
+        state = load_checkpoint(checkpoint_path)  # also restores the RNGs (client sampling)
+        set_arrays(model, state["arrays"])
+    offset = state["round"] if state else 0
+    recorder = RunRecorder(cfg, model, load_split(data_cfg, "test"), out_dir, resume_round=offset if state else None)
     server_data = load_split(data_cfg, "server") if cfg.server_fraction > 0 else None
     strategy = build_strategy(cfg, model, evaluate_fn=recorder.evaluate, min_available=min_available,
-                              server_data=server_data)
+                              server_data=server_data, checkpoint_path=checkpoint_path if cfg.checkpoint else None,
+                              round_offset=offset)
+    if state:
+        strategy.aggregation.load_state_dict(state["defense"])
     recorder.strategy = strategy
     print(f"[fl-defense] {strategy!r} on {cfg.dataset}; results in {recorder.out_dir}", flush=True)
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds))
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds - offset))
 
 
 def connected_nodes(grid: Grid, settle_seconds: float = 3.0) -> int:

@@ -23,7 +23,7 @@ class RunRecorder:
     """Evaluates the global model each round (Flower's ``evaluate_fn``) and writes results."""
 
     def __init__(self, cfg: ExperimentConfig, model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor],
-                 out_dir: Path, echo=None) -> None:
+                 out_dir: Path, echo=None, resume_round: int | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.test_x, self.test_y = test
@@ -35,10 +35,25 @@ class RunRecorder:
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
         out_dir.mkdir(parents=True, exist_ok=True)
+        # rounds.jsonl and summary.json are reproducible (same config and seed, same bytes);
+        # wall-clock figures go to timings.jsonl.
         self._rounds_path = out_dir / "rounds.jsonl"
-        self._rounds_path.write_text("")
+        self._timings_path = out_dir / "timings.jsonl"
+        if resume_round is None:
+            self._rounds_path.write_text("")
+            self._timings_path.write_text("")
+        else:  # keep what was recorded up to the checkpoint
+            for path in (self._rounds_path, self._timings_path):
+                kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                        if json.loads(line)["round"] <= resume_round]
+                path.write_text("".join(line + "\n" for line in kept))
+                if path == self._rounds_path:
+                    self.rows = [json.loads(line) for line in kept]
 
     def evaluate(self, server_round: int, arrays, config) -> tuple[float, dict]:
+        done = [r for r in self.rows if r["round"] == server_round]
+        if done:  # already recorded before an interruption
+            return 1.0 - done[0]["accuracy"], {"accuracy": done[0]["accuracy"]}
         set_arrays(self.model, arrays)
         device = self.cfg.device if self.cfg.device == "cpu" or torch.cuda.is_available() else "cpu"
         acc = accuracy(self.model, self.test_x, self.test_y, device)
@@ -56,19 +71,23 @@ class RunRecorder:
                 "tpr": det["tpr"], "fpr": det["fpr"], "detection": det,
                 "num_rejected": len(rec.rejected), "rejected": rec.rejected, "num_failures": rec.failures,
                 "kept_global": rec.kept_global, "reason": rec.reason,
-                "aggregation_seconds": rec.aggregation_seconds, "round_seconds": now - self._t_last,
                 "clients": [
-                    {"id": cid, "partition": pid, "num_examples": n, "weight": w, "flagged": f,
+                    {"partition": pid, "num_examples": n, "weight": w, "flagged": f,
                      "malicious": rec.ground_truth.get(cid)}
                     for cid, pid, n, w, f in zip(rec.client_ids, rec.partition_ids, rec.num_examples,
                                                  rec.weights, rec.flagged)
                 ],
                 "info": rec.info,
             })
+        timing = {"round": server_round, "round_seconds": now - self._t_last}
+        if "num_clients" in row:
+            timing["aggregation_seconds"] = records[-1].aggregation_seconds
         self._t_last = now
         self.rows.append(row)
         with self._rounds_path.open("a") as fh:
             fh.write(json.dumps(_finite(row)) + "\n")
+        with self._timings_path.open("a") as fh:
+            fh.write(json.dumps(timing) + "\n")
         self.echo(_line(row))
         if server_round == self.cfg.num_server_rounds:
             self.write_summary()
@@ -82,17 +101,25 @@ class RunRecorder:
             vals = [r[key] for r in self.rows if r.get(key) is not None and not math.isnan(r[key])]
             return sum(vals) / len(vals) if vals else None
 
+        timings = [json.loads(line) for line in self._timings_path.read_text().splitlines()]
+
+        def mean_timing(key):
+            vals = [t[key] for t in timings if key in t]
+            return sum(vals) / len(vals) if vals else None
+
+        (self.out_dir / "timing.json").write_text(json.dumps({
+            "wall_seconds_this_process": time.perf_counter() - self._t_start,
+            "mean_round_seconds": mean_timing("round_seconds"),
+            "mean_aggregation_seconds": mean_timing("aggregation_seconds"),
+        }, indent=2))
         summary = {
             "config": self.cfg.as_run_config(),
             "defense": repr(self.strategy.defense) if self.strategy is not None else None,
             "rounds_completed": final.get("round", 0),
             "final": {k: final.get(k) for k in ("accuracy", "attack_success_rate", "tpr", "fpr", "num_flagged",
                                                  *sorted(k for k in final if k.startswith("asr_piece")))},
-            "mean_over_rounds": {"tpr": mean_of("tpr"), "fpr": mean_of("fpr"),
-                                 "aggregation_seconds": mean_of("aggregation_seconds"),
-                                 "round_seconds": mean_of("round_seconds")},
+            "mean_over_rounds": {"tpr": mean_of("tpr"), "fpr": mean_of("fpr")},
             "attacker_partitions_seen": attackers,
-            "wall_seconds": time.perf_counter() - self._t_start,
         }
         path = self.out_dir / "summary.json"
         tmp = path.with_suffix(".tmp")

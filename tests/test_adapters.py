@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerMessageFedAvg
 
 from fl_defense import strategies
 from fl_defense.defenses import DEFENSES
-from fl_defense.rounds import FISHER_KEY, GROUND_TRUTH_KEY
+from fl_defense.rounds import FISHER_KEY, FISHER_REQUEST_KEY, GROUND_TRUTH_KEY
 from fl_defense.strategies import message
 from tests.helpers import (FakeGrid, arrayrecord, client_manager, client_models, legacy_results,
                            message_replies, model_arrays)
@@ -127,3 +127,19 @@ def test_strategy_kwargs_split_between_defense_and_flower():
     assert "theta=3" in repr(s)
     with pytest.raises(TypeError):
         strategies.RLR(not_an_argument=1)
+
+
+def test_clients_are_told_the_round_and_asked_for_fisher_only_when_needed():
+    g, _ = _round()
+    pairs = strategies.FedAvg().configure_fit(3, ndarrays_to_parameters(g), client_manager(N))
+    assert all(ins.config["server-round"] == 3 and FISHER_REQUEST_KEY not in ins.config for _, ins in pairs)
+    pairs = make("fdcr").configure_fit(4, ndarrays_to_parameters(g), client_manager(N))
+    assert all(ins.config[FISHER_REQUEST_KEY] is True for _, ins in pairs)
+
+
+def test_result_order_does_not_change_the_aggregate():
+    g, clients = _round(seed=9)
+    a, _ = run_legacy(strategies.RLR(theta=3), g, clients)
+    b, _ = run_legacy(strategies.RLR(theta=3), g, list(reversed(clients)))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

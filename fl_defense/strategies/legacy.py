@@ -11,6 +11,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as FlowerFedAvg
 
 from .. import defenses
+from ..checkpoint import save_checkpoint
 from ..defenses.base import Defense
 from ..rounds import FISHER_REQUEST_KEY, ClientResult, split_ground_truth
 from ._common import split_kwargs
@@ -29,11 +30,15 @@ class DefenseStrategy(FlowerFedAvg):
 
     defense_class: type[Defense] | None = None
 
-    def __init__(self, *, defense: Defense | None = None, **kwargs) -> None:
+    def __init__(self, *, defense: Defense | None = None, checkpoint_path: str | None = None,
+                 round_offset: int = 0, **kwargs) -> None:
         self.aggregation, fedavg_kwargs = split_kwargs(self.defense_class, defense, kwargs)
         super().__init__(**fedavg_kwargs)
         self._global: list[np.ndarray] | None = None
         self._checked_sample_size: int | None = None
+        # After a resume Flower counts rounds from 1 again; round_offset maps them to the run's.
+        self.checkpoint_path = checkpoint_path
+        self.round_offset = round_offset
 
     @property
     def defense(self) -> Defense:
@@ -52,8 +57,14 @@ class DefenseStrategy(FlowerFedAvg):
             self._global = parameters_to_ndarrays(params)
         return params
 
+    def evaluate(self, server_round: int, parameters: Parameters):
+        # A resumed run evaluates its checkpoint as the checkpoint's round (the recorder skips rounds
+        # it already has).
+        return super().evaluate(server_round + self.round_offset, parameters)
+
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.round_offset
         self._global = parameters_to_ndarrays(parameters)
         pairs = super().configure_fit(server_round, parameters, client_manager)
         if pairs and self._checked_sample_size != len(pairs):
@@ -69,6 +80,7 @@ class DefenseStrategy(FlowerFedAvg):
         return pairs
 
     def aggregate_fit(self, server_round: int, results, failures) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         if self._global is None:
             raise RuntimeError("aggregate_fit called before configure_fit: no global parameters known")
         client_results, ground_truth = [], {}
@@ -86,11 +98,12 @@ class DefenseStrategy(FlowerFedAvg):
                 "; ".join(_failure_text(f) for f in failures[:5]))
         new_arrays, metrics = self.aggregation.aggregate(
             server_round, self._global, client_results, failures=len(failures), ground_truth=ground_truth)
-        if new_arrays is None:
-            # Keep the model: hand Flower the current parameters back so it does not stall.
-            return ndarrays_to_parameters(self._global), metrics
-        self._global = new_arrays
-        return ndarrays_to_parameters(new_arrays), metrics
+        if new_arrays is not None:
+            self._global = new_arrays
+        # else: keep the model; hand Flower the current parameters back so it does not stall.
+        if self.checkpoint_path:
+            save_checkpoint(self.checkpoint_path, server_round, self._global, self.aggregation.state_dict())
+        return ndarrays_to_parameters(self._global), metrics
 
 
 def _failure_text(f) -> str:

@@ -1,0 +1,1 @@
+"""Experiments through Flower's simulation engine: single runs (``simulation.run``) and grids."""
