@@ -1,0 +1,155 @@
+"""Aggregation time and peak extra memory of every defense against Flower's own aggregators.
+
+    python benchmarks/aggregation.py                       # n=100, d=1.2M (the issue's target point)
+    python benchmarks/aggregation.py --n 10 100 500 --d 50000 1200000 11000000
+
+For each (n, d): n client models of d float32 parameters in 4 layers, as Flower hands them to a
+strategy (lists of ndarrays). Timed, in the same process and run, on the same inputs:
+- Flower: ``aggregate`` (FedAvg), ``aggregate_krum`` (Multi-Krum), ``aggregate_median``,
+  ``aggregate_trimmed_avg``;
+- ours: the whole defended round (validation, one flatten into the n x d matrix, the defense,
+  rebuilding the arrays) through ``DefendedAggregation``, for every defense.
+Ratios are against Flower's FedAvg ``aggregate`` measured in the same run. Peak extra memory is
+the rise of the process's peak RSS during the call (Linux VmHWM, reset before each call), in
+units of the n x d float32 matrix. Server-side model work is stubbed: SDFC's validation Fisher and
+FLTrust's root-dataset training cost depend on the model, not on aggregation, and are measured in
+round-time benchmarks instead. Cells whose n x d matrix exceeds --max-gb are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+
+from fl_defense.defenses import DEFENSES, RLR
+from fl_defense.fisher import encode_fisher
+from fl_defense.rounds import FISHER_KEY, ClientResult, DefendedAggregation
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def measure(fn, repeats: int) -> tuple[float, int]:
+    """Best wall time over ``repeats`` calls and the peak RSS rise of one call (after a warm-up
+    call, so first-use imports and allocator growth are not counted)."""
+    fn()
+    gc.collect()
+    before = _status("VmRSS")
+    _reset_peak()
+    fn()
+    peak = _status("VmHWM") - before
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), max(0, peak)
+
+
+def layer_shapes(d: int) -> list[tuple[int, ...]]:
+    """Four layers, a conv-like block holding most parameters, as a CNN has."""
+    big = int(d * 0.8)
+    rest = d - big
+    return [(big // 100, 100), (big - (big // 100) * 100 + 1,), (rest - 11, 1), (10,)]
+
+
+def make_inputs(n: int, d: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    shapes = layer_shapes(d)
+    glob = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    results = []
+    for k in range(n):
+        arrays = [g + 0.01 * rng.standard_normal(s, dtype=np.float32) for g, s in zip(glob, shapes)]
+        results.append((arrays, int(rng.integers(50, 500))))
+    dim = sum(int(np.prod(s)) for s in shapes)
+    fisher = encode_fisher(np.abs(rng.standard_normal(dim, dtype=np.float32)))
+    return glob, results, fisher
+
+
+def our_defenses(n: int) -> dict:
+    f = max(1, n // 10)
+    stub_fisher = lambda p: torch.ones_like(p)  # noqa: E731
+    stub_update = lambda p: torch.full_like(p, 1e-3)  # noqa: E731
+    return {
+        "fedavg": DEFENSES["fedavg"](), "rlr": RLR(theta=max(1, n // 4)), "fedward": DEFENSES["fedward"](),
+        "fdcr": DEFENSES["fdcr"](), "sdfc": DEFENSES["sdfc"](validation_fisher=stub_fisher, reference="global"),
+        "krum": DEFENSES["krum"](num_malicious=f), "multikrum": DEFENSES["krum"](num_malicious=f, to_keep=n - f),
+        "bulyan": DEFENSES["bulyan"](num_malicious=max(0, (n - 3) // 4 // 2)), "median": DEFENSES["median"](),
+        "trimmed_mean": DEFENSES["trimmed_mean"](), "norm_clipping": DEFENSES["norm_clipping"](clip_norm=1.0),
+        "signsgd": DEFENSES["signsgd"](), "foolsgold": DEFENSES["foolsgold"](), "flame": DEFENSES["flame"](),
+        "fltrust": DEFENSES["fltrust"](server_update=stub_update),
+    }
+
+
+def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int) -> list[dict]:
+    from flwr.server.strategy.aggregate import aggregate, aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+    glob, results, fisher = make_inputs(n, d)
+    matrix_bytes = n * d * 4
+    rows = []
+    f = max(1, n // 10)
+    flower = {
+        "flower aggregate (FedAvg)": lambda: aggregate(results),
+        "flower aggregate_median": lambda: aggregate_median(results),
+        "flower aggregate_trimmed_avg": lambda: aggregate_trimmed_avg(results, 0.2),
+    }
+    if n <= skip_flower_krum_above:
+        flower["flower aggregate_krum (Multi-Krum)"] = lambda: aggregate_krum(results, f, n - f)
+    for name, fn in flower.items():
+        t, peak = measure(fn, repeats)
+        rows.append({"n": n, "d": d, "method": name, "seconds": t, "peak_extra": peak / matrix_bytes})
+    for name, defense in our_defenses(n).items():
+        agg = DefendedAggregation(defense)
+        client_results = [ClientResult(str(k), arrays, ne, {"partition-id": k, FISHER_KEY: fisher})
+                          for k, (arrays, ne) in enumerate(results)]
+        t, peak = measure(lambda: agg.aggregate(1, glob, client_results), repeats)
+        rows.append({"n": n, "d": d, "method": name, "seconds": t, "peak_extra": peak / matrix_bytes})
+    base = rows[0]["seconds"]
+    for r in rows:
+        r["ratio"] = r["seconds"] / base
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=[100])
+    parser.add_argument("--d", type=int, nargs="+", default=[1_200_000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-gb", type=float, default=4.0, help="skip cells whose n x d matrix is larger")
+    parser.add_argument("--skip-flower-krum-above", type=int, default=100,
+                        help="Flower's aggregate_krum loops over n^2 pairs in Python; skip it for larger n")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch threads: {torch.get_num_threads()}, device: cpu\n")
+    print("| n | d | method | seconds | ratio to Flower FedAvg | peak extra memory (x n*d*4 bytes) |")
+    print("|---|---|---|---|---|---|")
+    skipped = []
+    for n in args.n:
+        for d in args.d:
+            if n * d * 4 / 2**30 > args.max_gb:
+                skipped.append((n, d))
+                continue
+            for r in bench(n, d, args.repeats, args.skip_flower_krum_above):
+                print(f"| {r['n']} | {r['d']} | {r['method']} | {r['seconds']:.4f} | {r['ratio']:.3f} | "
+                      f"{r['peak_extra']:.2f} |", flush=True)
+    for n, d in skipped:
+        print(f"\nskipped n={n}, d={d}: the matrix alone is {n * d * 4 / 2**30:.1f} GiB (--max-gb {args.max_gb})")
+
+
+if __name__ == "__main__":
+    main()
