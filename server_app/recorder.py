@@ -62,6 +62,9 @@ class RunRecorder:
         asr = rates["attack_success_rate"]
         now = time.perf_counter()
         row = {"round": server_round, "accuracy": acc, **rates}
+        if self.cfg.base_label >= 0:  # clean accuracy on the class a base-class backdoor redirects
+            base = self.test_y == self.cfg.base_label
+            row["base_class_accuracy"] = accuracy(self.model, self.test_x[base], self.test_y[base], device)
         records = self.strategy.records if self.strategy is not None else []
         if server_round > 0 and records and records[-1].server_round == server_round:
             rec = records[-1]

@@ -1,0 +1,175 @@
+"""Experiment grids: a TOML file names what varies; every cell runs through Flower's simulation
+engine in its own process, and finished cells are skipped when the grid is run again.
+
+Grid file::
+
+    [grid]
+    name = "smoke"
+    num-supernodes = 10            # simulated clients per cell
+    [fixed]                        # run-config keys shared by every cell
+    dataset = "digits"
+    num-server-rounds = 3
+    [vary]                         # each key's values are crossed with every other's
+    defense = ["fedavg", "rlr"]
+    seed = [1, 2]
+    [[variants.partition]]         # coupled keys: one table per variant, crossed as a unit
+    partitioner = "iid"
+    [[variants.partition]]
+    partitioner = "dirichlet"
+    dirichlet-alpha = 0.5
+
+A cell's folder is named by a hash of its run config, so reruns find it: a cell with a
+summary.json is done; one with only a checkpoint resumes from it (the checkpoint and results are
+the run's own, so it continues exactly where it stopped); one with neither starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fl_defense.config import ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Grid:
+    name: str
+    num_supernodes: int
+    cells: list[dict]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Grid":
+        spec = tomllib.loads(Path(path).read_text())
+        meta = spec.get("grid", {})
+        fixed = spec.get("fixed", {})
+        vary = spec.get("vary", {})
+        variants = spec.get("variants", {})
+        axes = [[{k: v} for v in (vals if isinstance(vals, list) else [vals])] for k, vals in vary.items()]
+        axes += [list(options) for options in variants.values()]
+        cells = []
+        for combo in itertools.product(*axes) if axes else [()]:
+            cell = dict(fixed)
+            for part in combo:
+                cell.update(part)
+            ExperimentConfig.from_run_config(cell)  # a bad grid fails before anything runs
+            cells.append(cell)
+        return cls(name=meta.get("name", Path(path).stem), num_supernodes=int(meta.get("num-supernodes", 10)),
+                   cells=cells)
+
+
+def cell_id(cell: dict) -> str:
+    key = json.dumps(cell, sort_keys=True)
+    label = "-".join(str(cell.get(k, "")) for k in ("defense", "dataset", "attack") if k in cell)
+    return f"{label}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def cell_state(folder: Path) -> str:
+    if (folder / "summary.json").exists():
+        return "done"
+    if (folder / "checkpoint.pkl").exists():
+        return "partial"
+    return "new"
+
+
+def _toml(v) -> str:
+    return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
+    """Run every cell not yet done; return the cell folders in grid order."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.json").write_text(json.dumps({"name": grid.name, "cells": grid.cells}, indent=2))
+    folders = [out / cell_id(c) for c in grid.cells]
+    total_rounds = sum(int(c.get("num-server-rounds", ExperimentConfig().num_server_rounds)) for c in grid.cells)
+    bar = tqdm(total=total_rounds, unit="round", disable=not progress, dynamic_ncols=True)
+    for i, (cell, folder) in enumerate(zip(grid.cells, folders), start=1):
+        rounds = int(cell.get("num-server-rounds", ExperimentConfig().num_server_rounds))
+        state = cell_state(folder)
+        if state == "done":
+            bar.update(rounds)
+            continue
+        overrides = {**cell, "results-dir": str(out), "run-name": folder.name, "resume": state == "partial"}
+        if state == "new" and folder.exists():
+            shutil.rmtree(folder)  # a cell that died before its first checkpoint starts afresh
+        cmd = [sys.executable, "-m", "simulation.run", "--num-supernodes", str(grid.num_supernodes),
+               "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())]
+        bar.set_description(f"cell {i}/{len(grid.cells)} {folder.name}")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done_before = bar.n
+        log_lines = []
+        for line in proc.stdout:
+            log_lines.append(line)
+            m = re.match(r"\[fl-defense\] round\s+(\d+)", line)
+            if m and int(m.group(1)) > 0:
+                bar.n = done_before + int(m.group(1))
+                bar.refresh()
+        proc.wait()
+        (folder.parent / f"{folder.name}.log").write_text("".join(log_lines[-2000:]))
+        if proc.returncode != 0 or cell_state(folder) != "done":
+            bar.close()
+            raise SystemExit(f"cell {folder.name} failed (exit {proc.returncode}); its log: {folder}.log; "
+                             "run the grid again to resume")
+        bar.n = done_before + rounds
+        bar.refresh()
+    bar.close()
+    return folders
+
+
+def tidy_table(folders: list[Path]):
+    """One row per cell and round: the cell's varying config plus the round's figures."""
+    import pandas as pd
+
+    rows = []
+    for folder in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        timings = {}
+        if (folder / "timings.jsonl").exists():
+            timings = {t["round"]: t for t in map(json.loads, (folder / "timings.jsonl").read_text().splitlines())}
+        cfg = {**ExperimentConfig().as_run_config(), **summary["config"]}  # runs from older versions lack new keys
+        for line in (folder / "rounds.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            t = timings.get(r["round"], {})
+            rows.append({
+                "cell": folder.name, "dataset": cfg["dataset"], "partitioner": cfg["partitioner"],
+                "dirichlet_alpha": cfg["dirichlet-alpha"], "nir": cfg["nir"], "attack": cfg["attack"],
+                "model_poisoning": cfg["model-poisoning"], "malicious_fraction": cfg["malicious-fraction"],
+                "defense": cfg["defense"], "seed": cfg["seed"], "round": r["round"],
+                "accuracy": r["accuracy"], "attack_success_rate": r.get("attack_success_rate"),
+                "base_class_accuracy": r.get("base_class_accuracy"), "tpr": r.get("tpr"), "fpr": r.get("fpr"),
+                "num_flagged": r.get("num_flagged"), "aggregation_seconds": t.get("aggregation_seconds"),
+                "round_seconds": t.get("round_seconds"),
+            })
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m simulation run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="grid TOML file (see simulation/grids/)")
+    parser.add_argument("--out", help="results folder (default: results/grids/<grid name>)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    grid = Grid.load(args.grid)
+    out = Path(args.out or ROOT / "results" / "grids" / grid.name).resolve()
+    t0 = time.time()
+    folders = run_grid(grid, out, progress=not args.no_progress)
+    table = tidy_table(folders)
+    table.to_csv(out / "table.csv", index=False)
+    print(f"{len(folders)} cells, {len(table)} rows -> {out / 'table.csv'} ({time.time() - t0:.0f} s)")

@@ -1,0 +1,180 @@
+"""Reports: from a folder of runs to one Markdown table and PNG plots.
+
+    python -m simulation report results/grids/smoke --out docs/results/smoke
+
+Any folder whose sub-folders hold ``summary.json`` and ``rounds.jsonl`` works (a grid's output, or
+the runs of ``benchmarks/flwr_runs.py``). Writes ``report.md``, ``table.csv`` and PNGs:
+accuracy and attack-success curves per defense, per-client weights over rounds as a heatmap with
+attackers marked (the idea of the FDCR paper's figure 3), and attack success against the
+malicious fraction when the runs vary it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SETTING = ["dataset", "partitioner", "dirichlet_alpha", "nir", "attack", "model_poisoning", "malicious_fraction"]
+
+
+def run_folders(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("*/summary.json"))
+
+
+def _mean_std(series) -> str:
+    s = series.dropna()
+    if s.empty:
+        return "-"
+    return f"{s.mean():.3f}" if len(s) == 1 else f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"
+
+
+def final_table(table) -> str:
+    """Final-round figures, mean ± standard deviation over seeds, one row per setting and defense."""
+    last = table[table["round"] == table.groupby("cell")["round"].transform("max")]
+    lines = ["| dataset | partition | attack | malicious | defense | seeds | accuracy | attack success | TPR | FPR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, g in last.groupby(SETTING + ["defense"], dropna=False, sort=True):
+        d = dict(zip(SETTING + ["defense"], key))
+        part = d["partitioner"] + (f" a={d['dirichlet_alpha']}" if d["partitioner"] == "dirichlet" else "") \
+            + (f" nir={d['nir']}" if d["partitioner"] == "nir" else "")
+        attack = d["attack"] + ("" if d["model_poisoning"] == "none" else f"+{d['model_poisoning']}")
+        lines.append(f"| {d['dataset']} | {part} | {attack} | {d['malicious_fraction']} | {d['defense']} | "
+                     f"{g['seed'].nunique()} | {_mean_std(g['accuracy'])} | {_mean_std(g['attack_success_rate'])} | "
+                     f"{_mean_std(g['tpr'])} | {_mean_std(g['fpr'])} |")
+    return "\n".join(lines)
+
+
+def plot_curves(table, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for i, (key, g) in enumerate(table.groupby(SETTING, dropna=False, sort=True)):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for defense, gd in g.groupby("defense"):
+            curve = gd.groupby("round")[["accuracy", "attack_success_rate"]].mean()
+            axes[0].plot(curve.index, curve["accuracy"], label=defense)
+            axes[1].plot(curve.index, curve["attack_success_rate"], label=defense)
+        axes[0].set(title="main-task accuracy", xlabel="round", ylim=(0, 1))
+        axes[1].set(title="attack success rate", xlabel="round", ylim=(0, 1))
+        axes[1].legend(fontsize=8, ncol=2)
+        d = dict(zip(SETTING, key))
+        fig.suptitle(f"{d['dataset']}, {d['partitioner']}, attack {d['attack']}, malicious {d['malicious_fraction']}",
+                     fontsize=10)
+        fig.tight_layout()
+        path = out / f"curves_{i}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_weights(folder: Path, out: Path) -> Path | None:
+    """Per-client weight over rounds for one run; attackers' rows are marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("clients")]
+    if not rows:
+        return None
+    parts = sorted({c["partition"] for r in rows for c in r["clients"] if c["partition"] is not None})
+    if not parts:
+        return None
+    grid = np.full((len(parts), len(rows)), np.nan)
+    malicious = set()
+    for j, r in enumerate(rows):
+        for c in r["clients"]:
+            if c["partition"] is None:
+                continue
+            grid[parts.index(c["partition"]), j] = c["weight"]
+            if c["malicious"]:
+                malicious.add(c["partition"])
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(parts) + 1.5))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(parts)), [f"{p}{' (attacker)' if p in malicious else ''}" for p in parts], fontsize=7)
+    for tick, p in zip(ax.get_yticklabels(), parts):
+        if p in malicious:
+            tick.set_color("red")
+    ax.set_xticks(range(len(rows)), [r["round"] for r in rows], fontsize=7)
+    ax.set(xlabel="round", ylabel="client (partition)")
+    summary = json.loads((folder / "summary.json").read_text())
+    ax.set_title(f"aggregation weight per client: {summary['config']['defense']}", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    path = out / f"weights_{folder.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fraction(table, out: Path) -> list[Path]:
+    """Final attack success against the malicious fraction, for settings run at several fractions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = table[table["round"] == table.groupby("cell")["round"].transform("max")]
+    others = [k for k in SETTING if k != "malicious_fraction"]
+    paths = []
+    for i, (key, g) in enumerate(last.groupby(others, dropna=False, sort=True)):
+        if g["malicious_fraction"].nunique() < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for defense, gd in g.groupby("defense"):
+            s = gd.groupby("malicious_fraction")["attack_success_rate"].mean()
+            ax.plot(s.index, s.values, marker="o", label=defense)
+        d = dict(zip(others, key))
+        ax.set(xlabel="malicious fraction", ylabel="attack success rate (final round)", ylim=(0, 1),
+               title=f"{d['dataset']}, {d['partitioner']}, {d['attack']}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"asr_vs_fraction_{i}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(root: Path, out: Path, title: str | None = None) -> Path:
+    from .grid import tidy_table
+
+    folders = run_folders(root)
+    if not folders:
+        raise SystemExit(f"no runs (sub-folders with summary.json) under {root}")
+    out.mkdir(parents=True, exist_ok=True)
+    table = tidy_table(folders)
+    table.to_csv(out / "table.csv", index=False)
+    curves = plot_curves(table, out)
+    weights = [p for p in (plot_weights(f, out) for f in folders) if p is not None]
+    fraction = plot_fraction(table, out)
+    lines = [f"# {title or root.name}", "", f"{len(folders)} runs from `{root}`. Final round, mean ± std over seeds.",
+             "", final_table(table), "", "## Accuracy and attack success over rounds", ""]
+    lines += [f"![curves]({p.name})" for p in curves]
+    if fraction:
+        lines += ["", "## Attack success against the malicious fraction", ""]
+        lines += [f"![fraction]({p.name})" for p in fraction]
+    lines += ["", "## Aggregation weight per client over rounds (attackers in red)", ""]
+    lines += [f"![weights]({p.name})" for p in weights]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m simulation report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", help="folder whose sub-folders are runs")
+    parser.add_argument("--out", help="report folder (default: <runs>/report)")
+    parser.add_argument("--title")
+    args = parser.parse_args(argv)
+    root = Path(args.runs).resolve()
+    print(write_report(root, Path(args.out).resolve() if args.out else root / "report", args.title))
