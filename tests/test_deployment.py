@@ -91,7 +91,7 @@ class Processes:
         # Flower starts helpers (flower-superexec) detached, each told its parent's pid: stop those too.
         helpers = []
         for proc in self.procs.values():
-            found = subprocess.run(["pgrep", "-f", f"--parent-pid {proc.pid}( |$)"], capture_output=True, text=True)
+            found = subprocess.run(["pgrep", "-f", f"parent-pid {proc.pid}( |$)"], capture_output=True, text=True)
             helpers += [int(p) for p in found.stdout.split()]
         for proc in self.procs.values():
             if proc.poll() is None:
@@ -174,6 +174,6 @@ def test_tls_deployment_with_supernode_authentication(tmp_path):
     assert all(p.poll() is not None for p in procs.procs.values())
     time.sleep(1)
     leftovers = [pid for p in procs.procs.values()
-                 for pid in subprocess.run(["pgrep", "-f", f"--parent-pid {p.pid}( |$)"], capture_output=True,
+                 for pid in subprocess.run(["pgrep", "-f", f"parent-pid {p.pid}( |$)"], capture_output=True,
                                            text=True).stdout.split()]
     assert not leftovers, f"processes left running: {leftovers}"
