@@ -84,7 +84,7 @@ class DefenseClient(NumPyClient):
                 clean[poisoned] = False
                 fx, fy = self.images[clean], self.labels[clean]
             fisher = empirical_fisher(self.model, fx, fy, max_samples=cfg.fisher_samples)
-            metrics[FISHER_KEY] = encode_fisher(fisher)
+            metrics[FISHER_KEY] = encode_fisher(fisher, half=cfg.fisher_half)
         return get_arrays(self.model), len(self.images), metrics
 
     def _fit_model(self, parameters, images, labels, seed: int, attacking: bool) -> float:

@@ -93,6 +93,7 @@ class ExperimentConfig:
     sdfc_calibration: float = field(default=1.0, metadata=_key("SDFC: calibration strength lambda (0: off)", check=_non_negative))
     fedward_clip_reference: str = field(default="admitted", metadata=_key("Fedward: clipping bound from the admitted group's or all clients' median magnitude", ("admitted", "all")))
     fedward_combine: str = field(default="sum", metadata=_key("Fedward: sum (authors' code) or mean of the clipped sign updates", ("sum", "mean")))
+    fisher_half: bool = field(default=False, metadata=_key("clients send Fisher diagonals in float16 (half the payload)"))
     fisher_samples: int = field(default=512, metadata=_key("samples a client (and the server) uses for a Fisher diagonal", check=_positive))
     device: str = field(default="cpu", metadata=_key("device of the server's updates matrix and of client training (cpu, cuda, cuda:N)"))
     seed: int = field(default=42, metadata=_key("seed of partitions, attackers, model init, training and noise"))

@@ -27,13 +27,19 @@ GROUND_TRUTH_KEY = "fl-defense.malicious"
 FISHER_KEY = "fl-defense.fisher"
 FISHER_REQUEST_KEY = "fl-defense.compute-fisher"
 PARTITION_KEY = "partition-id"
+METRICS_ERROR_KEY = "fl-defense.metrics-error"
 
 
-def split_ground_truth(metrics: dict | None) -> tuple[dict, bool | None]:
-    """Return (metrics without the reserved key, the ground-truth flag or None)."""
-    clean = dict(metrics or {})
+def split_ground_truth(metrics: object) -> tuple[dict, bool | None]:
+    """Return (metrics without the reserved key, the ground-truth flag or None). Metrics that are
+    not a mapping come back under the key ``METRICS_ERROR_KEY`` so validation rejects the result."""
+    if metrics is None:
+        return {}, None
+    if not isinstance(metrics, dict):
+        return {METRICS_ERROR_KEY: f"metrics must be a dict, got {type(metrics).__name__}"}, None
+    clean = dict(metrics)
     gt = clean.pop(GROUND_TRUTH_KEY, None)
-    return clean, (None if gt is None else bool(gt))
+    return clean, (None if gt is None or not isinstance(gt, (bool, int, float)) else bool(gt))
 
 
 @dataclass
@@ -131,7 +137,7 @@ class DefendedAggregation:
         # floating-point sums, and so the whole run, reproducible.
         results = sorted(results, key=lambda r: (_sort_key(r.metrics.get(PARTITION_KEY)), str(r.client_id)))
         for res in results:
-            reason = check_num_examples(res.num_examples) or check_arrays(
+            reason = res.metrics.get(METRICS_ERROR_KEY) or check_num_examples(res.num_examples) or check_arrays(
                 res.arrays, layout, self.max_update_norm, global_arrays)
             fisher = None
             if reason is None and self.defense.needs_fisher:

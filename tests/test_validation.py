@@ -93,3 +93,16 @@ def test_fisher_round_trip_and_rejections():
         decode_fisher(b"abc", 100)
     with pytest.raises(FisherDecodeError, match="length"):
         decode_fisher(encode_fisher(f)[:-4], 100)
+
+
+def test_metrics_of_the_wrong_type_are_rejected():
+    rng = np.random.default_rng(4)
+    g = model_arrays(rng)
+    clients = client_models(g, 4, rng)
+    results = legacy_results(clients)
+    results[2][1].metrics = ["not", "a", "dict"]
+    strategy = strategies.FedAvg()
+    from tests.helpers import client_manager
+    strategy.configure_fit(1, ndarrays_to_parameters(g), client_manager(4))
+    _, metrics = strategy.aggregate_fit(1, results, [])
+    assert metrics["num-rejected"] == 1 and "metrics must be a dict" in strategy.records[-1].rejected[0]["reason"]
