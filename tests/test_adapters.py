@@ -143,3 +143,11 @@ def test_result_order_does_not_change_the_aggregate():
     b, _ = run_legacy(strategies.RLR(theta=3), g, list(reversed(clients)))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_every_defense_has_a_strategy_in_both_apis():
+    assert set(strategies.STRATEGIES) == set(DEFENSES) == set(message.STRATEGIES)
+    for name, cls in strategies.STRATEGIES.items():
+        twin = message.STRATEGIES[name]
+        assert twin.__name__ == cls.__name__ and twin.defense_class is cls.defense_class
+        assert cls.defense_class.paper or name == "clip_noise"

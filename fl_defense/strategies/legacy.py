@@ -198,3 +198,10 @@ class FLTrust(DefenseStrategy):
     """FLTrust (Cao et al. 2021); needs ``server_update`` (``fl_defense.training.ServerUpdate``)."""
 
     defense_class = defenses.FLTrust
+
+
+STRATEGIES: dict[str, type[DefenseStrategy]] = {
+    "fedavg": FedAvg, "rlr": RLR, "fedward": Fedward, "fdcr": FDCR, "sdfc": SDFC,
+    "krum": Krum, "bulyan": Bulyan, "median": Median, "trimmed_mean": TrimmedMean,
+    "norm_clipping": NormClipping, "signsgd": SignSGD, "foolsgold": FoolsGold, "flame": FLAME, "fltrust": FLTrust,
+}

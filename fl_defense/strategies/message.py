@@ -13,15 +13,15 @@ from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from .. import defenses
 from ..defenses.base import Defense
 from ..rounds import FISHER_KEY, FISHER_REQUEST_KEY, ClientResult, split_ground_truth
 from ._common import split_kwargs
+from .legacy import STRATEGIES as LEGACY_STRATEGIES
 
 
 class DefenseStrategy(FlowerFedAvg):
@@ -109,92 +109,16 @@ def _maybe_int(v: object) -> object:
     return v
 
 
-def _array(v: np.ndarray):
-    from flwr.app import Array
-
+def _array(v: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(v))
 
 
-class FedAvg(DefenseStrategy):
-    """FedAvg through the defense core; same result as Flower's Message-API FedAvg."""
-
-    defense_class = defenses.FedAvg
-
-
-class RLR(DefenseStrategy):
-    """Robust learning rate (Ozdayi et al., AAAI 2021); see ``fl_defense.defenses.RLR``."""
-
-    defense_class = defenses.RLR
+# The Message-API twin of every legacy strategy: same name, same defense, same docstring.
+def _twin(legacy_cls: type) -> type:
+    return type(legacy_cls.__name__, (DefenseStrategy,), {
+        "defense_class": legacy_cls.defense_class, "__doc__": legacy_cls.__doc__, "__module__": __name__})
 
 
-class Fedward(DefenseStrategy):
-    """Fedward (Chen et al., arXiv 2307.00356); see ``fl_defense.defenses.Fedward``."""
-
-    defense_class = defenses.Fedward
-
-
-class FDCR(DefenseStrategy):
-    """FDCR (Huang et al., NeurIPS 2024); asks clients for Fisher; see ``fl_defense.defenses.FDCR``."""
-
-    defense_class = defenses.FDCR
-
-
-class SDFC(DefenseStrategy):
-    """SDFC (Huang et al., ECCV 2024); asks clients for Fisher and needs ``validation_fisher``
-    (``fl_defense.fisher.ValidationFisher(model, images, labels)``); see ``fl_defense.defenses.SDFC``."""
-
-    defense_class = defenses.SDFC
-
-
-class Krum(DefenseStrategy):
-    """Krum / Multi-Krum (Blanchard et al. 2017): ``Krum(num_malicious=f, to_keep=m)``."""
-
-    defense_class = defenses.Krum
-
-
-class Bulyan(DefenseStrategy):
-    """Bulyan (El Mhamdi et al. 2018) over Krum: ``Bulyan(num_malicious=f)``."""
-
-    defense_class = defenses.Bulyan
-
-
-class Median(DefenseStrategy):
-    """Coordinate-wise median (Yin et al. 2018)."""
-
-    defense_class = defenses.Median
-
-
-class TrimmedMean(DefenseStrategy):
-    """Coordinate-wise trimmed mean (Yin et al. 2018): ``TrimmedMean(beta=0.2)``."""
-
-    defense_class = defenses.TrimmedMean
-
-
-class NormClipping(DefenseStrategy):
-    """Norm clipping with Gaussian noise (Sun et al. 2019)."""
-
-    defense_class = defenses.NormClipping
-
-
-class SignSGD(DefenseStrategy):
-    """signSGD with majority vote (Bernstein et al. 2019)."""
-
-    defense_class = defenses.SignSGD
-
-
-class FoolsGold(DefenseStrategy):
-    """FoolsGold (Fung et al. 2020); keeps per-client histories across rounds."""
-
-    defense_class = defenses.FoolsGold
-
-
-class FLAME(DefenseStrategy):
-    """FLAME (Nguyen et al. 2022): HDBSCAN on cosine distances, median-norm clipping, noise."""
-
-    defense_class = defenses.FLAME
-
-
-class FLTrust(DefenseStrategy):
-    """FLTrust (Cao et al. 2021); needs ``server_update`` (``fl_defense.training.ServerUpdate``)."""
-
-    defense_class = defenses.FLTrust
+STRATEGIES = {name: _twin(cls) for name, cls in LEGACY_STRATEGIES.items()}
+globals().update({cls.__name__: cls for cls in STRATEGIES.values()})
+__all__ = ["STRATEGIES", "DefenseStrategy", *sorted(cls.__name__ for cls in STRATEGIES.values())]
