@@ -121,11 +121,11 @@ def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict, app: Path = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=sorted(SUITES))
-    parser.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
+    parser.add_argument("--out", help="results folder (default: results/benchmarks/<suite>)")
     parser.add_argument("--num-supernodes", type=int, default=10)
     args = parser.parse_args()
-    out = Path(args.out).resolve()
-    flwr_home = out / "flwr_home"
+    out = Path(args.out or ROOT / "results" / "benchmarks" / args.suite).resolve()
+    flwr_home = out.parent / "flwr_home"
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     rows = []
