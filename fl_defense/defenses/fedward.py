@@ -7,6 +7,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .base import Defense, DefenseResult
+from .krum import squared_distances
 
 CLIP_REFERENCES = ("admitted", "all")
 
@@ -24,12 +25,8 @@ def amgrad(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance matrix through one GEMM (||a||^2 + ||b||^2 - 2 a.b), float64 for accuracy."""
-    x = x.double()
-    sq = (x * x).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2 * (x @ x.T)).clamp_min(0)
-    d2.fill_diagonal_(0)
-    return d2.sqrt()
+    """Euclidean distance matrix through one GEMM (see ``krum.squared_distances``)."""
+    return squared_distances(x).sqrt()
 
 
 class Fedward(Defense):

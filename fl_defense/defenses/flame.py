@@ -7,6 +7,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .base import Defense, DefenseResult
+from .krum import gram_matrix
 
 
 class FLAME(Defense):
@@ -48,9 +49,9 @@ class FLAME(Defense):
         x = ru.updates if self.cluster_on == "updates" else ru.updates + global_params
         if self.layers == "last":
             x = x[:, ru.layer_slices[-2].start:] if len(ru.layer_slices) > 1 else x  # last weight + bias
-        x = x.double()
-        unit = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
-        dist = (1 - unit @ unit.T).clamp_min(0).cpu().numpy()
+        gram = gram_matrix(x)
+        norms = gram.diagonal().clamp_min(1e-24).sqrt()
+        dist = (1 - gram / (norms[:, None] * norms[None, :])).clamp_min(0).cpu().numpy()
         np.fill_diagonal(dist, 0)
         if ru.n < 3:
             return np.zeros(ru.n, dtype=int)
