@@ -8,6 +8,7 @@ and writes the per-client ``RoundRecord`` that detection metrics are computed fr
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -35,8 +36,8 @@ def split_ground_truth(metrics: object) -> tuple[dict, bool | None]:
     not a mapping come back under the key ``METRICS_ERROR_KEY`` so validation rejects the result."""
     if metrics is None:
         return {}, None
-    if not isinstance(metrics, dict):
-        return {METRICS_ERROR_KEY: f"metrics must be a dict, got {type(metrics).__name__}"}, None
+    if not isinstance(metrics, Mapping):  # Flower hands legacy metrics over as a ConfigRecord
+        return {METRICS_ERROR_KEY: f"metrics must be a mapping, got {type(metrics).__name__}"}, None
     clean = dict(metrics)
     gt = clean.pop(GROUND_TRUTH_KEY, None)
     return clean, (None if gt is None or not isinstance(gt, (bool, int, float)) else bool(gt))

@@ -142,7 +142,7 @@ def plot_fraction(table, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(root: Path, out: Path, title: str | None = None) -> Path:
+def write_report(root: Path, out: Path, title: str | None = None, note: str | None = None) -> Path:
     from .grid import tidy_table
 
     folders = run_folders(root)
@@ -154,8 +154,13 @@ def write_report(root: Path, out: Path, title: str | None = None) -> Path:
     curves = plot_curves(table, out)
     weights = [p for p in (plot_weights(f, out) for f in folders) if p is not None]
     fraction = plot_fraction(table, out)
-    lines = [f"# {title or root.name}", "", f"{len(folders)} runs from `{root}`. Final round, mean ± std over seeds.",
-             "", final_table(table), "", "## Accuracy and attack success over rounds", ""]
+    try:
+        shown = root.relative_to(Path.cwd())
+    except ValueError:
+        shown = root
+    lines = [f"# {title or root.name}", ""] + ([note, ""] if note else []) + [
+        f"{len(folders)} runs from `{shown}`. Final round, mean ± std over seeds.",
+        "", final_table(table), "", "## Accuracy and attack success over rounds", ""]
     lines += [f"![curves]({p.name})" for p in curves]
     if fraction:
         lines += ["", "## Attack success against the malicious fraction", ""]

@@ -105,4 +105,13 @@ def test_metrics_of_the_wrong_type_are_rejected():
     from tests.helpers import client_manager
     strategy.configure_fit(1, ndarrays_to_parameters(g), client_manager(4))
     _, metrics = strategy.aggregate_fit(1, results, [])
-    assert metrics["num-rejected"] == 1 and "metrics must be a dict" in strategy.records[-1].rejected[0]["reason"]
+    assert metrics["num-rejected"] == 1 and "metrics must be a mapping" in strategy.records[-1].rejected[0]["reason"]
+
+
+def test_flower_config_records_are_accepted_as_metrics():
+    from flwr.app import ConfigRecord
+
+    from fl_defense.rounds import GROUND_TRUTH_KEY, split_ground_truth
+
+    clean, gt = split_ground_truth(ConfigRecord({"partition-id": 3, GROUND_TRUTH_KEY: 1, "fl-defense.fisher": b"x"}))
+    assert clean == {"partition-id": 3, "fl-defense.fisher": b"x"} and gt is True
