@@ -102,3 +102,22 @@ def test_attack_success_rate_counts_target_predictions_on_triggered_non_target_i
     assert attack_success_rate(Backdoored(), x, y, plus_mask(8, 8), target_label=0) == 0.0
     # base-class mode measures the base class only: 5 images of class 3
     assert attack_success_rate(Backdoored(), x, y, plus_mask(8, 8), target_label=7, base_label=3) == 1.0
+
+
+@pytest.mark.parametrize("name, hub", [("mnist", "ylecun/mnist"), ("fashion_mnist", "zalando-datasets/fashion_mnist"),
+                                       ("cifar10", "uoft-cs/cifar10"), ("usps", "flwrlabs/usps"),
+                                       ("cifar100", "uoft-cs/cifar100")])
+def test_without_data_dir_the_hub_id_goes_to_flwr_datasets(monkeypatch, name, hub):
+    import flwr_datasets
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", Recorder)
+    federated_dataset.cache_clear()
+    federated_dataset(DataConfig(dataset=name, partitioner="dirichlet"))
+    federated_dataset.cache_clear()
+    assert seen["dataset"] == hub and "train" in seen["partitioners"] and "data_files" not in seen
