@@ -52,3 +52,13 @@ class FLTrust(Defense):
         step = (w * (g0_norm / norms)) @ ru.updates
         return DefenseResult(params=global_params + self.server_lr * step, weights=w, flagged=trust <= 0,
                              info={"trust": trust})
+
+    # The server's own training is seeded per call; its call count travels with checkpoints so a
+    # resumed run trains on the root dataset exactly as the uninterrupted one would.
+    def state_dict(self) -> dict:
+        calls = getattr(self.server_update, "calls", None)
+        return {} if calls is None else {"server-update-calls": calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "server-update-calls" in state and hasattr(self.server_update, "calls"):
+            self.server_update.calls = state["server-update-calls"]
