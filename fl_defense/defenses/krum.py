@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
+from .aggregators import order_statistics
 from .base import Defense, DefenseResult
 
 
@@ -107,8 +108,9 @@ class Bulyan(Defense):
             remaining.remove(best)
         chosen = ru.updates[selected]
         beta = theta - 2 * f
-        sorted_vals = chosen.sort(dim=0).values
-        median = (sorted_vals[(theta - 1) // 2] + sorted_vals[theta // 2]) / 2
+        lo, hi = (theta - 1) // 2, theta // 2
+        part = order_statistics(chosen, sorted({lo, hi}))
+        median = (part[lo] + part[hi]) / 2
         nearest = (chosen - median).abs().argsort(dim=0)[:beta]
         step = torch.gather(chosen, 0, nearest).mean(dim=0)
         keep = torch.zeros(ru.n, dtype=torch.bool, device=ru.device)

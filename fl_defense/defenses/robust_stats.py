@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import coordinate_median
+from .aggregators import coordinate_median, order_statistics
 from .base import Defense, DefenseResult, no_flags
 
 
@@ -37,6 +37,6 @@ class TrimmedMean(Defense):
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         n = round_updates.n
         cut = int(self.beta * n)
-        s = round_updates.updates.sort(dim=0).values[cut:n - cut]
-        return DefenseResult(params=global_params + s.mean(dim=0), weights=torch.full((n,), 1.0 / n),
+        kept = order_statistics(round_updates.updates, sorted({cut, n - cut - 1}))[cut:n - cut]
+        return DefenseResult(params=global_params + kept.mean(dim=0), weights=torch.full((n,), 1.0 / n),
                              flagged=no_flags(n, round_updates.device))
