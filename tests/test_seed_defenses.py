@@ -218,3 +218,17 @@ def test_fedward_clips_admitted_updates_to_the_median_magnitude():
     torch.testing.assert_close(res.params, expected)
     summed = Fedward().aggregate(torch.zeros(D), ru)
     torch.testing.assert_close(summed.params, expected * adm.sum())
+
+
+def test_forged_fisher_is_the_threat_sdfc_documents():
+    """An attacker that reports a benign client's Fisher (Fisher forgery) escapes SDFC's
+    discrepancy: it is no longer flagged and its weight rises to a benign client's level. SDFC
+    trusts reported Fisher; this test pins that documented weakness down."""
+    ru, f_val = constructed_round(seed=0, hetero_scale=1.0, hetero_block=0.0)
+    sdfc = SDFC(validation_fisher=lambda p: f_val)
+    honest = sdfc.aggregate(torch.zeros(D), ru)
+    assert honest.flagged[7]
+    ru.fisher[7] = ru.fisher[3]  # attacker 7 forges: copies benign client 3's Fisher
+    forged = sdfc.aggregate(torch.zeros(D), ru)
+    assert not forged.flagged[7] and forged.flagged[8:].all()
+    assert forged.weights[7] > honest.weights[7] and torch.isclose(forged.weights[7], forged.weights[3])
