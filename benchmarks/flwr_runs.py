@@ -102,6 +102,12 @@ def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict, app: Path = 
     name += f"-{cell['model-poisoning']}" if cell.get("model-poisoning", "none") != "none" else ""
     name += f"-s{cell.get('seed', 42)}"
     overrides = {**cell, "results-dir": str(out), "run-name": name}
+    summary_path = out / name / "summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text())["config"].items() >= \
+            {k: v for k, v in overrides.items() if k not in ("results-dir",)}.items():
+        summary = json.loads(summary_path.read_text())  # this cell already ran: reuse it
+        summary["name"], summary["wall"] = name, float("nan")
+        return summary
     cmd = ["flwr", "run", str(app), "--stream", "--federation-config",
            f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]

@@ -151,3 +151,9 @@ def test_every_defense_has_a_strategy_in_both_apis():
         twin = message.STRATEGIES[name]
         assert twin.__name__ == cls.__name__ and twin.defense_class is cls.defense_class
         assert cls.defense_class.paper or name == "clip_noise"
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_every_strategy_prints_its_defense(name):
+    text = repr(make(name))
+    assert text.startswith(strategies.STRATEGIES[name].__name__) and DEFENSES[name].__name__ in text

@@ -57,7 +57,9 @@ class Defense:
 
     @classmethod
     def param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        """The constructor's named parameters (none for a class without its own ``__init__``)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
     def get_params(self) -> dict:
         return {p: getattr(self, p) for p in self.param_names()}
