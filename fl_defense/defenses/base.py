@@ -69,5 +69,25 @@ class Defense:
         return f"{type(self).__name__}({args})"
 
 
+class SeededNoise:
+    """Mixin: Gaussian noise from a generator seeded with ``self.seed`` (the run's seed), whose
+    state is saved with checkpoints so a resumed run draws the same noise."""
+
+    _gen: torch.Generator | None = None
+
+    def _noise(self, shape, device) -> torch.Tensor:
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
+        return torch.randn(shape, generator=self._gen).to(device)
+
+    def state_dict(self) -> dict:
+        return {"noise-rng": self._gen.get_state()} if self._gen is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "noise-rng" in state:
+            self._gen = torch.Generator()
+            self._gen.set_state(state["noise-rng"])
+
+
 def no_flags(n: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.bool, device=device)

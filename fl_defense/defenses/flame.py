@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, SeededNoise
 from .krum import gram_matrix
 
 
-class FLAME(Defense):
+class FLAME(SeededNoise, Defense):
     """FLAME, Nguyen et al., USENIX Security 2022 (sec. 4, Algorithm 1).
 
     1. Pairwise cosine distances between the clients' vectors (``cluster_on``: "updates" or the
@@ -33,7 +33,6 @@ class FLAME(Defense):
         self.cluster_on = cluster_on
         self.layers = layers
         self.seed = seed
-        self._gen: torch.Generator | None = None
 
     def validate(self) -> None:
         if self.cluster_on not in ("updates", "models"):
@@ -70,16 +69,6 @@ class FLAME(Defense):
         w = adm.float() / adm.sum()
         step = (w * scale) @ ru.updates
         if self.noise_lambda > 0:
-            if self._gen is None:
-                self._gen = torch.Generator().manual_seed(self.seed)
-            step = step + self.noise_lambda * bound * torch.randn(step.shape, generator=self._gen).to(step.device)
+            step = step + self.noise_lambda * bound * self._noise(step.shape, step.device)
         return DefenseResult(params=global_params + step, weights=w, flagged=~adm,
                              info={"clusters": labels.tolist(), "clip-bound": float(bound)})
-
-    def state_dict(self) -> dict:
-        return {"noise-rng": self._gen.get_state()} if self._gen is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "noise-rng" in state:
-            self._gen = torch.Generator()
-            self._gen.set_state(state["noise-rng"])

@@ -7,27 +7,10 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import clip_rows
-from .base import Defense, DefenseResult, no_flags
+from .base import Defense, DefenseResult, SeededNoise, no_flags
 
 
-class _SeededNoise:
-    """A noise generator seeded from the run, whose state is saved with checkpoints."""
-
-    def _noise(self, shape, device) -> torch.Tensor:
-        if getattr(self, "_gen", None) is None:
-            self._gen = torch.Generator().manual_seed(self.seed)
-        return torch.randn(shape, generator=self._gen).to(device)
-
-    def state_dict(self) -> dict:
-        return {"noise-rng": self._gen.get_state()} if getattr(self, "_gen", None) is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "noise-rng" in state:
-            self._gen = torch.Generator()
-            self._gen.set_state(state["noise-rng"])
-
-
-class NormClipping(_SeededNoise, Defense):
+class NormClipping(SeededNoise, Defense):
     """Norm-bounded averaging with weak differential privacy, Sun et al. 2019 (sec. 4):
     each update is scaled to L2 norm at most M, the clipped updates are averaged with sample
     weights, and N(0, sigma^2) noise is added to the aggregate (sigma = 0: no noise)."""
@@ -53,7 +36,7 @@ class NormClipping(_SeededNoise, Defense):
         return DefenseResult(params=global_params + step, weights=w, flagged=no_flags(round_updates.n, round_updates.device))
 
 
-class ClipNoise(_SeededNoise, Defense):
+class ClipNoise(SeededNoise, Defense):
     """Wrap any defense: clip every update to norm ``clip_norm`` before it, add N(0, (noise *
     clip_norm)^2) to its step after it (noise alone when clip_norm is 0)."""
 

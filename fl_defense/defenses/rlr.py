@@ -6,10 +6,10 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import AGGREGATORS, clip_rows
-from .base import Defense, DefenseResult, no_flags
+from .base import Defense, DefenseResult, SeededNoise, no_flags
 
 
-class RLR(Defense):
+class RLR(SeededNoise, Defense):
     """Robust learning rate, eqs. (4)-(6) of Ozdayi et al., AAAI 2021.
 
     Per coordinate i the server learning rate is
@@ -62,7 +62,6 @@ class RLR(Defense):
         self.clip_norm = clip_norm
         self.noise = noise
         self.seed = seed
-        self._generator: torch.Generator | None = None
 
     def validate(self) -> None:
         if isinstance(self.theta, bool) or not float(self.theta).is_integer() or self.theta < 1:
@@ -140,7 +139,7 @@ class RLR(Defense):
             step, weights = AGGREGATORS[self.aggregator](round_updates, updates)
         if self.noise > 0:
             std = self.noise * (self.clip_norm if self.clip_norm > 0 else 1.0)
-            step = step + std * torch.randn(step.shape, generator=self._rng(step.device), device="cpu").to(step.device)
+            step = step + std * self._noise(step.shape, step.device)
         flipped = int((lr < 0).sum())
         return DefenseResult(
             params=global_params + lr * step,
@@ -148,15 +147,3 @@ class RLR(Defense):
             flagged=flagged,
             info={"flipped-coordinates": flipped, "flipped-fraction": flipped / max(1, round_updates.d)},
         )
-
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed)
-        return self._generator
-
-    def state_dict(self) -> dict:
-        return {"noise-rng": self._rng("cpu").get_state()} if self.noise > 0 else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "noise-rng" in state:
-            self._rng("cpu").set_state(state["noise-rng"])
