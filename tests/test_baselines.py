@@ -155,3 +155,14 @@ def test_rlr_composes_with_any_base_defense():
 def test_bulyan_needs_4f_plus_3_clients():
     with pytest.raises(ValueError, match="4f \\+ 3"):
         strategies.Bulyan(num_malicious=3).defense.check_num_clients(11)
+
+
+def test_rlr_checkpoints_the_state_of_its_base_defense():
+    rng = np.random.default_rng(5)
+    rlr = RLR(theta=2, aggregator="foolsgold")
+    rlr.aggregate(torch.zeros(10), round_updates(rng.normal(size=(4, 10))))
+    state = rlr.state_dict()
+    assert set(state["base"]["history"]) == {"0", "1", "2", "3"}
+    fresh = RLR(theta=2, aggregator="foolsgold")
+    fresh.load_state_dict(state)
+    assert set(fresh._base().history) == {"0", "1", "2", "3"}

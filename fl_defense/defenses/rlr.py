@@ -147,3 +147,15 @@ class RLR(SeededNoise, Defense):
             flagged=flagged,
             info={"flipped-coordinates": flipped, "flipped-fraction": flipped / max(1, round_updates.d)},
         )
+
+    # RLR's own noise generator, and the state of the defense it runs on top of (FoolsGold's
+    # histories, say), both travel with checkpoints.
+    def state_dict(self) -> dict:
+        base = self._base()
+        return {**super().state_dict(), **({"base": base.state_dict()} if base is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        base = self._base()
+        if base is not None and "base" in state:
+            base.load_state_dict(state["base"])
