@@ -26,3 +26,29 @@ def split_kwargs(defense_class: type[Defense] | None, defense: Defense | None,
         max_update_norm=core.get("max_update_norm", 0.0),
     )
     return aggregation, kwargs
+
+
+class DefenseAdapter:
+    """What both adapters expose on top of Flower's FedAvg: the defense, its per-round records,
+    and a one-time check that the configuration can work with the number of clients sampled."""
+
+    aggregation: DefendedAggregation
+    _checked_sample_size: int | None = None
+
+    @property
+    def defense(self) -> Defense:
+        return self.aggregation.defense
+
+    @property
+    def records(self):
+        return self.aggregation.records
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(defense={self.defense!r})"
+
+    def _check_sample_size(self, n: int) -> None:
+        """A configuration that cannot work with ``n`` clients fails when the round is configured,
+        not silently later (checked again only when the sample size changes)."""
+        if n and self._checked_sample_size != n:
+            self.defense.check_num_clients(n)
+            self._checked_sample_size = n

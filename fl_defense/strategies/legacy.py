@@ -14,10 +14,10 @@ from .. import defenses
 from ..checkpoint import save_checkpoint
 from ..defenses.base import Defense
 from ..rounds import FISHER_REQUEST_KEY, ClientResult, split_ground_truth
-from ._common import split_kwargs
+from ._common import DefenseAdapter, split_kwargs
 
 
-class DefenseStrategy(FlowerFedAvg):
+class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
     """A Flower ``FedAvg`` whose ``aggregate_fit`` runs a defense from ``fl_defense.defenses``.
 
     Accepts every argument of ``flwr.server.strategy.FedAvg``, the defense's own parameters (for
@@ -35,21 +35,9 @@ class DefenseStrategy(FlowerFedAvg):
         self.aggregation, fedavg_kwargs = split_kwargs(self.defense_class, defense, kwargs)
         super().__init__(**fedavg_kwargs)
         self._global: list[np.ndarray] | None = None
-        self._checked_sample_size: int | None = None
         # After a resume Flower counts rounds from 1 again; round_offset maps them to the run's.
         self.checkpoint_path = checkpoint_path
         self.round_offset = round_offset
-
-    @property
-    def defense(self) -> Defense:
-        return self.aggregation.defense
-
-    @property
-    def records(self):
-        return self.aggregation.records
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(defense={self.defense!r})"
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         params = super().initialize_parameters(client_manager)
@@ -67,10 +55,7 @@ class DefenseStrategy(FlowerFedAvg):
         server_round += self.round_offset
         self._global = parameters_to_ndarrays(parameters)
         pairs = super().configure_fit(server_round, parameters, client_manager)
-        if pairs and self._checked_sample_size != len(pairs):
-            # A configuration that cannot work with this many clients fails now, not silently later.
-            self.defense.check_num_clients(len(pairs))
-            self._checked_sample_size = len(pairs)
+        self._check_sample_size(len(pairs))
         # Like the Message API, tell clients the round (seeds and attack schedules depend on it).
         extra = {"server-round": server_round}
         if self.defense.needs_fisher:

@@ -20,11 +20,11 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from ..defenses.base import Defense
 from ..rounds import FISHER_KEY, FISHER_REQUEST_KEY, ClientResult, split_ground_truth
-from ._common import split_kwargs
+from ._common import DefenseAdapter, split_kwargs
 from .legacy import STRATEGIES as LEGACY_STRATEGIES
 
 
-class DefenseStrategy(FlowerFedAvg):
+class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
     """A Message-API ``FedAvg`` whose ``aggregate_train`` runs a defense (see the legacy twin)."""
 
     defense_class: type[Defense] | None = None
@@ -34,18 +34,6 @@ class DefenseStrategy(FlowerFedAvg):
         super().__init__(**fedavg_kwargs)
         self._global: list[np.ndarray] | None = None
         self._keys: list[str] | None = None
-        self._checked_sample_size: int | None = None
-
-    @property
-    def defense(self) -> Defense:
-        return self.aggregation.defense
-
-    @property
-    def records(self):
-        return self.aggregation.records
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(defense={self.defense!r})"
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -54,9 +42,7 @@ class DefenseStrategy(FlowerFedAvg):
         if self.defense.needs_fisher:
             config[FISHER_REQUEST_KEY] = True
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if messages and self._checked_sample_size != len(messages):
-            self.defense.check_num_clients(len(messages))
-            self._checked_sample_size = len(messages)
+        self._check_sample_size(len(messages))
         return messages
 
     def aggregate_train(self, server_round: int,
