@@ -17,13 +17,15 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from simulation.superlink import stop_managed_superlink  # noqa: E402
+
 DATA = os.environ.get("FL_DEFENSE_DATA", str(ROOT.parent / "shared" / "data"))
 
 RLR_SETTING = {"malicious-fraction": 0.1, "poison-rate": 0.5, "rlr-theta": 4, "partitioner": "iid", "attack": "plus"}
@@ -140,12 +142,7 @@ def main() -> None:
         for cell in SUITES[args.suite]:
             rows.append(run_cell(cell, out, args.num_supernodes, env, app))
     finally:
-        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
-        for pid in map(int, found.stdout.split()):
-            try:
-                os.killpg(os.getpgid(pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_managed_superlink(flwr_home)
     print("\n| dataset | attack | model poisoning | defense | rounds | accuracy | attack success | TPR (final / mean) | FPR (final / mean) | wall (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in rows:

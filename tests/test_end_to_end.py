@@ -2,14 +2,14 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from simulation.superlink import stop_managed_superlink
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -83,19 +83,4 @@ def test_flwr_run_with_managed_superlink(tmp_path):
         assert "[fl-defense] round   2 | accuracy" in out
         _check_results(tmp_path / "cli", 2, "fedavg")
     finally:
-        _stop_superlink(tmp_path / "flwr_home")
-
-
-def _stop_superlink(flwr_home: Path):
-    found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
-    for pid in map(int, found.stdout.split()):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        for _ in range(50):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
+        stop_managed_superlink(tmp_path / "flwr_home")
