@@ -25,14 +25,19 @@ def order_statistics(u: torch.Tensor, kth: list[int]) -> torch.Tensor:
     return u.sort(dim=0).values
 
 
-def coordinate_median(round_updates: RoundUpdates, updates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinate-wise median; for an even n the mean of the two middle values (as numpy)."""
-    u = round_updates.updates if updates is None else updates
+def median_of_rows(u: torch.Tensor) -> torch.Tensor:
+    """Per-column median of ``u`` (n x d); for an even n the mean of the two middle values (as numpy)."""
     n = u.shape[0]
     lo, hi = (n - 1) // 2, n // 2
     s = order_statistics(u, sorted({lo, hi}))
-    med = (s[lo] + s[hi]) / 2
-    return med, torch.full((n,), 1.0 / n, device=u.device)
+    return (s[lo] + s[hi]) / 2
+
+
+def coordinate_median(round_updates: RoundUpdates, updates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise median of the updates, with uniform weights."""
+    u = round_updates.updates if updates is None else updates
+    n = u.shape[0]
+    return median_of_rows(u), torch.full((n,), 1.0 / n, device=u.device)
 
 
 def sign_vote(round_updates: RoundUpdates, updates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

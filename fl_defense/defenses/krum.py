@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import order_statistics
+from .aggregators import median_of_rows
 from .base import Defense, DefenseResult
 
 
@@ -108,9 +108,7 @@ class Bulyan(Defense):
             remaining.remove(best)
         chosen = ru.updates[selected]
         beta = theta - 2 * f
-        lo, hi = (theta - 1) // 2, theta // 2
-        part = order_statistics(chosen, sorted({lo, hi}))
-        median = (part[lo] + part[hi]) / 2
+        median = median_of_rows(chosen)
         nearest = (chosen - median).abs().argsort(dim=0)[:beta]
         step = torch.gather(chosen, 0, nearest).mean(dim=0)
         keep = torch.zeros(ru.n, dtype=torch.bool, device=ru.device)
