@@ -15,7 +15,11 @@ TITLES = {
     "seed-usps": "Issue 3: seed defenses on USPS (Dirichlet 0.5, 10 clients, 30% attackers, poison rate 0.5)",
     "seed-fmnist": "Issue 3: seed defenses on Fashion-MNIST (Dirichlet 0.5, 10 clients, 30% attackers, poison rate 0.5)",
     "attacks-digits": "Issue 5: every targeted attack against FedAvg on digits (iid, 10 clients)",
+    "attacks-fmnist": "Issue 5: every targeted attack against FedAvg on Fashion-MNIST (the seed-defense setting: "
+                      "Dirichlet 0.5, 10 clients, 30% attackers, 40% for 4-piece DBA)",
     "baselines-usps": "Issue 4: baselines on USPS in the seed-defense setting",
+    "baselines-fmnist": "Issue 4: baselines on Fashion-MNIST in the seed-defense setting (Dirichlet 0.5, 10 clients, "
+                        "30% attackers, poison rate 0.5)",
 }
 
 
