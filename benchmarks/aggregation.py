@@ -44,11 +44,13 @@ def _reset_peak() -> None:
 
 
 def measure(fn, repeats: int) -> tuple[float, int]:
-    """Best wall time over ``repeats`` calls and the peak RSS rise of one call (after a warm-up
-    call, so first-use imports and allocator growth are not counted)."""
-    fn()
+    """Best wall time over ``repeats`` calls (after a warm-up call) and the peak RSS of one call
+    above the RSS before the warm-up, so memory an aggregator keeps between rounds (our reused
+    updates matrix) counts as extra memory too."""
     gc.collect()
     before = _status("VmRSS")
+    fn()
+    gc.collect()
     _reset_peak()
     fn()
     peak = _status("VmHWM") - before

@@ -108,10 +108,15 @@ class DefendedAggregation:
         Fewer valid results than this and the global model is kept unchanged.
     max_update_norm : float
         Reject updates whose L2 norm exceeds this (0 disables the check).
+    keep_workspace : bool
+        Keep the n x d updates matrix (and the Fisher matrix) allocated between rounds and refill
+        it, instead of allocating fresh memory every round. A fresh 480 MB matrix costs more in
+        page faults than the whole FedAvg arithmetic on it (docs/results/aggregation.md); the price
+        is that the server holds the matrix while clients train. False frees it after each round.
     """
 
     def __init__(self, defense: Defense, trainable: list[bool] | None = None, device: str = "cpu",
-                 min_clients: int = 1, max_update_norm: float = 0.0) -> None:
+                 min_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True) -> None:
         defense.validate()
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
@@ -120,7 +125,9 @@ class DefendedAggregation:
         self.device = torch.device(device)
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
+        self.keep_workspace = keep_workspace
         self.records: list[RoundRecord] = []
+        self._workspace: dict[str, torch.Tensor] = {}
 
     def layout_for(self, global_arrays: list[np.ndarray]) -> ParamLayout:
         return ParamLayout.from_arrays(global_arrays, self.trainable)
@@ -181,6 +188,9 @@ class DefendedAggregation:
         record.weights = [float(w) for w in weights]
         record.flagged = [bool(f) for f in result.flagged.detach().cpu().numpy()]
         record.info = {k: _plain(v) for k, v in result.info.items()}
+        del round_updates, result
+        if not self.keep_workspace:
+            self._workspace.clear()
         record.aggregation_seconds = time.perf_counter() - t0
         self.records.append(record)
         return new_arrays, self._metrics(record)
@@ -189,17 +199,31 @@ class DefendedAggregation:
                      fishers: list) -> tuple[RoundUpdates, torch.Tensor]:
         n, d = len(valid), layout.dim
         global_vec = layout.flatten(global_arrays, self.device)
-        updates = torch.empty((n, d), dtype=torch.float32, device=self.device)
+        updates = self._matrix("updates", n, d)
         for k, res in enumerate(valid):
-            layout.flatten_into(res.arrays, updates[k])
-        updates -= global_vec  # delta_k = w_k - w, in place: one n x d matrix in memory
+            layout.flatten_into(res.arrays, updates[k], minus=global_vec)  # delta_k = w_k - w, one pass
         fisher = None
         if self.defense.needs_fisher:
-            fisher = torch.from_numpy(np.stack(fishers)).to(self.device)
+            fisher = self._matrix("fisher", n, d)
+            for k, f in enumerate(fishers):
+                if fisher.device.type == "cpu":
+                    np.copyto(fisher[k].numpy(), f, casting="same_kind")
+                else:
+                    fisher[k].copy_(torch.from_numpy(np.array(f, dtype=np.float32)))
         num_examples = torch.tensor([float(r.num_examples) for r in valid], dtype=torch.float64)
         return RoundUpdates(updates=updates, num_examples=num_examples,
                             client_ids=[stable_identity(r) for r in valid],
                             layer_slices=layout.layer_slices, fisher=fisher), global_vec
+
+    def _matrix(self, name: str, n: int, d: int) -> torch.Tensor:
+        """An n x d float32 matrix from the workspace: the first n rows of the kept one when it is
+        wide enough and tall enough, else a new one (the old one freed first)."""
+        buf = self._workspace.get(name)
+        if buf is None or buf.shape[1] != d or buf.shape[0] < n or buf.device != self.device:
+            self._workspace.pop(name, None)
+            del buf
+            buf = self._workspace[name] = torch.empty((n, d), dtype=torch.float32, device=self.device)
+        return buf[:n]
 
     @staticmethod
     def _average_buffers(layout: ParamLayout, valid: list[ClientResult], weights: np.ndarray) -> list[np.ndarray]:

@@ -60,10 +60,15 @@ class ParamLayout:
     def dim(self) -> int:
         return sum(int(np.prod(self.shapes[i], dtype=np.int64)) for i in self.trainable_indices)
 
-    def flatten_into(self, arrays: list[np.ndarray], out: torch.Tensor) -> None:
-        """Write the trainable arrays, flattened, into the 1-d tensor ``out`` (no extra copy)."""
+    def flatten_into(self, arrays: list[np.ndarray], out: torch.Tensor, minus: torch.Tensor | None = None) -> None:
+        """Write the trainable arrays, flattened, into the 1-d tensor ``out`` (no extra copy); with
+        ``minus``, write ``arrays - minus`` in the same pass."""
         for i, sl in zip(self.trainable_indices, self.layer_slices):
-            out[sl].copy_(torch.from_numpy(np.ascontiguousarray(arrays[i], dtype=np.float32)).reshape(-1))
+            src = torch.from_numpy(np.ascontiguousarray(arrays[i], dtype=np.float32)).reshape(-1)
+            if minus is None:
+                out[sl].copy_(src)
+            else:
+                torch.sub(src.to(out.device, non_blocking=True), minus[sl], out=out[sl])
 
     def flatten(self, arrays: list[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
         out = torch.empty(self.dim, dtype=torch.float32, device=device)

@@ -8,6 +8,24 @@ import torch
 from ..updates import RoundUpdates
 
 
+def column_blocks(u: torch.Tensor, block_bytes: int = 4 << 20):
+    """Column slices of ``u`` (n x d) about ``block_bytes`` each: an elementwise step on an n x d
+    matrix done block by block keeps its temporaries in cache instead of allocating (and page
+    faulting) a second n x d matrix."""
+    n, d = u.shape
+    step = max(1024, block_bytes // (4 * max(1, n)))
+    for start in range(0, d, step):
+        yield slice(start, min(d, start + step))
+
+
+def sign_sum(u: torch.Tensor) -> torch.Tensor:
+    """sum_k sign(u_k) per column, block by block."""
+    out = torch.empty(u.shape[1], dtype=u.dtype, device=u.device)
+    for sl in column_blocks(u):
+        torch.sum(torch.sign(u[:, sl]), dim=0, out=out[sl])
+    return out
+
+
 def weighted_mean(round_updates: RoundUpdates, updates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     u = round_updates.updates if updates is None else updates
     w = round_updates.sample_weights
@@ -44,14 +62,21 @@ def sign_vote(round_updates: RoundUpdates, updates: torch.Tensor | None = None) 
     """signSGD with majority vote (Bernstein et al. 2018): sign(sum_k sign(delta_k))."""
     u = round_updates.updates if updates is None else updates
     n = u.shape[0]
-    return torch.sign(torch.sign(u).sum(dim=0)), torch.full((n,), 1.0 / n, device=u.device)
+    return torch.sign(sign_sum(u)), torch.full((n,), 1.0 / n, device=u.device)
 
 
 AGGREGATORS = {"mean": weighted_mean, "median": coordinate_median, "sign": sign_vote}
 
 
-def clip_rows(updates: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta_k / max(1, ||delta_k|| / C), returned with the per-row scale factors."""
+def clip_scale(updates: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The per-row factors 1 / max(1, ||delta_k|| / C) that clip each update to norm C. A weighted
+    mean of clipped updates is (w * scale) @ updates: no clipped copy needed."""
     norms = torch.linalg.vector_norm(updates, dim=1)
-    scale = 1.0 / torch.clamp(norms / max_norm, min=1.0)
+    return 1.0 / torch.clamp(norms / max_norm, min=1.0)
+
+
+def clip_rows(updates: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta_k / max(1, ||delta_k|| / C) as a new matrix, with the per-row scale factors (for
+    rules that need the clipped rows themselves, not only their weighted mean)."""
+    scale = clip_scale(updates, max_norm)
     return updates * scale[:, None], scale

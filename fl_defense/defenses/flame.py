@@ -45,10 +45,15 @@ class FLAME(SeededNoise, Defense):
     def cluster(self, global_params: torch.Tensor, ru: RoundUpdates) -> np.ndarray:
         from sklearn.cluster import HDBSCAN
 
-        x = ru.updates if self.cluster_on == "updates" else ru.updates + global_params
-        if self.layers == "last":
-            x = x[:, ru.layer_slices[-2].start:] if len(ru.layer_slices) > 1 else x  # last weight + bias
+        x, g = ru.updates, global_params
+        if self.layers == "last" and len(ru.layer_slices) > 1:
+            cols = slice(ru.layer_slices[-2].start, None)  # last weight + bias
+            x, g = x[:, cols], g[cols]
         gram = gram_matrix(x)
+        if self.cluster_on == "models":
+            # (u_i + g).(u_j + g) from the updates' Gram matrix: no n x d matrix of models is built
+            ug = (x @ g).double()
+            gram = gram + ug[:, None] + ug[None, :] + float(g.double() @ g.double())
         norms = gram.diagonal().clamp_min(1e-24).sqrt()
         dist = (1 - gram / (norms[:, None] * norms[None, :])).clamp_min(0).cpu().numpy()
         np.fill_diagonal(dist, 0)

@@ -6,6 +6,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .base import Defense, DefenseResult
+from .krum import gram_matrix
 
 
 def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
@@ -13,9 +14,9 @@ def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor
     n = history.shape[0]
     if n < 2:
         return torch.ones(n, dtype=torch.float64)
-    h = history.double()
-    norms = torch.linalg.vector_norm(h, dim=1).clamp_min(1e-12)
-    cs = (h @ h.T) / (norms[:, None] * norms[None, :])
+    gram = gram_matrix(history)  # float32 GEMM, float64 result: no float64 copy of the histories
+    norms = gram.diagonal().clamp_min(1e-24).sqrt()
+    cs = gram / (norms[:, None] * norms[None, :])
     cs.fill_diagonal_(float("-inf"))
     v = cs.max(dim=1).values  # each client's maximum similarity to another
     cs.fill_diagonal_(0.0)
@@ -62,16 +63,31 @@ class FoolsGold(Defense):
         ru = round_updates
         for cid, row in zip(ru.client_ids, ru.updates):
             prev = self.history.get(cid)
-            self.history[cid] = row.detach().cpu().clone() if prev is None else prev + row.detach().cpu()
-        hist = torch.stack([self.history[cid] for cid in ru.client_ids])
+            if prev is None:
+                self.history[cid] = row.detach().to("cpu", copy=True)
+            else:
+                prev.add_(row.detach().cpu())
+        hist = self._stacked([self.history[cid] for cid in ru.client_ids])
         alpha = foolsgold_weights(hist, self.kappa).to(ru.device, torch.float32)
         step = (alpha @ ru.updates) / ru.n
         share = alpha / alpha.sum() if alpha.sum() > 0 else alpha
         return DefenseResult(params=global_params + self.server_lr * step, weights=share, flagged=alpha <= 0,
                              info={"alpha": alpha})
 
+    def _stacked(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """The sampled clients' histories as one matrix, in a buffer reused across rounds."""
+        n, d = len(rows), rows[0].shape[0]
+        buf = getattr(self, "_stack_buf", None)
+        if buf is None or buf.shape[0] < n or buf.shape[1] != d:
+            self._stack_buf = buf = None
+            buf = self._stack_buf = torch.empty((n, d), dtype=rows[0].dtype)
+        return torch.stack(rows, out=buf[:n])
+
     def state_dict(self) -> dict:
+        # views of the live histories (no copy of what may be gigabytes): checkpoints pickle them
+        # at once, before the next round adds to them in place
         return {"history": {k: v.numpy() for k, v in self.history.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = {k: torch.as_tensor(v) for k, v in state.get("history", {}).items()}
+        self.history = {k: torch.as_tensor(v) if getattr(v, "flags", None) is not None and v.flags.writeable
+                        else torch.tensor(v) for k, v in state.get("history", {}).items()}

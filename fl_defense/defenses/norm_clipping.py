@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import clip_rows
+from .aggregators import clip_rows, clip_scale
 from .base import Defense, DefenseResult, SeededNoise, no_flags
 
 
@@ -28,9 +28,9 @@ class NormClipping(SeededNoise, Defense):
             raise ValueError("clip_norm must be > 0 and noise >= 0")
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
-        clipped, _ = clip_rows(round_updates.updates, self.clip_norm)
+        scale = clip_scale(round_updates.updates, self.clip_norm)
         w = round_updates.sample_weights
-        step = w @ clipped
+        step = (w * scale) @ round_updates.updates  # = w @ clipped rows
         if self.noise > 0:
             step = step + self.noise * self._noise(step.shape, step.device)
         return DefenseResult(params=global_params + step, weights=w, flagged=no_flags(round_updates.n, round_updates.device))

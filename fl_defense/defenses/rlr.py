@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import AGGREGATORS, clip_rows
+from .aggregators import AGGREGATORS, clip_rows, clip_scale, sign_sum
 from .base import Defense, DefenseResult, SeededNoise, no_flags
 
 
@@ -118,25 +118,30 @@ class RLR(SeededNoise, Defense):
 
     def robust_lr(self, updates: torch.Tensor) -> torch.Tensor:
         """eta_theta (eq. 4): +eta where the sign vote reaches theta, -eta elsewhere."""
-        votes = torch.sign(updates).sum(dim=0).abs()
+        votes = sign_sum(updates).abs_()
         return torch.where(votes >= self.theta, self.server_lr, -self.server_lr)
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         self.check_num_clients(round_updates.n)
         updates = round_updates.updates
-        if self.clip_norm > 0:
-            updates, _ = clip_rows(updates, self.clip_norm)
-        lr = self.robust_lr(updates)
+        lr = self.robust_lr(updates)  # clipping scales rows by positive factors: signs are unchanged
         base = self._base()
         flagged = no_flags(round_updates.n, round_updates.device)
-        if base is not None:
-            inner = RoundUpdates(updates=updates, num_examples=round_updates.num_examples,
-                                 client_ids=round_updates.client_ids, layer_slices=round_updates.layer_slices,
-                                 fisher=round_updates.fisher, extras=round_updates.extras)
-            res = base.aggregate(torch.zeros_like(global_params), inner)
-            step, weights, flagged = res.params, res.weights, res.flagged
+        if base is None and self.aggregator == "mean":  # the mean of clipped rows, without building them
+            weights = round_updates.sample_weights
+            scale = clip_scale(updates, self.clip_norm) if self.clip_norm > 0 else 1.0
+            step = (weights * scale) @ updates
         else:
-            step, weights = AGGREGATORS[self.aggregator](round_updates, updates)
+            if self.clip_norm > 0:
+                updates, _ = clip_rows(updates, self.clip_norm)
+            if base is not None:
+                inner = RoundUpdates(updates=updates, num_examples=round_updates.num_examples,
+                                     client_ids=round_updates.client_ids, layer_slices=round_updates.layer_slices,
+                                     fisher=round_updates.fisher, extras=round_updates.extras)
+                res = base.aggregate(torch.zeros_like(global_params), inner)
+                step, weights, flagged = res.params, res.weights, res.flagged
+            else:
+                step, weights = AGGREGATORS[self.aggregator](round_updates, updates)
         if self.noise > 0:
             std = self.noise * (self.clip_norm if self.clip_norm > 0 else 1.0)
             step = step + std * self._noise(step.shape, step.device)
