@@ -166,3 +166,31 @@ def test_rlr_checkpoints_the_state_of_its_base_defense():
     fresh = RLR(theta=2, aggregator="foolsgold")
     fresh.load_state_dict(state)
     assert set(fresh._base().history) == {"0", "1", "2", "3"}
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 12])
+def test_sorted_column_reductions_match_numpy_across_blocks(n):
+    """Median, trimmed mean and Bulyan's closest-to-median mean are computed block by block over
+    sorted columns; over several blocks (d spans more than one) they equal the direct formulas."""
+    from fl_defense.defenses.aggregators import median_of_rows, reduce_sorted_columns
+    from fl_defense.defenses.krum import closest_to_median_mean
+
+    rng = np.random.default_rng(n)
+    u = rng.standard_normal((n, 300_000)).astype(np.float32)
+    t = torch.from_numpy(u)
+    np.testing.assert_allclose(median_of_rows(t).numpy(), np.median(u, axis=0), rtol=0, atol=0)
+    cut = n // 5
+    trimmed = reduce_sorted_columns(t, lambda s: s[cut:n - cut].mean(dim=0)).numpy()
+    np.testing.assert_allclose(trimmed, np.sort(u, axis=0)[cut:n - cut].mean(axis=0), rtol=1e-5, atol=1e-6)
+    med = np.median(u[:, :2000], axis=0)
+    for beta in range(1, n + 1):
+        got = reduce_sorted_columns(t[:, :2000], lambda s: closest_to_median_mean(s, beta)).numpy()
+        dev = np.abs(u[:, :2000] - med)
+        order = np.argsort(dev, axis=0, kind="stable")
+        want = np.take_along_axis(u[:, :2000], order[:beta], axis=0).mean(axis=0)
+        # where the beta-th and next-nearest values are equally far (an even n's two middle
+        # values), either choice is Bulyan's; compare where the nearest set is unique
+        sorted_dev = np.take_along_axis(dev, order, axis=0)
+        unique = np.ones(2000, bool) if beta == n else sorted_dev[beta - 1] < sorted_dev[beta]
+        assert unique.mean() > 0.4
+        np.testing.assert_allclose(got[unique], want[unique], rtol=1e-5, atol=1e-6)

@@ -105,7 +105,7 @@ def test_fdcr_flags_its_top_cluster_even_without_attackers():
     one: with ten benign clients it still drops a few (the paper's rule, kept as it is)."""
     ru, _ = constructed_round(n_benign=10, n_attackers=0, seed=1, hetero_scale=1.0, hetero_block=0.0)
     res = FDCR().aggregate(torch.zeros(D), ru)
-    _, v = FDCR().discrepancy(ru)
+    v = FDCR().discrepancy(ru)
     flagged = res.flagged
     assert 0 < int(flagged.sum()) < 10
     labels = np.array(res.info["clusters"])
@@ -122,7 +122,8 @@ def test_fedward_flags_a_large_norm_benign_client():
 
 def test_fdcr_discrepancy_and_rescaling():
     ru, _ = constructed_round()
-    importance, v = FDCR().discrepancy(ru)
+    v = FDCR().discrepancy(ru)
+    importance = minmax(ru.fisher)
     assert float(importance.min()) == 0.0 and float(importance.max()) == 1.0
     assert v[7:].min() > v[:7].max()  # attackers have the largest Fisher discrepancy
     res = FDCR().aggregate(torch.zeros(D), ru)
@@ -132,6 +133,33 @@ def test_fdcr_discrepancy_and_rescaling():
     assert torch.isclose(alpha.sum(), torch.tensor(1.0)) and (alpha[7:] == 0).all()
     no_rescale = FDCR(rescale=False).aggregate(torch.zeros(D), ru)
     torch.testing.assert_close(no_rescale.params, alpha @ ru.updates)
+
+
+def test_fdcr_and_sdfc_block_by_block_equal_the_whole_matrix_formulas():
+    """The n x d products are computed in column blocks; over a d spanning many blocks (and layers
+    not aligned with them) the results equal the formulas on whole matrices."""
+    rng = np.random.default_rng(3)
+    n, d = 9, 400_000
+    u = rng.standard_normal((n, d)).astype(np.float32)
+    f = np.abs(rng.standard_normal((n, d))).astype(np.float32)
+    f[:3, 1000:5000] *= 8  # three clients with a different importance pattern
+    ru = round_updates(u, fisher=f, layer_sizes=[123_457, 200_000, d - 323_457])
+    w = ru.sample_weights
+    g = ru.updates * minmax(ru.fisher)
+    v_full = torch.linalg.vector_norm(g - w @ g, dim=1)
+    torch.testing.assert_close(FDCR().discrepancy(ru), v_full, rtol=1e-4, atol=1e-4)
+    res = FDCR().aggregate(torch.zeros(d), ru)
+    torch.testing.assert_close(res.params, res.weights @ (ru.updates * 2 * torch.sigmoid(minmax(ru.fisher))),
+                               rtol=1e-4, atol=1e-5)
+
+    f_val = torch.from_numpy(np.abs(rng.standard_normal(d)).astype(np.float32))
+    sdfc = SDFC(validation_fisher=lambda p: f_val, reference="global", calibration=1.0)
+    out = sdfc.aggregate(torch.zeros(d), ru)
+    disc = (ru.fisher - f_val).abs()
+    d_full = torch.stack([disc[:, sl].sum(dim=1) for sl in ru.layer_slices], dim=1).mean(dim=1)
+    torch.testing.assert_close(out.info["discrepancy"], d_full, rtol=1e-4, atol=1e-2)
+    factor = ru.fisher / (ru.fisher + 2 * disc)
+    torch.testing.assert_close(out.params, out.weights.float() @ (ru.updates * factor), rtol=1e-4, atol=1e-5)
 
 
 def test_fdcr_one_cluster_is_plain_averaging():
@@ -232,3 +260,18 @@ def test_forged_fisher_is_the_threat_sdfc_documents():
     forged = sdfc.aggregate(torch.zeros(D), ru)
     assert not forged.flagged[7] and forged.flagged[8:].all()
     assert forged.weights[7] > honest.weights[7] and torch.isclose(forged.weights[7], forged.weights[3])
+
+
+def test_fedward_amgrad_distances_block_by_block_equal_the_matrix_formula():
+    from fl_defense.defenses.fedward import amgrad_distances
+
+    rng = np.random.default_rng(5)
+    u = rng.standard_normal((8, 300_000)).astype(np.float32)
+    u[:, 7] = 0.0
+    ru = round_updates(u, layer_sizes=[150_001, 149_000, 999])
+    want = pairwise_distances(amgrad(ru.updates, ru.layer_slices))
+    torch.testing.assert_close(amgrad_distances(ru.updates, ru.layer_slices), want, rtol=1e-4, atol=1e-3)
+    a = amgrad(ru.updates, ru.layer_slices)
+    for sl in ru.layer_slices:  # each layer holds 0 or +-(its largest magnitude)
+        m = ru.updates[:, sl].abs().amax(dim=1, keepdim=True)
+        assert ((a[:, sl] == 0) | (a[:, sl].abs() == m)).all()

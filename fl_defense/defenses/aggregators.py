@@ -8,14 +8,15 @@ import torch
 from ..updates import RoundUpdates
 
 
-def column_blocks(u: torch.Tensor, block_bytes: int = 4 << 20):
-    """Column slices of ``u`` (n x d) about ``block_bytes`` each: an elementwise step on an n x d
-    matrix done block by block keeps its temporaries in cache instead of allocating (and page
-    faulting) a second n x d matrix."""
+def column_blocks(u: torch.Tensor, block_bytes: int = 4 << 20, within: slice | None = None):
+    """Column slices of ``u`` (n x d) about ``block_bytes`` each (inside the column range
+    ``within``, default all): an elementwise step on an n x d matrix done block by block keeps its
+    temporaries in cache instead of allocating (and page faulting) a second n x d matrix."""
     n, d = u.shape
+    lo, hi = (0, d) if within is None else (within.start, within.stop)
     step = max(1024, block_bytes // (4 * max(1, n)))
-    for start in range(0, d, step):
-        yield slice(start, min(d, start + step))
+    for start in range(lo, hi, step):
+        yield slice(start, min(hi, start + step))
 
 
 def sign_sum(u: torch.Tensor) -> torch.Tensor:
@@ -32,23 +33,48 @@ def weighted_mean(round_updates: RoundUpdates, updates: torch.Tensor | None = No
     return w @ u, w
 
 
-def order_statistics(u: torch.Tensor, kth: list[int]) -> torch.Tensor:
-    """``u`` (n x d) rearranged per column so that row k holds the k-th smallest value for every k
-    in ``kth`` (smaller values above, larger below, as ``np.partition``). On the CPU a selection
-    over a contiguous d x n copy (introselect, O(n) per column) beats sorting strided columns
-    several times over; elsewhere a sort."""
-    if u.device.type == "cpu":
-        part = np.partition(u.detach().T.contiguous().numpy(), kth, axis=1)
-        return torch.from_numpy(part).T
-    return u.sort(dim=0).values
+def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None):
+    """Yield ``(cols, s)`` with ``s`` = ``u[rows][:, cols]`` sorted along dim 0 (n x B), block by
+    block (``rows``: a subset of the rows, default all; selected per block, never copied whole).
+
+    Every order statistic of a column (median, trimmed mean, Bulyan's window) comes from one sort.
+    On the CPU each block is transposed into a small reused buffer and its rows sorted by numpy,
+    whose vectorised sort handles short rows an order of magnitude faster than a selection over
+    strided columns (docs/results/aggregation.md); elsewhere ``torch.sort`` per block. ``s`` is
+    only valid until the next block is yielded.
+    """
+    n = u.shape[0] if rows is None else len(rows)
+    if u.device.type != "cpu":
+        idx = None if rows is None else torch.as_tensor(rows, device=u.device)
+        for cols in column_blocks(u):
+            block = u[:, cols] if idx is None else u[idx, cols]
+            yield cols, block.sort(dim=0).values
+        return
+    un = u.detach().numpy()
+    idx = None if rows is None else np.asarray(rows)
+    buf = None
+    for cols in column_blocks(u, block_bytes=2 << 20):
+        if buf is None:
+            buf = np.empty((cols.stop - cols.start, n), dtype=un.dtype)
+        block = buf[: cols.stop - cols.start]
+        block[...] = (un[:, cols] if idx is None else un[idx, cols]).T
+        block.sort(axis=1)
+        yield cols, torch.from_numpy(block).T
+
+
+def reduce_sorted_columns(u: torch.Tensor, fn, rows: list[int] | None = None) -> torch.Tensor:
+    """``fn(s)`` over every sorted column block ``s`` (n x B -> B), written into one d-vector."""
+    out = torch.empty(u.shape[1], dtype=u.dtype, device=u.device)
+    for cols, s in sorted_column_blocks(u, rows):
+        out[cols] = fn(s)
+    return out
 
 
 def median_of_rows(u: torch.Tensor) -> torch.Tensor:
     """Per-column median of ``u`` (n x d); for an even n the mean of the two middle values (as numpy)."""
     n = u.shape[0]
     lo, hi = (n - 1) // 2, n // 2
-    s = order_statistics(u, sorted({lo, hi}))
-    return (s[lo] + s[hi]) / 2
+    return reduce_sorted_columns(u, lambda s: (s[lo] + s[hi]) / 2)
 
 
 def coordinate_median(round_updates: RoundUpdates, updates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
+from .aggregators import column_blocks
 from .base import Defense, DefenseResult
 
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
@@ -85,17 +86,31 @@ class FDCR(Defense):
         if not self.server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
 
-    def discrepancy(self, ru: RoundUpdates) -> tuple[torch.Tensor, torch.Tensor]:
-        """(I, V): normalised importance per client and the Fisher discrepancy V_k (eqs. 7-9)."""
-        importance = minmax(ru.fisher)
-        g = ru.updates * importance
-        g_mean = ru.sample_weights @ g
-        return importance, torch.linalg.vector_norm(g - g_mean, dim=1)
+    @staticmethod
+    def importance_blocks(ru: RoundUpdates):
+        """Yield (cols, I[:, cols]): the min-max normalised Fisher (``minmax``) block by block,
+        so no second n x d matrix is built."""
+        lo, hi = torch.aminmax(ru.fisher, dim=1)
+        span = hi - lo
+        safe, nonconst = torch.where(span > 0, span, 1.0)[:, None], (span > 0)[:, None]
+        for cols in column_blocks(ru.updates):
+            yield cols, torch.where(nonconst, (ru.fisher[:, cols] - lo[:, None]) / safe, 0.0)
+
+    def discrepancy(self, ru: RoundUpdates) -> torch.Tensor:
+        """V_k = ||g_k - mean_j g_j|| with g_k = I_k * delta_k (eqs. 7-9); the mean and the squared
+        norms are both per coordinate, so they add up block by block."""
+        w = ru.sample_weights
+        sq = torch.zeros(ru.n, dtype=torch.float64, device=ru.device)
+        for cols, importance in self.importance_blocks(ru):
+            g = ru.updates[:, cols] * importance
+            g -= w @ g
+            sq += torch.linalg.vector_norm(g, dim=1).double() ** 2
+        return sq.sqrt().to(torch.float32)
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         if round_updates.fisher is None:
             raise ValueError("FDCR needs the clients' Fisher information")
-        importance, v = self.discrepancy(round_updates)
+        v = self.discrepancy(round_updates)
         alpha = round_updates.sample_weights
         flagged = torch.zeros(round_updates.n, dtype=torch.bool, device=round_updates.device)
         labels = np.zeros(round_updates.n, dtype=int)
@@ -107,10 +122,12 @@ class FDCR(Defense):
             flagged = torch.as_tensor(labels == evil, device=round_updates.device)
             alpha = torch.where(flagged, 0.0, alpha)
             alpha = alpha / alpha.sum()
-            updates = round_updates.updates
-            if self.rescale:
-                updates = updates * (2 * torch.sigmoid(importance))
-            step = alpha @ updates
+            if self.rescale:  # alpha @ (delta * 2 sigmoid(I)), block by block
+                step = torch.empty(round_updates.d, device=round_updates.device)
+                for cols, importance in self.importance_blocks(round_updates):
+                    step[cols] = alpha @ (round_updates.updates[:, cols] * (2 * torch.sigmoid(importance)))
+            else:
+                step = alpha @ round_updates.updates
         else:
             step = alpha @ round_updates.updates
         return DefenseResult(

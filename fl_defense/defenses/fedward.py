@@ -6,22 +6,43 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
+from .aggregators import column_blocks
 from .base import Defense, DefenseResult
-from .krum import squared_distances
+from .krum import distances_from_gram, squared_distances
 
 CLIP_REFERENCES = ("admitted", "all")
 
 
-def amgrad(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
-    """AmGrad: per layer l with m = max |delta_l|, keep sign(delta) * m where |delta| / m rounds to 1
+def amgrad_blocks(updates: torch.Tensor, layer_slices: list[slice]):
+    """Yield (cols, AmGrad of updates[:, cols]) column block by column block (blocks never cross
+    a layer): per layer l with m = max |delta_l|, sign(delta) * m where |delta| / m rounds to 1
     (is above one half; exactly one half rounds to 0, as numpy's round-half-to-even), else 0."""
-    out = torch.zeros_like(updates)
     for sl in layer_slices:
-        block = updates[:, sl]
-        m = block.abs().amax(dim=1, keepdim=True)
+        lo, hi = torch.aminmax(updates[:, sl], dim=1)
+        m = torch.maximum(-lo, hi)[:, None]
         safe = torch.where(m > 0, m, 1.0)
-        out[:, sl] = torch.sign(block) * m * torch.round(block.abs() / safe)
+        for cols in column_blocks(updates, within=sl):
+            block = updates[:, cols]
+            yield cols, torch.sign(block) * m * torch.round(block.abs() / safe)
+
+
+def amgrad(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
+    """AmGrad of every update, as a matrix (see ``amgrad_blocks``)."""
+    out = torch.zeros_like(updates)
+    for cols, block in amgrad_blocks(updates, layer_slices):
+        out[:, cols] = block
     return out
+
+
+def amgrad_distances(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
+    """Euclidean distances between AmGrad vectors; their Gram matrix is accumulated block by block,
+    so the AmGrad matrix itself is never built."""
+    n = updates.shape[0]
+    gram = torch.zeros((n, n), dtype=torch.float32, device=updates.device)
+    for _, block in amgrad_blocks(updates, layer_slices):
+        gram.addmm_(block, block.T)
+    gram = gram.double()
+    return distances_from_gram((gram + gram.T) / 2).sqrt()
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +93,7 @@ class Fedward(Defense):
         if n < 4:
             return np.zeros(n, dtype=int)
         k = n // 2
-        dist = pairwise_distances(amgrad(ru.updates, ru.layer_slices)).cpu().numpy()
+        dist = amgrad_distances(ru.updates, ru.layer_slices).cpu().numpy()
         eps = float(np.median(np.sort(dist, axis=1)[:, k]))  # column 0 is the point itself
         if eps <= 0:  # k+1 identical AmGrads per median client: any positive radius joins them
             eps = np.finfo(np.float64).tiny
@@ -87,13 +108,15 @@ class Fedward(Defense):
         if len(clusters):
             admitted = labels == clusters[np.argmax(counts)]  # ties: the lowest label
         adm = torch.as_tensor(admitted, device=ru.device)
-        a = ru.updates.abs().mean(dim=1)  # ||delta_k||_1 / d
+        a = torch.linalg.vector_norm(ru.updates, ord=1, dim=1) / ru.d  # ||delta_k||_1 / d
         shares = torch.zeros(ru.n, device=ru.device)
         step = torch.zeros(ru.d, device=ru.device)
         if adm.any():
             bound = (a[adm] if self.clip_reference == "admitted" else a).median()
             shares = adm.float() / adm.sum()
             coef = adm.float() if self.combine == "sum" else shares
-            step = (coef * torch.minimum(a, bound)) @ torch.sign(ru.updates)
+            c = coef * torch.minimum(a, bound)
+            for cols in column_blocks(ru.updates):  # c @ sign(delta), block by block
+                step[cols] = c @ torch.sign(ru.updates[:, cols])
         return DefenseResult(params=global_params + self.server_lr * step, weights=shares, flagged=~adm,
                              info={"clusters": labels.tolist()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import median_of_rows
+from .aggregators import reduce_sorted_columns
 from .base import Defense, DefenseResult
 
 
@@ -18,7 +18,11 @@ def gram_matrix(x: torch.Tensor) -> torch.Tensor:
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
     """Pairwise squared Euclidean distances, ||a||^2 + ||b||^2 - 2 a.b, from ``gram_matrix``."""
-    gram = gram_matrix(x)
+    return distances_from_gram(gram_matrix(x))
+
+
+def distances_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Squared distances from a (float64, symmetric) Gram matrix."""
     sq = gram.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0)
     d2.fill_diagonal_(0)
@@ -31,6 +35,27 @@ def krum_scores(d2: torch.Tensor, num_malicious: int) -> torch.Tensor:
     k = max(1, n - num_malicious - 2)
     closest = d2.sort(dim=1).values[:, 1:k + 1]  # column 0 is the row itself
     return closest.sum(dim=1)
+
+
+def closest_to_median_mean(s: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per column of ``s`` (sorted along dim 0), the mean of the ``beta`` values closest to the
+    column's median. In sorted order they form a window: of the windows around the median position,
+    the one whose farther end is nearest the median."""
+    m = s.shape[0]
+    lo, hi = (m - 1) // 2, m // 2
+    med = (s[lo] + s[hi]) / 2
+    best_cost = best_start = None
+    for start in range(max(0, lo - beta + 1), min(hi, m - beta) + 1):
+        cost = torch.maximum(med - s[start], s[start + beta - 1] - med)
+        if best_cost is None:
+            best_cost, best_start = cost, torch.full_like(cost, start, dtype=torch.long)
+        else:
+            better = cost < best_cost
+            best_cost = torch.where(better, cost, best_cost)
+            best_start = torch.where(better, start, best_start)
+    csum = torch.cat([torch.zeros_like(s[:1], dtype=torch.float64), s.double().cumsum(dim=0)])
+    window = csum.gather(0, (best_start + beta)[None]) - csum.gather(0, best_start[None])
+    return (window[0] / beta).to(s.dtype)
 
 
 class Krum(Defense):
@@ -106,11 +131,7 @@ class Bulyan(Defense):
             best = remaining[int(torch.argmin(krum_scores(sub, f)))]
             selected.append(best)
             remaining.remove(best)
-        chosen = ru.updates[selected]
-        beta = theta - 2 * f
-        median = median_of_rows(chosen)
-        nearest = (chosen - median).abs().argsort(dim=0)[:beta]
-        step = torch.gather(chosen, 0, nearest).mean(dim=0)
+        step = reduce_sorted_columns(ru.updates, lambda s: closest_to_median_mean(s, theta - 2 * f), rows=selected)
         keep = torch.zeros(ru.n, dtype=torch.bool, device=ru.device)
         keep[selected] = True
         w = keep.float() / keep.sum()

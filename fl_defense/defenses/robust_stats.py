@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import coordinate_median, order_statistics
+from .aggregators import coordinate_median, reduce_sorted_columns
 from .base import Defense, DefenseResult, no_flags
 
 
@@ -37,6 +37,6 @@ class TrimmedMean(Defense):
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         n = round_updates.n
         cut = int(self.beta * n)
-        kept = order_statistics(round_updates.updates, sorted({cut, n - cut - 1}))[cut:n - cut]
-        return DefenseResult(params=global_params + kept.mean(dim=0), weights=torch.full((n,), 1.0 / n),
+        step = reduce_sorted_columns(round_updates.updates, lambda s: s[cut:n - cut].mean(dim=0))
+        return DefenseResult(params=global_params + step, weights=torch.full((n,), 1.0 / n),
                              flagged=no_flags(n, round_updates.device))

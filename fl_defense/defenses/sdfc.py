@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..updates import RoundUpdates
+from .aggregators import column_blocks
 from .base import Defense, DefenseResult
 
 REFERENCES = ("client", "global")
@@ -83,18 +84,25 @@ class SDFC(Defense):
         ru = round_updates
         if ru.fisher is None:
             raise ValueError("SDFC needs the clients' Fisher information")
-        fisher = ru.fisher
-        disc = (fisher - self.reference_fisher(global_params, ru)).abs()
-        d = torch.stack([disc[:, sl].sum(dim=1) for sl in ru.layer_slices], dim=1).mean(dim=1)
+        fisher, ref = ru.fisher, self.reference_fisher(global_params, ru)
+        per_layer = torch.zeros((ru.n, len(ru.layer_slices)), dtype=torch.float64, device=ru.device)
+        for layer, sl in enumerate(ru.layer_slices):  # sum of D_k over each layer, block by block
+            for cols in column_blocks(fisher, within=sl):
+                per_layer[:, layer] += (fisher[:, cols] - ref[:, cols]).abs().sum(dim=1).double()
+        d = per_layer.mean(dim=1).to(torch.float32)
         span = d.max() - d.min()
         d_norm = (d - d.min()) / span if span > 0 else torch.zeros_like(d)
         weights = torch.softmax(-d_norm / self.temperature, dim=0)
-        updates = ru.updates
-        if self.calibration > 0:
-            denom = fisher + 2 * self.calibration * disc
-            factor = torch.where(denom > 0, fisher / torch.where(denom > 0, denom, 1.0), torch.ones_like(fisher))
-            updates = updates * factor
-        step = weights.to(updates.dtype) @ updates
+        weights32 = weights.to(ru.updates.dtype)
+        if self.calibration > 0:  # weights @ (delta * F / (F + 2 lambda D)), block by block
+            step = torch.empty(ru.d, device=ru.device)
+            for cols in column_blocks(fisher):
+                f = fisher[:, cols]
+                denom = f + 2 * self.calibration * (f - ref[:, cols]).abs()
+                factor = torch.where(denom > 0, f / torch.where(denom > 0, denom, 1.0), 1.0)
+                step[cols] = weights32 @ (ru.updates[:, cols] * factor)
+        else:
+            step = weights32 @ ru.updates
         flagged = d > self.flag_ratio * d.median()
         return DefenseResult(params=global_params + self.server_lr * step, weights=weights, flagged=flagged,
                              info={"discrepancy": d})
