@@ -8,7 +8,7 @@ import torch
 from ..updates import RoundUpdates
 from .aggregators import column_blocks
 from .base import Defense, DefenseResult
-from .krum import distances_from_gram, squared_distances
+from .krum import distances_from_gram, gram_matrix, squared_distances
 
 CLIP_REFERENCES = ("admitted", "all")
 
@@ -38,11 +38,10 @@ def amgrad_distances(updates: torch.Tensor, layer_slices: list[slice]) -> torch.
     """Euclidean distances between AmGrad vectors; their Gram matrix is accumulated block by block,
     so the AmGrad matrix itself is never built."""
     n = updates.shape[0]
-    gram = torch.zeros((n, n), dtype=torch.float32, device=updates.device)
+    gram = torch.zeros((n, n), dtype=torch.float64, device=updates.device)
     for _, block in amgrad_blocks(updates, layer_slices):
-        gram.addmm_(block, block.T)
-    gram = gram.double()
-    return distances_from_gram((gram + gram.T) / 2).sqrt()
+        gram += gram_matrix(block)
+    return distances_from_gram(gram).sqrt()
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:

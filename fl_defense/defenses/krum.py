@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..updates import RoundUpdates
@@ -10,9 +11,15 @@ from .base import Defense, DefenseResult
 
 
 def gram_matrix(x: torch.Tensor) -> torch.Tensor:
-    """x x^T from one float32 GEMM (a float64 one costs ~9x more on CPU), symmetrised (blocked BLAS
-    need not return exactly equal halves) and in float64 for what is computed from it."""
-    gram = (x @ x.T).double()
+    """x x^T from one float32 product (a float64 one costs ~9x more on CPU), symmetrised (blocked
+    BLAS need not return exactly equal halves) and in float64 for what is computed from it. On the
+    CPU through numpy, whose matmul runs x @ x.T as a symmetric rank-k update (half the work of
+    a general product)."""
+    if x.device.type == "cpu":
+        xn = x.detach().numpy()
+        gram = torch.from_numpy(np.matmul(xn, xn.T)).double()
+    else:
+        gram = (x @ x.T).double()
     return (gram + gram.T) / 2
 
 
