@@ -100,10 +100,10 @@ def snapshot(out: Path) -> Path:
     return dest
 
 
-def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict, app: Path = ROOT) -> dict:
+def run_cell(cell: dict, out: Path, num_supernodes: int, env: dict, app: Path = ROOT, suffix: str = "") -> dict:
     name = "-".join(str(cell[k]) for k in ("defense", "dataset", "attack"))
     name += f"-{cell['model-poisoning']}" if cell.get("model-poisoning", "none") != "none" else ""
-    name += f"-s{cell.get('seed', 42)}"
+    name += f"-s{cell.get('seed', 42)}{suffix}"
     overrides = {**cell, "results-dir": str(out), "run-name": name}
     summary_path = out / name / "summary.json"
     if summary_path.exists() and json.loads(summary_path.read_text())["config"].items() >= \

@@ -9,6 +9,7 @@ per-client Fisher diagonals and the layer boundaries (AmGrad and other layer-wis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -38,15 +39,15 @@ class ParamLayout:
             trainable=tuple(bool(t) for t in trainable),
         )
 
-    @property
+    @cached_property
     def trainable_indices(self) -> list[int]:
         return [i for i, t in enumerate(self.trainable) if t]
 
-    @property
+    @cached_property
     def buffer_indices(self) -> list[int]:
         return [i for i, t in enumerate(self.trainable) if not t]
 
-    @property
+    @cached_property
     def layer_slices(self) -> list[slice]:
         """Slices of the flat trainable vector, one per trainable array (a 'layer')."""
         slices, start = [], 0
@@ -56,7 +57,7 @@ class ParamLayout:
             start += size
         return slices
 
-    @property
+    @cached_property
     def dim(self) -> int:
         return sum(int(np.prod(self.shapes[i], dtype=np.int64)) for i in self.trainable_indices)
 
