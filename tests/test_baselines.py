@@ -194,3 +194,19 @@ def test_sorted_column_reductions_match_numpy_across_blocks(n):
         unique = np.ones(2000, bool) if beta == n else sorted_dev[beta - 1] < sorted_dev[beta]
         assert unique.mean() > 0.4
         np.testing.assert_allclose(got[unique], want[unique], rtol=1e-5, atol=1e-6)
+
+
+def test_device_paths_of_sorting_and_gram_agree_on_cpu():
+    """The torch paths that GPUs take (per-block torch.sort, torch GEMM) give the numpy paths'
+    results; run here on the CPU, since CI has no GPU."""
+    from fl_defense.defenses.aggregators import reduce_sorted_columns
+    from fl_defense.defenses.krum import gram_matrix
+
+    rng = np.random.default_rng(0)
+    u = torch.from_numpy(rng.standard_normal((11, 150_000)).astype(np.float32))
+    rows = [0, 2, 3, 5, 7, 8, 10]
+    for fn in (lambda s: s[s.shape[0] // 2], lambda s: s[1:-1].mean(dim=0)):
+        a = reduce_sorted_columns(u, fn, rows=rows, backend="numpy")
+        b = reduce_sorted_columns(u, fn, rows=rows, backend="torch")
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(gram_matrix(u, backend="numpy"), gram_matrix(u, backend="torch"), rtol=1e-5, atol=1e-2)

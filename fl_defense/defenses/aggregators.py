@@ -33,7 +33,7 @@ def weighted_mean(round_updates: RoundUpdates, updates: torch.Tensor | None = No
     return w @ u, w
 
 
-def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None):
+def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None, backend: str | None = None):
     """Yield ``(cols, s)`` with ``s`` = ``u[rows][:, cols]`` sorted along dim 0 (n x B), block by
     block (``rows``: a subset of the rows, default all; selected per block, never copied whole).
 
@@ -41,10 +41,11 @@ def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None):
     On the CPU each block is transposed into a small reused buffer and its rows sorted by numpy,
     whose vectorised sort handles short rows an order of magnitude faster than a selection over
     strided columns (docs/results/aggregation.md); elsewhere ``torch.sort`` per block. ``s`` is
-    only valid until the next block is yielded.
+    only valid until the next block is yielded. ``backend`` ("numpy" or "torch") overrides the
+    choice by device (tests run the GPU path on the CPU this way).
     """
     n = u.shape[0] if rows is None else len(rows)
-    if u.device.type != "cpu":
+    if (backend or ("numpy" if u.device.type == "cpu" else "torch")) == "torch":
         idx = None if rows is None else torch.as_tensor(rows, device=u.device)
         for cols in column_blocks(u):
             block = u[:, cols] if idx is None else u[idx, cols]
@@ -62,10 +63,10 @@ def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None):
         yield cols, torch.from_numpy(block).T
 
 
-def reduce_sorted_columns(u: torch.Tensor, fn, rows: list[int] | None = None) -> torch.Tensor:
+def reduce_sorted_columns(u: torch.Tensor, fn, rows: list[int] | None = None, backend: str | None = None) -> torch.Tensor:
     """``fn(s)`` over every sorted column block ``s`` (n x B -> B), written into one d-vector."""
     out = torch.empty(u.shape[1], dtype=u.dtype, device=u.device)
-    for cols, s in sorted_column_blocks(u, rows):
+    for cols, s in sorted_column_blocks(u, rows, backend):
         out[cols] = fn(s)
     return out
 

@@ -10,12 +10,12 @@ from .aggregators import reduce_sorted_columns
 from .base import Defense, DefenseResult
 
 
-def gram_matrix(x: torch.Tensor) -> torch.Tensor:
+def gram_matrix(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """x x^T from one float32 product (a float64 one costs ~9x more on CPU), symmetrised (blocked
     BLAS need not return exactly equal halves) and in float64 for what is computed from it. On the
     CPU through numpy, whose matmul runs x @ x.T as a symmetric rank-k update (half the work of
-    a general product)."""
-    if x.device.type == "cpu":
+    a general product); ``backend="torch"`` forces the path other devices take."""
+    if (backend or ("numpy" if x.device.type == "cpu" else "torch")) == "numpy":
         xn = x.detach().numpy()
         gram = torch.from_numpy(np.matmul(xn, xn.T)).double()
     else:
