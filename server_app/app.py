@@ -68,6 +68,7 @@ def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=No
         device=_device(cfg.device),
         min_valid_clients=cfg.min_valid_clients,
         max_update_norm=cfg.max_update_norm,
+        keep_workspace=cfg.keep_workspace,
     )
 
 

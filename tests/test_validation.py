@@ -115,3 +115,37 @@ def test_flower_config_records_are_accepted_as_metrics():
 
     clean, gt = split_ground_truth(ConfigRecord({"partition-id": 3, GROUND_TRUTH_KEY: 1, "fl-defense.fisher": b"x"}))
     assert clean == {"partition-id": 3, "fl-defense.fisher": b"x"} and gt is True
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_workspace_is_reused_or_freed_and_results_do_not_depend_on_it(keep):
+    """The updates matrix is refilled in place between rounds (keep_workspace) or freed after each
+    round; a round with fewer clients uses the first rows of the kept one. Results are identical
+    either way, and a rejected result in a later round does not leave stale rows behind."""
+    from fl_defense.defenses import FDCR
+
+    rng = np.random.default_rng(0)
+    glob = model_arrays(rng)
+    dim = sum(a.size for a in glob)
+
+    def results(n, seed):
+        r = np.random.default_rng(seed)
+        return [ClientResult(str(k), [a + r.normal(size=a.shape).astype(np.float32) for a in glob], 10 + k,
+                             {"partition-id": k, "fl-defense.fisher": encode_fisher(np.abs(r.normal(size=dim)))})
+                for k in range(n)]
+
+    agg = DefendedAggregation(FDCR(), keep_workspace=keep)
+    fresh = lambda: DefendedAggregation(FDCR(), keep_workspace=keep)  # noqa: E731
+    first, _ = agg.aggregate(1, glob, results(6, 1))
+    buf = agg._workspace.get("updates")
+    assert (buf is not None) == keep
+    smaller = results(4, 2)
+    smaller[1].arrays[0] = smaller[1].arrays[0] * np.nan  # rejected: 3 valid rows
+    second, metrics = agg.aggregate(2, glob, smaller)
+    assert metrics["num-rejected"] == 1
+    if keep:
+        assert agg._workspace["updates"].data_ptr() == buf.data_ptr()
+    for got, want in ((first, fresh().aggregate(1, glob, results(6, 1))[0]),
+                      (second, fresh().aggregate(2, glob, smaller)[0])):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)

@@ -6,7 +6,7 @@ from ..defenses.base import Defense
 from ..rounds import DefendedAggregation
 
 # Keyword arguments of the adapters themselves (not of Flower's FedAvg, not of the defense).
-CORE_KWARGS = ("trainable", "device", "min_valid_clients", "max_update_norm")
+CORE_KWARGS = ("trainable", "device", "min_valid_clients", "max_update_norm", "keep_workspace")
 
 
 def split_kwargs(defense_class: type[Defense] | None, defense: Defense | None,
@@ -24,6 +24,7 @@ def split_kwargs(defense_class: type[Defense] | None, defense: Defense | None,
         device=core.get("device", "cpu"),
         min_clients=core.get("min_valid_clients", 1),
         max_update_norm=core.get("max_update_norm", 0.0),
+        keep_workspace=core.get("keep_workspace", True),
     )
     return aggregation, kwargs
 
