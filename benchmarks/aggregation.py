@@ -20,6 +20,7 @@ round-time benchmarks instead. Cells whose n x d matrix exceeds --max-gb are ski
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import time
 
@@ -39,6 +40,15 @@ def _status(key: str) -> int:
     return 0
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise), so the RSS before a call
+    is what is live and the next call's rise is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
@@ -49,6 +59,7 @@ def measure(fn, repeats: int) -> tuple[float, int]:
     above the RSS before it: memory an aggregator allocates on first use and keeps between rounds
     (our reused updates matrix) counts as extra memory."""
     gc.collect()
+    _trim()
     before = _status("VmRSS")
     _reset_peak()
     fn()
