@@ -96,6 +96,11 @@ class RoundUpdates:
 
     ``updates[k]`` is client k's trainable parameters minus the global ones (delta_k in the papers);
     ``fisher[k]``, when present, is the diagonal Fisher information the client reported.
+
+    Both matrices are the round's workspace, refilled in place next round (``DefendedAggregation``
+    keeps them allocated): a defense may overwrite them during its round but must copy whatever
+    it keeps across rounds (FoolsGold copies its histories). Elementwise work over them goes
+    block by block (``defenses.aggregators.column_blocks``) so no second n x d matrix is made.
     """
 
     updates: torch.Tensor
