@@ -19,6 +19,15 @@ def column_blocks(u: torch.Tensor, block_bytes: int = 4 << 20, within: slice | N
         yield slice(start, min(hi, start + step))
 
 
+def row_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row minimum and maximum. On the CPU through numpy's contiguous reductions
+    (``torch.aminmax`` over rows of a wide matrix is many times slower there)."""
+    if x.device.type == "cpu":
+        xn = x.detach().numpy()
+        return torch.from_numpy(xn.min(axis=1)), torch.from_numpy(xn.max(axis=1))
+    return torch.aminmax(x, dim=1)
+
+
 def sign_sum(u: torch.Tensor) -> torch.Tensor:
     """sum_k sign(u_k) per column, block by block."""
     out = torch.empty(u.shape[1], dtype=u.dtype, device=u.device)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import column_blocks
+from .aggregators import column_blocks, row_min_max
 from .base import Defense, DefenseResult
 
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
@@ -88,13 +88,14 @@ class FDCR(Defense):
 
     @staticmethod
     def importance_blocks(ru: RoundUpdates):
-        """Yield (cols, I[:, cols]): the min-max normalised Fisher (``minmax``) block by block,
-        so no second n x d matrix is built."""
-        lo, hi = torch.aminmax(ru.fisher, dim=1)
+        """Yield (cols, I[:, cols]): the min-max normalised Fisher (``minmax``, as F * 1/span -
+        min/span; a constant row is 0) block by block, so no second n x d matrix is built."""
+        lo, hi = row_min_max(ru.fisher)
         span = hi - lo
-        safe, nonconst = torch.where(span > 0, span, 1.0)[:, None], (span > 0)[:, None]
+        inv = torch.where(span > 0, 1.0 / torch.where(span > 0, span, 1.0), 0.0)[:, None]
+        shift = -lo[:, None] * inv
         for cols in column_blocks(ru.updates):
-            yield cols, torch.where(nonconst, (ru.fisher[:, cols] - lo[:, None]) / safe, 0.0)
+            yield cols, torch.addcmul(shift, ru.fisher[:, cols], inv)
 
     def discrepancy(self, ru: RoundUpdates) -> torch.Tensor:
         """V_k = ||g_k - mean_j g_j|| with g_k = I_k * delta_k (eqs. 7-9); the mean and the squared
@@ -102,7 +103,7 @@ class FDCR(Defense):
         w = ru.sample_weights
         sq = torch.zeros(ru.n, dtype=torch.float64, device=ru.device)
         for cols, importance in self.importance_blocks(ru):
-            g = ru.updates[:, cols] * importance
+            g = importance.mul_(ru.updates[:, cols])
             g -= w @ g
             sq += torch.linalg.vector_norm(g, dim=1).double() ** 2
         return sq.sqrt().to(torch.float32)
@@ -124,8 +125,9 @@ class FDCR(Defense):
             alpha = alpha / alpha.sum()
             if self.rescale:  # alpha @ (delta * 2 sigmoid(I)), block by block
                 step = torch.empty(round_updates.d, device=round_updates.device)
+                two_alpha = 2 * alpha
                 for cols, importance in self.importance_blocks(round_updates):
-                    step[cols] = alpha @ (round_updates.updates[:, cols] * (2 * torch.sigmoid(importance)))
+                    step[cols] = two_alpha @ importance.sigmoid_().mul_(round_updates.updates[:, cols])
             else:
                 step = alpha @ round_updates.updates
         else:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import column_blocks
+from .aggregators import column_blocks, row_min_max
 from .base import Defense, DefenseResult
 from .krum import distances_from_gram, gram_matrix, squared_distances
 
@@ -18,7 +18,7 @@ def amgrad_blocks(updates: torch.Tensor, layer_slices: list[slice]):
     a layer): per layer l with m = max |delta_l|, sign(delta) * m where |delta| / m rounds to 1
     (is above one half; exactly one half rounds to 0, as numpy's round-half-to-even), else 0."""
     for sl in layer_slices:
-        lo, hi = torch.aminmax(updates[:, sl], dim=1)
+        lo, hi = row_min_max(updates[:, sl])
         m = torch.maximum(-lo, hi)[:, None]
         safe = torch.where(m > 0, m, 1.0)
         for cols in column_blocks(updates, within=sl):

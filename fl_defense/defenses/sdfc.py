@@ -98,9 +98,9 @@ class SDFC(Defense):
             step = torch.empty(ru.d, device=ru.device)
             for cols in column_blocks(fisher):
                 f = fisher[:, cols]
-                denom = f + 2 * self.calibration * (f - ref[:, cols]).abs()
-                factor = torch.where(denom > 0, f / torch.where(denom > 0, denom, 1.0), 1.0)
-                step[cols] = weights32 @ (ru.updates[:, cols] * factor)
+                factor = torch.sub(f, ref[:, cols]).abs_().mul_(2 * self.calibration).add_(f)
+                factor = torch.div(f, factor).nan_to_num_(nan=1.0)  # 0/0 (F = D = 0): unchanged
+                step[cols] = weights32 @ factor.mul_(ru.updates[:, cols])
         else:
             step = weights32 @ ru.updates
         flagged = d > self.flag_ratio * d.median()
