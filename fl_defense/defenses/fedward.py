@@ -13,17 +13,21 @@ from .krum import distances_from_gram, gram_matrix, squared_distances
 CLIP_REFERENCES = ("admitted", "all")
 
 
-def amgrad_blocks(updates: torch.Tensor, layer_slices: list[slice]):
+def amgrad_blocks(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tensor | None = None):
     """Yield (cols, AmGrad of updates[:, cols]) column block by column block (blocks never cross
     a layer): per layer l with m = max |delta_l|, sign(delta) * m where |delta| / m rounds to 1
-    (is above one half; exactly one half rounds to 0, as numpy's round-half-to-even), else 0."""
+    (is above one half; exactly one half rounds to 0, as numpy's round-half-to-even), else 0.
+    With ``l1`` (an n-vector), the rows' L1 norms are added to it on the way."""
     for sl in layer_slices:
         lo, hi = row_min_max(updates[:, sl])
         m = torch.maximum(-lo, hi)[:, None]
         safe = torch.where(m > 0, m, 1.0)
         for cols in column_blocks(updates, within=sl):
             block = updates[:, cols]
-            yield cols, torch.sign(block) * m * torch.round(block.abs() / safe)
+            mag = block.abs()
+            if l1 is not None:
+                l1 += mag.sum(dim=1, dtype=torch.float64)
+            yield cols, mag.div_(safe).round_().mul_(m).mul_(torch.sign(block))
 
 
 def amgrad(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
@@ -34,12 +38,13 @@ def amgrad(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
     return out
 
 
-def amgrad_distances(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
+def amgrad_distances(updates: torch.Tensor, layer_slices: list[slice],
+                     l1: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distances between AmGrad vectors; their Gram matrix is accumulated block by block,
-    so the AmGrad matrix itself is never built."""
+    so the AmGrad matrix itself is never built (``l1``: see ``amgrad_blocks``)."""
     n = updates.shape[0]
     gram = torch.zeros((n, n), dtype=torch.float64, device=updates.device)
-    for _, block in amgrad_blocks(updates, layer_slices):
+    for _, block in amgrad_blocks(updates, layer_slices, l1):
         gram += gram_matrix(block)
     return distances_from_gram(gram).sqrt()
 
@@ -84,15 +89,15 @@ class Fedward(Defense):
         if not self.server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
 
-    def cluster(self, ru: RoundUpdates) -> np.ndarray:
-        """OPTICS labels over the AmGrad distances (-1: noise)."""
+    def cluster(self, ru: RoundUpdates, l1: torch.Tensor | None = None) -> np.ndarray:
+        """OPTICS labels over the AmGrad distances (-1: noise); ``l1``: see ``amgrad_blocks``."""
         from sklearn.cluster import OPTICS
 
         n = ru.n
         if n < 4:
             return np.zeros(n, dtype=int)
         k = n // 2
-        dist = amgrad_distances(ru.updates, ru.layer_slices).cpu().numpy()
+        dist = amgrad_distances(ru.updates, ru.layer_slices, l1).cpu().numpy()
         eps = float(np.median(np.sort(dist, axis=1)[:, k]))  # column 0 is the point itself
         if eps <= 0:  # k+1 identical AmGrads per median client: any positive radius joins them
             eps = np.finfo(np.float64).tiny
@@ -101,13 +106,16 @@ class Fedward(Defense):
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         ru = round_updates
-        labels = self.cluster(ru)
+        l1 = torch.zeros(ru.n, dtype=torch.float64, device=ru.device)
+        labels = self.cluster(ru, l1)  # fills l1 on its pass over the updates (n >= 4)
         clusters, counts = np.unique(labels[labels >= 0], return_counts=True)
         admitted = np.zeros(ru.n, dtype=bool)
         if len(clusters):
             admitted = labels == clusters[np.argmax(counts)]  # ties: the lowest label
         adm = torch.as_tensor(admitted, device=ru.device)
-        a = torch.linalg.vector_norm(ru.updates, ord=1, dim=1) / ru.d  # ||delta_k||_1 / d
+        if ru.n < 4:
+            l1 = torch.linalg.vector_norm(ru.updates, ord=1, dim=1).double()
+        a = (l1 / ru.d).to(torch.float32)  # ||delta_k||_1 / d
         shares = torch.zeros(ru.n, device=ru.device)
         step = torch.zeros(ru.d, device=ru.device)
         if adm.any():

@@ -60,9 +60,10 @@ def closest_to_median_mean(s: torch.Tensor, beta: int) -> torch.Tensor:
             better = cost < best_cost
             best_cost = torch.where(better, cost, best_cost)
             best_start = torch.where(better, start, best_start)
-    csum = torch.cat([torch.zeros_like(s[:1], dtype=torch.float64), s.double().cumsum(dim=0)])
-    window = csum.gather(0, (best_start + beta)[None]) - csum.gather(0, best_start[None])
-    return (window[0] / beta).to(s.dtype)
+    csum = s.cumsum(dim=0)  # window sum = csum[start + beta - 1] - csum[start - 1]
+    upper = csum.gather(0, (best_start + beta - 1)[None])[0]
+    lower = torch.where(best_start > 0, csum.gather(0, (best_start - 1).clamp_min(0)[None])[0], 0.0)
+    return (upper - lower) / beta
 
 
 class Krum(Defense):
