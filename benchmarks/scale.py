@@ -130,7 +130,7 @@ def main() -> None:
     finally:
         stop_managed_superlink(flwr_home)
     ref = rows[0]["round"]
-    print(f"\n{num_nodes} clients, {cells[0].get('fraction-fit', 1.0):g} sampled per round; {os.cpu_count()} CPUs, "
+    print(f"\n{num_nodes} clients, fraction-fit {cells[0].get('fraction-fit', 1.0):g}; {os.cpu_count()} CPUs, "
           f"one per client actor; peak RSS summed over up to {max(r['processes'] for r in rows)} processes\n")
     print("| defense | Fisher payload per client (bytes) | first round (s) | mean round 2.. (s) | ratio to FedAvg round "
           "| mean aggregation (s) | peak RSS, all processes (GiB) | accuracy |")
