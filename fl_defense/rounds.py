@@ -17,7 +17,7 @@ import torch
 
 from .defenses.base import Defense
 from .fisher import FisherDecodeError, decode_fisher
-from .updates import ParamLayout, RoundUpdates
+from .updates import ParamLayout, RoundUpdates, reuse_rows
 from .validation import check_arrays, check_num_examples
 
 log = logging.getLogger("fl_defense")
@@ -216,13 +216,8 @@ class DefendedAggregation:
                             layer_slices=layout.layer_slices, fisher=fisher), global_vec
 
     def _matrix(self, name: str, n: int, d: int) -> torch.Tensor:
-        """An n x d float32 matrix from the workspace: the first n rows of the kept one when it is
-        wide enough and tall enough, else a new one (the old one freed first)."""
-        buf = self._workspace.get(name)
-        if buf is None or buf.shape[1] != d or buf.shape[0] < n or buf.device != self.device:
-            self._workspace.pop(name, None)
-            del buf
-            buf = self._workspace[name] = torch.empty((n, d), dtype=torch.float32, device=self.device)
+        """An n x d float32 matrix from the workspace (``updates.reuse_rows``)."""
+        buf = self._workspace[name] = reuse_rows(self._workspace.pop(name, None), n, d, device=self.device)
         return buf[:n]
 
     @staticmethod

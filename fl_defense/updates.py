@@ -90,6 +90,18 @@ class ParamLayout:
         return out
 
 
+def reuse_rows(buf: torch.Tensor | None, n: int, d: int, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> torch.Tensor:
+    """A buffer of at least n rows of d values, reused across rounds: ``buf`` itself when it is
+    wide, tall enough and of the dtype and device, else a new n x d tensor (``buf`` released
+    first when the caller holds no other reference). Callers take its first n rows."""
+    if buf is not None and buf.shape[1] == d and buf.shape[0] >= n and buf.dtype == dtype \
+            and buf.device == torch.device(device):
+        return buf
+    del buf
+    return torch.empty((n, d), dtype=dtype, device=device)
+
+
 @dataclass
 class RoundUpdates:
     """The validated client updates of one round.

@@ -8,6 +8,12 @@ import torch
 from ..updates import RoundUpdates
 
 
+def uses_numpy(x: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether work on ``x`` takes the numpy path (the CPU's default) or the torch one (other
+    devices; ``backend="torch"`` forces it on the CPU, as tests of the GPU path do)."""
+    return (backend or ("numpy" if x.device.type == "cpu" else "torch")) == "numpy"
+
+
 def column_blocks(u: torch.Tensor, block_bytes: int = 4 << 20, within: slice | None = None):
     """Column slices of ``u`` (n x d) about ``block_bytes`` each (inside the column range
     ``within``, default all): an elementwise step on an n x d matrix done block by block keeps its
@@ -22,7 +28,7 @@ def column_blocks(u: torch.Tensor, block_bytes: int = 4 << 20, within: slice | N
 def row_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row minimum and maximum. On the CPU through numpy's contiguous reductions
     (``torch.aminmax`` over rows of a wide matrix is many times slower there)."""
-    if x.device.type == "cpu":
+    if uses_numpy(x):
         xn = x.detach().numpy()
         return torch.from_numpy(xn.min(axis=1)), torch.from_numpy(xn.max(axis=1))
     return torch.aminmax(x, dim=1)
@@ -54,7 +60,7 @@ def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None, backend
     choice by device (tests run the GPU path on the CPU this way).
     """
     n = u.shape[0] if rows is None else len(rows)
-    if (backend or ("numpy" if u.device.type == "cpu" else "torch")) == "torch":
+    if not uses_numpy(u, backend):
         idx = None if rows is None else torch.as_tensor(rows, device=u.device)
         for cols in column_blocks(u):
             block = u[:, cols] if idx is None else u[idx, cols]

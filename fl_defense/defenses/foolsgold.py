@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..updates import RoundUpdates
+from ..updates import RoundUpdates, reuse_rows
 from .base import Defense, DefenseResult
 from .krum import gram_matrix
 
@@ -76,12 +76,8 @@ class FoolsGold(Defense):
 
     def _stacked(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """The sampled clients' histories as one matrix, in a buffer reused across rounds."""
-        n, d = len(rows), rows[0].shape[0]
-        buf = getattr(self, "_stack_buf", None)
-        if buf is None or buf.shape[0] < n or buf.shape[1] != d:
-            self._stack_buf = buf = None
-            buf = self._stack_buf = torch.empty((n, d), dtype=rows[0].dtype)
-        return torch.stack(rows, out=buf[:n])
+        self._stack_buf = reuse_rows(getattr(self, "_stack_buf", None), len(rows), rows[0].shape[0], rows[0].dtype)
+        return torch.stack(rows, out=self._stack_buf[:len(rows)])
 
     def state_dict(self) -> dict:
         # views of the live histories (no copy of what may be gigabytes): checkpoints pickle them

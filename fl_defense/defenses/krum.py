@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import reduce_sorted_columns
+from .aggregators import reduce_sorted_columns, uses_numpy
 from .base import Defense, DefenseResult
 
 
@@ -15,7 +15,7 @@ def gram_matrix(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     BLAS need not return exactly equal halves) and in float64 for what is computed from it. On the
     CPU through numpy, whose matmul runs x @ x.T as a symmetric rank-k update (half the work of
     a general product); ``backend="torch"`` forces the path other devices take."""
-    if (backend or ("numpy" if x.device.type == "cpu" else "torch")) == "numpy":
+    if uses_numpy(x, backend):
         xn = x.detach().numpy()
         gram = torch.from_numpy(np.matmul(xn, xn.T)).double()
     else:
