@@ -108,7 +108,7 @@ def our_defenses(n: int) -> dict:
     }
 
 
-def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int) -> list[dict]:
+def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[str] | None = None) -> list[dict]:
     from flwr.server.strategy.aggregate import aggregate, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
     glob, results, fisher = make_inputs(n, d)
@@ -122,17 +122,23 @@ def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int) -> list[dic
     }
     if n <= skip_flower_krum_above:
         flower["flower aggregate_krum (Multi-Krum)"] = lambda: aggregate_krum(results, f, n - f)
+    ours = our_defenses(n)
+    if only:  # Flower's FedAvg stays: it is what every ratio is against
+        flower = {k: v for i, (k, v) in enumerate(flower.items()) if i == 0 or any(o in k for o in only)}
+        ours = {k: v for k, v in ours.items() if k in only}
     for name, fn in flower.items():
         t, peak = measure(fn, repeats)
         rows.append({"n": n, "d": d, "method": name, "seconds": t, "peak_extra": peak / matrix_bytes})
     # first use of each defense on a tiny input, so imports (scikit-learn's clustering) and
     # allocator warm-up are not counted as the real call's memory
     tiny_glob, tiny_results, tiny_fisher = make_inputs(n, 1000, seed=1)
-    for defense in our_defenses(n).values():
+    for name, defense in our_defenses(n).items():
+        if name not in ours:
+            continue
         DefendedAggregation(defense).aggregate(1, tiny_glob, [
             ClientResult(str(k), arrays, ne, {"partition-id": k, FISHER_KEY: tiny_fisher})
             for k, (arrays, ne) in enumerate(tiny_results)])
-    for name, defense in our_defenses(n).items():
+    for name, defense in ours.items():
         agg = DefendedAggregation(defense)
         client_results = [ClientResult(str(k), arrays, ne, {"partition-id": k, FISHER_KEY: fisher})
                           for k, (arrays, ne) in enumerate(results)]
@@ -152,6 +158,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch and BLAS threads (0: their defaults, one per core)")
     parser.add_argument("--max-gb", type=float, default=4.0, help="skip cells whose n x d matrix is larger")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="only these of our defenses (and Flower's aggregators whose name contains one)")
     parser.add_argument("--skip-flower-krum-above", type=int, default=100,
                         help="Flower's aggregate_krum loops over n^2 pairs in Python; skip it for larger n")
     args = parser.parse_args()
@@ -170,7 +178,7 @@ def main() -> None:
             if n * d * 4 / 2**30 > args.max_gb:
                 skipped.append((n, d))
                 continue
-            for r in bench(n, d, args.repeats, args.skip_flower_krum_above):
+            for r in bench(n, d, args.repeats, args.skip_flower_krum_above, args.only):
                 print(f"| {r['n']} | {r['d']} | {r['method']} | {r['seconds']:.4f} | {r['ratio']:.3f} | "
                       f"{r['peak_extra']:.2f} |", flush=True)
     for n, d in skipped:

@@ -92,6 +92,41 @@ def test_foolsgold_with_partial_participation_compares_only_sampled_histories():
     assert res.weights.shape == (2,) and set(fg.history) == {"a", "b", "c", "d", "e"}
 
 
+def test_foolsgold_histories_are_rows_of_one_matrix_summed_in_place():
+    from fl_defense.defenses.foolsgold import history_gram
+
+    rng = np.random.default_rng(5)
+    fg = FoolsGold()
+    rounds = [("a", "b", "c"), ("c", "a", "b"), ("d", "b"), ("e", "f", "a", "g")]
+    expected: dict[str, np.ndarray] = {}
+    storage = None
+    for ids in rounds:
+        u = rng.normal(size=(len(ids), 3000)).astype(np.float32)
+        ru = round_updates(u)
+        ru.client_ids[:] = list(ids)
+        fg.aggregate(torch.zeros(3000), ru)
+        for cid, row in zip(ids, u):
+            expected[cid] = expected.get(cid, 0) + row
+        if ids == ("c", "a", "b"):  # same clients again: summed in place, nothing reallocated
+            assert fg._rows.untyped_storage().data_ptr() == storage
+        storage = fg._rows.untyped_storage().data_ptr()
+    assert set(fg.history) == set(expected)
+    for cid, row in expected.items():
+        np.testing.assert_allclose(fg.history[cid].numpy(), row, rtol=1e-5, atol=1e-5)
+    # the Gram matrix of scattered rows, block by block (three blocks of columns here), equals the gathered rows' product
+    rows = [fg._index[c] for c in ("g", "a", "d", "b")]
+    gathered = fg._rows[rows].double()
+    torch.testing.assert_close(history_gram(fg._rows, rows, block_bytes=4096), gathered @ gathered.T, rtol=1e-5, atol=1e-3)
+    consecutive = list(range(1, 4))
+    block = fg._rows[1:4].double()
+    torch.testing.assert_close(history_gram(fg._rows, consecutive), block @ block.T, rtol=1e-5, atol=1e-3)
+    # a checkpoint restores the same histories
+    fg2 = FoolsGold()
+    fg2.load_state_dict(fg.state_dict())
+    for cid in expected:
+        torch.testing.assert_close(fg2.history[cid], fg.history[cid])
+
+
 def test_flame_drops_an_outlier_direction_and_clips_to_the_median_norm():
     rng = np.random.default_rng(3)
     direction = rng.normal(size=40)
