@@ -97,13 +97,20 @@ class FDCR(Defense):
         for cols in column_blocks(ru.updates):
             yield cols, torch.addcmul(shift, ru.fisher[:, cols], inv)
 
-    def discrepancy(self, ru: RoundUpdates) -> torch.Tensor:
+    def discrepancy(self, ru: RoundUpdates, keep_rescaled: bool = False) -> torch.Tensor:
         """V_k = ||g_k - mean_j g_j|| with g_k = I_k * delta_k (eqs. 7-9); the mean and the squared
-        norms are both per coordinate, so they add up block by block."""
+        norms are both per coordinate, so they add up block by block.
+
+        ``keep_rescaled`` also writes sigmoid(I_k) * delta_k, the rescaled update of eq. 11 up to
+        its factor 2, over ``ru.fisher`` (the round's workspace, read here for the last time), so
+        the rescaled average is one product later instead of a second pass over both matrices."""
         w = ru.sample_weights
         sq = torch.zeros(ru.n, dtype=torch.float64, device=ru.device)
         for cols, importance in self.importance_blocks(ru):
-            g = importance.mul_(ru.updates[:, cols])
+            delta = ru.updates[:, cols]
+            if keep_rescaled:
+                torch.mul(torch.sigmoid(importance), delta, out=ru.fisher[:, cols])
+            g = importance.mul_(delta)
             g -= w @ g
             sq += torch.linalg.vector_norm(g, dim=1).double() ** 2
         return sq.sqrt().to(torch.float32)
@@ -111,7 +118,7 @@ class FDCR(Defense):
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         if round_updates.fisher is None:
             raise ValueError("FDCR needs the clients' Fisher information")
-        v = self.discrepancy(round_updates)
+        v = self.discrepancy(round_updates, keep_rescaled=self.rescale)
         alpha = round_updates.sample_weights
         flagged = torch.zeros(round_updates.n, dtype=torch.bool, device=round_updates.device)
         labels = np.zeros(round_updates.n, dtype=int)
@@ -123,11 +130,8 @@ class FDCR(Defense):
             flagged = torch.as_tensor(labels == evil, device=round_updates.device)
             alpha = torch.where(flagged, 0.0, alpha)
             alpha = alpha / alpha.sum()
-            if self.rescale:  # alpha @ (delta * 2 sigmoid(I)), block by block
-                step = torch.empty(round_updates.d, device=round_updates.device)
-                two_alpha = 2 * alpha
-                for cols, importance in self.importance_blocks(round_updates):
-                    step[cols] = two_alpha @ importance.sigmoid_().mul_(round_updates.updates[:, cols])
+            if self.rescale:  # alpha @ (delta * 2 sigmoid(I)); the product is in the Fisher workspace now
+                step = (2 * alpha) @ round_updates.fisher
             else:
                 step = alpha @ round_updates.updates
         else:
