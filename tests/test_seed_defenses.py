@@ -266,16 +266,29 @@ def test_forged_fisher_is_the_threat_sdfc_documents():
 
 
 def test_fedward_amgrad_distances_block_by_block_equal_the_matrix_formula():
-    from fl_defense.defenses.fedward import amgrad_distances
+    """The AmGrad Gram is accumulated block by block, on the CPU as exact int8 counts of the
+    ternary signs scaled per layer; both it and the float path of other devices equal the matrix
+    formula, and so does the float fallback of the ternary Gram."""
+    from unittest import mock
+
+    from fl_defense.defenses.fedward import amgrad_distances, ternary_gram
 
     rng = np.random.default_rng(5)
     u = rng.standard_normal((8, 300_000)).astype(np.float32)
     u[:, 7] = 0.0
-    ru = round_updates(u, layer_sizes=[150_001, 149_000, 999])
+    u[:3, 200_000:260_000] = np.sign(u[:3, 200_000:260_000])  # a dense stretch: every entry kept
+    ru = round_updates(u, layer_sizes=[150_001, 49_999, 60_000, 39_001, 999])
     want = pairwise_distances(amgrad(ru.updates, ru.layer_slices))
-    l1 = torch.zeros(8, dtype=torch.float64)
-    torch.testing.assert_close(amgrad_distances(ru.updates, ru.layer_slices, l1), want, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(l1, ru.updates.double().abs().sum(dim=1))
+    for options in ({}, {"backend": "torch"}):
+        l1 = torch.zeros(8, dtype=torch.float64)
+        got = amgrad_distances(ru.updates, ru.layer_slices, l1, **options)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, msg=str(options))
+        torch.testing.assert_close(l1, ru.updates.double().abs().sum(dim=1), msg=str(options))
+    t = torch.randint(-1, 2, (9, 5001), dtype=torch.int8)
+    want_counts = (t.long() @ t.long().T).int()
+    torch.testing.assert_close(ternary_gram(t), want_counts)
+    with mock.patch.object(torch, "_int_mm", None):  # a torch without the int8 GEMM
+        torch.testing.assert_close(ternary_gram(t), want_counts)
     a = amgrad(ru.updates, ru.layer_slices)
     for sl in ru.layer_slices:  # each layer holds 0 or +-(its largest magnitude)
         m = ru.updates[:, sl].abs().amax(dim=1, keepdim=True)
