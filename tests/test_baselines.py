@@ -235,7 +235,7 @@ def test_device_paths_of_sorting_and_gram_agree_on_cpu():
     """The torch paths that GPUs take (per-block torch.sort, torch GEMM) give the numpy paths'
     results; run here on the CPU, since CI has no GPU."""
     from fl_defense.defenses.aggregators import reduce_sorted_columns
-    from fl_defense.defenses.krum import gram_matrix
+    from fl_defense.defenses.krum import closest_to_median_mean, gram_matrix
 
     rng = np.random.default_rng(0)
     u = torch.from_numpy(rng.standard_normal((11, 150_000)).astype(np.float32))
@@ -244,4 +244,9 @@ def test_device_paths_of_sorting_and_gram_agree_on_cpu():
         a = reduce_sorted_columns(u, fn, rows=rows, backend="numpy")
         b = reduce_sorted_columns(u, fn, rows=rows, backend="torch")
         torch.testing.assert_close(a, b)
+    for beta in (1, 3, 6, 7):  # Bulyan's window: numpy over the transposed block vs the torch loop
+        a = reduce_sorted_columns(u, lambda s: closest_to_median_mean(s, beta), rows=rows, backend="numpy")
+        b = reduce_sorted_columns(u, lambda s: closest_to_median_mean(s, beta, backend="torch"), rows=rows,
+                                  backend="torch")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gram_matrix(u, backend="numpy"), gram_matrix(u, backend="torch"), rtol=1e-5, atol=1e-2)

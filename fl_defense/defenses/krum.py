@@ -44,15 +44,31 @@ def krum_scores(d2: torch.Tensor, num_malicious: int) -> torch.Tensor:
     return closest.sum(dim=1)
 
 
-def closest_to_median_mean(s: torch.Tensor, beta: int) -> torch.Tensor:
+def closest_to_median_mean(s: torch.Tensor, beta: int, backend: str | None = None) -> torch.Tensor:
     """Per column of ``s`` (sorted along dim 0), the mean of the ``beta`` values closest to the
     column's median. In sorted order they form a window: of the windows around the median position,
-    the one whose farther end is nearest the median."""
+    the one whose farther end is nearest the median (ties: the first). On the CPU all candidate
+    windows of a block are compared at once in numpy over the transposed block (each column's
+    values contiguous, as ``sorted_column_blocks`` yields them); ``backend="torch"`` forces the
+    loop over windows that other devices run."""
     m = s.shape[0]
     lo, hi = (m - 1) // 2, m // 2
+    first, last = max(0, lo - beta + 1), min(hi, m - beta)  # the candidate windows' first starts
+    if uses_numpy(s, backend):
+        st = s.T.numpy()  # B x m
+        med = (st[:, lo] + st[:, hi]) / 2
+        cost = np.maximum(med[:, None] - st[:, first:last + 1],
+                          st[:, first + beta - 1:last + beta] - med[:, None])
+        start = first + cost.argmin(axis=1)  # argmin takes the first of equal costs
+        # every candidate window holds columns last .. first+beta-1; of the columns j in
+        # [first, last) it holds j when j >= start, else column j + beta
+        core = st[:, last:first + beta].sum(axis=1)
+        edge = np.arange(first, last)[None, :] >= start[:, None]
+        total = core + np.where(edge, st[:, first:last], st[:, first + beta:last + beta]).sum(axis=1)
+        return torch.from_numpy(total / beta)
     med = (s[lo] + s[hi]) / 2
     best_cost = best_start = None
-    for start in range(max(0, lo - beta + 1), min(hi, m - beta) + 1):
+    for start in range(first, last + 1):
         cost = torch.maximum(med - s[start], s[start + beta - 1] - med)
         if best_cost is None:
             best_cost, best_start = cost, torch.full_like(cost, start, dtype=torch.long)
