@@ -28,19 +28,38 @@ def _mean_std(series) -> str:
     return f"{s.mean():.3f}" if len(s) == 1 else f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"
 
 
+def _seconds(series) -> str:
+    s = series.dropna()
+    return "-" if s.empty else f"{s.mean():.2f}" if s.mean() >= 0.1 else f"{s.mean():.4f}"
+
+
+def weight_plot_runs(table, folders: list[Path]) -> list[Path]:
+    """The runs worth a weight heatmap: those of defenses that flag clients (a TPR was recorded),
+    one per setting and defense (the lowest seed)."""
+    flagging = table[table["tpr"].notna()]
+    chosen = flagging.sort_values("seed").groupby(SETTING + ["defense"], dropna=False)["cell"].first()
+    names = set(chosen)
+    return [f for f in folders if f.name in names]
+
+
 def final_table(table) -> str:
     """Final-round figures, mean ± standard deviation over seeds, one row per setting and defense."""
     last = table[table["round"] == table.groupby("cell")["round"].transform("max")]
-    lines = ["| dataset | partition | attack | malicious | defense | seeds | accuracy | attack success | TPR | FPR |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | partition | attack | malicious | defense | seeds | accuracy | attack success | TPR | FPR "
+             "| round (s) | aggregation (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    later = table[table["round"] > 0]
+    per_cell = later.groupby("cell")[["round_seconds", "aggregation_seconds"]].mean()
     for key, g in last.groupby(SETTING + ["defense"], dropna=False, sort=True):
+        times = per_cell.loc[g["cell"].unique()]
         d = dict(zip(SETTING + ["defense"], key))
         part = d["partitioner"] + (f" a={d['dirichlet_alpha']}" if d["partitioner"] == "dirichlet" else "") \
             + (f" nir={d['nir']}" if d["partitioner"] == "nir" else "")
         attack = d["attack"] + ("" if d["model_poisoning"] == "none" else f"+{d['model_poisoning']}")
         lines.append(f"| {d['dataset']} | {part} | {attack} | {d['malicious_fraction']} | {d['defense']} | "
                      f"{g['seed'].nunique()} | {_mean_std(g['accuracy'])} | {_mean_std(g['attack_success_rate'])} | "
-                     f"{_mean_std(g['tpr'])} | {_mean_std(g['fpr'])} |")
+                     f"{_mean_std(g['tpr'])} | {_mean_std(g['fpr'])} | {_seconds(times['round_seconds'])} | "
+                     f"{_seconds(times['aggregation_seconds'])} |")
     return "\n".join(lines)
 
 
@@ -149,10 +168,12 @@ def write_report(root: Path, out: Path, title: str | None = None, note: str | No
     if not folders:
         raise SystemExit(f"no runs (sub-folders with summary.json) under {root}")
     out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("curves_*.png"), *out.glob("weights_*.png"), *out.glob("asr_vs_fraction_*.png")]:
+        old.unlink()  # plots of an earlier rendering that this one may not redraw
     table = tidy_table(folders)
     table.to_csv(out / "table.csv", index=False)
     curves = plot_curves(table, out)
-    weights = [p for p in (plot_weights(f, out) for f in folders) if p is not None]
+    weights = [p for p in (plot_weights(f, out) for f in weight_plot_runs(table, folders)) if p is not None]
     fraction = plot_fraction(table, out)
     try:
         shown = root.relative_to(Path.cwd())
@@ -165,7 +186,8 @@ def write_report(root: Path, out: Path, title: str | None = None, note: str | No
     if fraction:
         lines += ["", "## Attack success against the malicious fraction", ""]
         lines += [f"![fraction]({p.name})" for p in fraction]
-    lines += ["", "## Aggregation weight per client over rounds (attackers in red)", ""]
+    lines += ["", "## Aggregation weight per client over rounds (attackers in red)", "",
+              "One run (the lowest seed) per setting and defense that flags clients.", ""]
     lines += [f"![weights]({p.name})" for p in weights]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -180,6 +202,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("runs", help="folder whose sub-folders are runs")
     parser.add_argument("--out", help="report folder (default: <runs>/report)")
     parser.add_argument("--title")
+    parser.add_argument("--note", help="text under the title (how the runs were made); @FILE reads it from FILE")
     args = parser.parse_args(argv)
     root = Path(args.runs).resolve()
-    print(write_report(root, Path(args.out).resolve() if args.out else root / "report", args.title))
+    note = Path(args.note[1:]).read_text().strip() if args.note and args.note.startswith("@") else args.note
+    print(write_report(root, Path(args.out).resolve() if args.out else root / "report", args.title, note))
