@@ -1,4 +1,5 @@
-"""Regenerate docs/results/<suite>/ (report.md, table.csv, plots) from results/benchmarks/<suite>.
+"""Regenerate docs/results/<suite>/ (report.md, table.csv, plots) from results/benchmarks/<suite>,
+and docs/results/<grid>/ from the shipped paper grids' runs in results/grids/<grid>.
 
     python benchmarks/make_docs.py
 """
@@ -22,8 +23,25 @@ TITLES = {
                         "30% attackers, poison rate 0.5)",
 }
 
+GRIDS = {
+    "rlr_fmnist_iid": "RLR paper, table 1 setting, reduced: Fashion-MNIST, iid, 10 clients, 1 attacker (plus trigger, "
+                      "poison rate 0.5), theta 4, 20 rounds of 1 local epoch, 3 seeds",
+    "fdcr_dirichlet": "FDCR paper, table 4 settings, reduced: Fashion-MNIST (6 rounds of 1 epoch) and USPS (15 rounds "
+                      "of 2 epochs), Dirichlet 0.5 / 0.3, 20% / 30% attackers (plus trigger, poison rate 0.5)",
+    "fedward_nir": "Fedward's non-IID-rate settings, reduced: MNIST, NIR 0.25 / 0.5 / 0.75, 40% attackers with a "
+                   "4-piece DBA of the plus trigger, 8 rounds of 1 local epoch",
+}
+MACHINE = "a 2-core AMD EPYC CPU (x86-64, AVX-512), 24 GiB, no GPU; torch 2.13.0 (CPU), flwr 1.41.0"
+
 
 def main() -> None:
+    for grid, title in GRIDS.items():
+        src = ROOT / "results" / "grids" / grid
+        if src.is_dir() and run_folders(src):
+            note = (f"Produced on {MACHINE}, with `python -m simulation simulation/grids/{grid}.toml` (every cell "
+                    f"through Flower's simulation engine, two client actors with one CPU each) and "
+                    f"`python benchmarks/make_docs.py`. How this compares with the paper: [README.md](README.md).")
+            print(write_report(src, ROOT / "docs" / "results" / grid, title, note))
     for suite, title in TITLES.items():
         src = ROOT / "results" / "benchmarks" / suite
         if src.is_dir() and run_folders(src):

@@ -1,6 +1,7 @@
 """Round time, Fisher payload and memory of whole simulated rounds (issue 7), through `flwr run .`.
 
-    python benchmarks/scale.py overhead   # 100 clients every round: FedAvg vs RLR, FLAME, FDCR
+    python benchmarks/scale.py overhead   # 100 clients every round: FedAvg vs RLR, FLAME, FDCR (+ fewer Fisher samples)
+    python benchmarks/scale.py overhead-epochs   # the same with 5 local epochs: FedAvg vs FDCR
     python benchmarks/scale.py scale      # 1000 clients, 10% sampled, 5 rounds; FDCR's Fisher in float32 and float16
 
 Each cell is one `flwr run .` (Flower's simulation engine, managed local SuperLink, Ray actors
@@ -36,7 +37,10 @@ from simulation.superlink import stop_managed_superlink  # noqa: E402
 BASE = {"dataset": "fashion_mnist", "data-dir": DATA, "model": "cnn_small", "partitioner": "iid", "attack": "plus",
         "malicious-fraction": 0.1, "poison-rate": 0.5, "local-epochs": 1, "batch-size": 64, "rlr-theta": 4}
 SUITES = {
-    "overhead": (100, [{**BASE, "num-server-rounds": 3, "defense": d} for d in ("fedavg", "rlr", "flame", "fdcr")]),
+    "overhead": (100, [{**BASE, "num-server-rounds": 3, "defense": d} for d in ("fedavg", "rlr", "flame", "fdcr")]
+                 + [{**BASE, "num-server-rounds": 3, "defense": "fdcr", "fisher-samples": k} for k in (128, 64)]),
+    # FDCR's paper trains 10 local epochs: the clients' Fisher is a smaller share of a longer round
+    "overhead-epochs": (100, [{**BASE, "num-server-rounds": 3, "local-epochs": 5, "defense": d} for d in ("fedavg", "fdcr")]),
     "scale": (1000, [{**BASE, "num-server-rounds": 5, "fraction-fit": 0.1, "defense": "fedavg"},
                      {**BASE, "num-server-rounds": 5, "fraction-fit": 0.1, "defense": "fdcr"},
                      {**BASE, "num-server-rounds": 5, "fraction-fit": 0.1, "defense": "fdcr", "fisher-half": True}]),
@@ -98,6 +102,13 @@ def _rss(pid: int) -> int:
     return 0
 
 
+def _suffix(cell: dict) -> str:
+    """What tells a cell's run folder from another of the same defense (see flwr_runs.run_cell)."""
+    return ("-fisher16" if cell.get("fisher-half") else "") + \
+        (f"-fs{cell['fisher-samples']}" if "fisher-samples" in cell else "") + \
+        (f"-e{cell['local-epochs']}" if cell["local-epochs"] != 1 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=sorted(SUITES))
@@ -114,7 +125,7 @@ def main() -> None:
         for cell in cells:
             stop_managed_superlink(flwr_home)  # each cell's memory is its own: a fresh SuperLink
             with TreeRSS(f"flower-superlink.*{flwr_home}") as rss:
-                summary = run_cell(cell, out, num_nodes, env, app, suffix="-fisher16" if cell.get("fisher-half") else "")
+                summary = run_cell(cell, out, num_nodes, env, app, suffix=_suffix(cell))
             run_dir = out / summary["name"]
             memory = run_dir / "peak_rss.json"
             if rss.peak:  # a reused cell keeps the peak measured when it ran
@@ -139,7 +150,9 @@ def main() -> None:
         c = r["cell"]
         needs = c["defense"] in ("fdcr", "sdfc")
         payload = "-" if not needs else str(len(encode_fisher(np.zeros(CNN_SMALL_PARAMETERS), half=c.get("fisher-half", False))))
-        label = c["defense"] + (" (Fisher float16)" if c.get("fisher-half") else "")
+        label = c["defense"] + (" (Fisher float16)" if c.get("fisher-half") else "") \
+            + (f" (fisher-samples {c['fisher-samples']})" if "fisher-samples" in c else "") \
+            + (f" ({c['local-epochs']} local epochs)" if c["local-epochs"] != 1 else "")
         print(f"| {label} | {payload} | {r['first']:.2f} | {r['round']:.2f} | {r['round'] / ref:.2f} | {r['agg']:.4f} | "
               f"{r['peak_rss'] / 2**30:.2f} | {r['summary']['final']['accuracy']:.3f} |")
 
