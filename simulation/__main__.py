@@ -1,4 +1,5 @@
-"""python -m simulation run <grid.toml> | python -m simulation report <runs folder> (also: python -m simulation <grid.toml>)."""
+"""python -m simulation run <grid.toml> | python -m simulation report <runs folder> (also: python -m simulation
+<grid.toml>; installed, the console script ``fl-defense`` takes the same arguments)."""
 
 import sys
 

@@ -61,3 +61,12 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path):
 @pytest.mark.parametrize("name", ["smoke", "rlr_fmnist_iid", "fdcr_dirichlet", "fedward_nir"])
 def test_shipped_grids_are_valid(name):
     assert Grid.load(ROOT / "simulation" / "grids" / f"{name}.toml").cells
+
+
+def test_the_console_script_is_the_simulation_entry_point():
+    from importlib.metadata import entry_points
+
+    import simulation.__main__ as cli
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "fl-defense"]
+    assert script.load() is cli.main
