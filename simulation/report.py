@@ -28,6 +28,12 @@ def _mean_std(series) -> str:
     return f"{s.mean():.3f}" if len(s) == 1 else f"{s.mean():.3f} ± {s.std(ddof=1):.3f}"
 
 
+def _partition(d: dict) -> str:
+    """'iid', 'dirichlet a=0.5', 'nir 0.25', ..."""
+    return d["partitioner"] + (f" a={d['dirichlet_alpha']}" if d["partitioner"] == "dirichlet" else "") \
+        + (f" {d['nir']}" if d["partitioner"] == "nir" else "")
+
+
 def _seconds(series) -> str:
     s = series.dropna()
     return "-" if s.empty else f"{s.mean():.2f}" if s.mean() >= 0.1 else f"{s.mean():.4f}"
@@ -53,8 +59,7 @@ def final_table(table) -> str:
     for key, g in last.groupby(SETTING + ["defense"], dropna=False, sort=True):
         times = per_cell.loc[g["cell"].unique()]
         d = dict(zip(SETTING + ["defense"], key))
-        part = d["partitioner"] + (f" a={d['dirichlet_alpha']}" if d["partitioner"] == "dirichlet" else "") \
-            + (f" nir={d['nir']}" if d["partitioner"] == "nir" else "")
+        part = _partition(d)
         attack = d["attack"] + ("" if d["model_poisoning"] == "none" else f"+{d['model_poisoning']}")
         lines.append(f"| {d['dataset']} | {part} | {attack} | {d['malicious_fraction']} | {d['defense']} | "
                      f"{g['seed'].nunique()} | {_mean_std(g['accuracy'])} | {_mean_std(g['attack_success_rate'])} | "
@@ -80,7 +85,7 @@ def plot_curves(table, out: Path) -> list[Path]:
         axes[1].set(title="attack success rate", xlabel="round", ylim=(0, 1))
         axes[1].legend(fontsize=8, ncol=2)
         d = dict(zip(SETTING, key))
-        fig.suptitle(f"{d['dataset']}, {d['partitioner']}, attack {d['attack']}, malicious {d['malicious_fraction']}",
+        fig.suptitle(f"{d['dataset']}, {_partition(d)}, attack {d['attack']}, malicious {d['malicious_fraction']}",
                      fontsize=10)
         fig.tight_layout()
         path = out / f"curves_{i}.png"
@@ -151,7 +156,7 @@ def plot_fraction(table, out: Path) -> list[Path]:
             ax.plot(s.index, s.values, marker="o", label=defense)
         d = dict(zip(others, key))
         ax.set(xlabel="malicious fraction", ylabel="attack success rate (final round)", ylim=(0, 1),
-               title=f"{d['dataset']}, {d['partitioner']}, {d['attack']}")
+               title=f"{d['dataset']}, {_partition(d)}, {d['attack']}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"asr_vs_fraction_{i}.png"
