@@ -26,6 +26,7 @@ TITLES = {
 GRIDS = {
     "rlr_fmnist_iid": "RLR paper, table 1 setting, reduced: Fashion-MNIST, iid, 10 clients, 1 attacker (plus trigger, "
                       "poison rate 0.5), theta 4, 20 rounds of 1 local epoch, 3 seeds",
+    "rlr_fmnist_iid_allclass": "rlr_fmnist_iid with the trigger on every class (not only the paper's base class)",
     "fdcr_dirichlet": "FDCR paper, table 4 settings, reduced: Fashion-MNIST (6 rounds of 1 epoch) and USPS (15 rounds "
                       "of 2 epochs), Dirichlet 0.5 / 0.3, 20% / 30% attackers (plus trigger, poison rate 0.5)",
     "fedward_nir": "Fedward's non-IID-rate settings, reduced: MNIST, NIR 0.25 / 0.5 / 0.75, 40% attackers with a "
