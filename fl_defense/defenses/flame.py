@@ -59,7 +59,7 @@ class FLAME(SeededNoise, Defense):
         np.fill_diagonal(dist, 0)
         if ru.n < 3:
             return np.zeros(ru.n, dtype=int)
-        return HDBSCAN(min_cluster_size=ru.n // 2 + 1, min_samples=1, metric="precomputed",
+        return HDBSCAN(min_cluster_size=ru.n // 2 + 1, min_samples=1, metric="precomputed", copy=True,
                        allow_single_cluster=True).fit(dist).labels_
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
