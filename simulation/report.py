@@ -128,7 +128,11 @@ def plot_weights(folder: Path, out: Path) -> Path | None:
     ax.set_xticks(range(len(rows)), [r["round"] for r in rows], fontsize=7)
     ax.set(xlabel="round", ylabel="client (partition)")
     summary = json.loads((folder / "summary.json").read_text())
-    ax.set_title(f"aggregation weight per client: {summary['config']['defense']}", fontsize=10)
+    c = summary["config"]
+    setting = {"partitioner": c.get("partitioner", "iid"), "dirichlet_alpha": c.get("dirichlet-alpha"),
+               "nir": c.get("nir")}
+    ax.set_title(f"aggregation weight per client: {c['defense']}, {c.get('dataset')}, {_partition(setting)}, "
+                 f"malicious {c.get('malicious-fraction')}, seed {c.get('seed')}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     path = out / f"weights_{folder.name}.png"
