@@ -36,21 +36,19 @@ MACHINE = "a 2-core AMD EPYC CPU (x86-64, AVX-512), 24 GiB, no GPU; torch 2.13.0
 
 
 def main() -> None:
-    for grid, title in GRIDS.items():
-        src = ROOT / "results" / "grids" / grid
+    jobs = [(ROOT / "results" / "grids" / grid, grid, title,
+             f"Produced on {MACHINE}, with `python -m simulation simulation/grids/{grid}.toml` (every cell "
+             f"through Flower's simulation engine, two client actors with one CPU each) and "
+             f"`python benchmarks/make_docs.py`. How this compares with the paper: [README.md](README.md).")
+            for grid, title in GRIDS.items()]
+    jobs += [(ROOT / "results" / "benchmarks" / suite, suite, title,
+              f"Produced on a 2-core CPU machine (no GPU) with `python benchmarks/flwr_runs.py {suite}` "
+              f"(every run through `flwr run .` and Flower's simulation engine) and "
+              f"`python benchmarks/make_docs.py`. One seed (42) per cell.")
+             for suite, title in TITLES.items()]
+    for src, name, title, note in jobs:
         if src.is_dir() and run_folders(src):
-            note = (f"Produced on {MACHINE}, with `python -m simulation simulation/grids/{grid}.toml` (every cell "
-                    f"through Flower's simulation engine, two client actors with one CPU each) and "
-                    f"`python benchmarks/make_docs.py`. How this compares with the paper: [README.md](README.md).")
-            print(write_report(src, ROOT / "docs" / "results" / grid, title, note))
-    for suite, title in TITLES.items():
-        src = ROOT / "results" / "benchmarks" / suite
-        if src.is_dir() and run_folders(src):
-            note = (f"Produced on a 2-core CPU machine (no GPU) with `python benchmarks/flwr_runs.py {suite}` "
-                    f"(every run through `flwr run .` and Flower's simulation engine) and "
-                    f"`python benchmarks/make_docs.py`. One seed (42) per cell.")
-            print(write_report(src, ROOT / "docs" / "results" / suite, title, note))
-
+            print(write_report(src, ROOT / "docs" / "results" / name, title, note))
 
 if __name__ == "__main__":
     main()

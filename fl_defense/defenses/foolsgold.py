@@ -26,11 +26,6 @@ def history_gram(history: torch.Tensor, rows: list[int], block_bytes: int = 4 <<
     return gram
 
 
-def foolsgold_weights(history: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
-    """Algorithm 1 of the paper over the clients' update histories (one row each)."""
-    return foolsgold_weights_from_gram(gram_matrix(history), kappa)
-
-
 def foolsgold_weights_from_gram(gram: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:
     """Algorithm 1 from the histories' Gram matrix (float64, symmetric)."""
     n = gram.shape[0]
