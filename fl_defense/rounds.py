@@ -18,7 +18,7 @@ import torch
 from .defenses.base import Defense
 from .fisher import FisherDecodeError, decode_fisher
 from .updates import ParamLayout, RoundUpdates, reuse_rows
-from .validation import check_arrays, check_num_examples
+from .validation import check_arrays, check_num_examples, check_update
 
 log = logging.getLogger("fl_defense")
 
@@ -140,13 +140,13 @@ class DefendedAggregation:
         record = RoundRecord(server_round=server_round, defense=self.defense.name,
                              detects=self.defense.detects, failures=failures,
                              ground_truth=dict(ground_truth or {}))
-        valid, fishers = [], []
+        candidates, fishers = [], []
         # Results arrive in completion order; a fixed order (partition, then client id) makes the
         # floating-point sums, and so the whole run, reproducible.
         results = sorted(results, key=lambda r: (_sort_key(r.metrics.get(PARTITION_KEY)), str(r.client_id)))
         for res in results:
             reason = res.metrics.get(METRICS_ERROR_KEY) or check_num_examples(res.num_examples) or check_arrays(
-                res.arrays, layout, self.max_update_norm, global_arrays)
+                res.arrays, layout)
             fisher = None
             if reason is None and self.defense.needs_fisher:
                 try:
@@ -154,11 +154,14 @@ class DefendedAggregation:
                 except FisherDecodeError as err:
                     reason = str(err)
             if reason is not None:
-                log.warning("round %d: rejected result of client %s: %s", server_round, res.client_id, reason)
-                record.rejected.append({"client_id": res.client_id, "reason": reason})
+                self._reject(record, res, reason)
                 continue
-            valid.append(res)
+            candidates.append(res)
             fishers.append(fisher)
+        valid, updates, global_vec = candidates, None, None
+        if len(candidates) >= self.min_clients:  # else the round is kept below, without flattening
+            valid, fishers, updates, global_vec = self._flatten_checked(layout, global_arrays, candidates,
+                                                                        fishers, record)
 
         record.client_ids = [r.client_id for r in valid]
         record.partition_ids = [_as_int(r.metrics.get(PARTITION_KEY)) for r in valid]
@@ -175,11 +178,13 @@ class DefendedAggregation:
             log.warning("round %d: global model kept unchanged: %s", server_round, record.reason)
             record.weights = [0.0] * len(valid)
             record.flagged = [False] * len(valid)
+            if not self.keep_workspace:
+                self._workspace.clear()
             record.aggregation_seconds = time.perf_counter() - t0
             self.records.append(record)
             return None, self._metrics(record)
 
-        round_updates, global_vec = self._build_round(layout, global_arrays, valid, fishers)
+        round_updates = self._build_round(updates, valid, fishers, layout)
         result = self.defense.aggregate(global_vec, round_updates)
         weights = result.weights.detach().to("cpu", torch.float64).numpy()
         buffers = self._average_buffers(layout, valid, weights)
@@ -195,13 +200,33 @@ class DefendedAggregation:
         self.records.append(record)
         return new_arrays, self._metrics(record)
 
-    def _build_round(self, layout: ParamLayout, global_arrays: list[np.ndarray], valid: list[ClientResult],
-                     fishers: list) -> tuple[RoundUpdates, torch.Tensor]:
-        n, d = len(valid), layout.dim
+    def _reject(self, record: RoundRecord, res: ClientResult, reason: str) -> None:
+        log.warning("round %d: rejected result of client %s: %s", record.server_round, res.client_id, reason)
+        record.rejected.append({"client_id": res.client_id, "reason": reason})
+
+    def _flatten_checked(self, layout: ParamLayout, global_arrays: list[np.ndarray], candidates: list[ClientResult],
+                         fishers: list, record: RoundRecord) -> tuple[list[ClientResult], list, torch.Tensor, torch.Tensor]:
+        """Flatten each candidate's delta_k = w_k - w into the next free row of the updates matrix
+        and check its values there (``check_update``) while the row is in cache; a rejected row
+        is overwritten by the next candidate. Returns the accepted results, their Fisher
+        diagonals, the matrix of their rows and the global vector."""
         global_vec = layout.flatten(global_arrays, self.device)
-        updates = self._matrix("updates", n, d)
-        for k, res in enumerate(valid):
-            layout.flatten_into(res.arrays, updates[k], minus=global_vec)  # delta_k = w_k - w, one pass
+        updates = self._matrix("updates", len(candidates), layout.dim)
+        valid, kept_fishers = [], []
+        for res, fisher in zip(candidates, fishers):
+            row = updates[len(valid)]
+            layout.flatten_into(res.arrays, row, minus=global_vec)  # one pass
+            reason = check_update(row, res.arrays, layout, self.max_update_norm)
+            if reason is not None:
+                self._reject(record, res, reason)
+                continue
+            valid.append(res)
+            kept_fishers.append(fisher)
+        return valid, kept_fishers, updates[:len(valid)], global_vec
+
+    def _build_round(self, updates: torch.Tensor, valid: list[ClientResult], fishers: list,
+                     layout: ParamLayout) -> RoundUpdates:
+        n, d = updates.shape
         fisher = None
         if self.defense.needs_fisher:
             fisher = self._matrix("fisher", n, d)
@@ -213,7 +238,7 @@ class DefendedAggregation:
         num_examples = torch.tensor([float(r.num_examples) for r in valid], dtype=torch.float64)
         return RoundUpdates(updates=updates, num_examples=num_examples,
                             client_ids=[stable_identity(r) for r in valid],
-                            layer_slices=layout.layer_slices, fisher=fisher), global_vec
+                            layer_slices=layout.layer_slices, fisher=fisher)
 
     def _matrix(self, name: str, n: int, d: int) -> torch.Tensor:
         """An n x d float32 matrix from the workspace (``updates.reuse_rows``)."""

@@ -6,33 +6,54 @@ never allowed to crash the round.
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 
 import numpy as np
+import torch
 
 from .updates import ParamLayout
 
 
-def check_arrays(arrays: object, layout: ParamLayout, max_update_norm: float = 0.0,
-                 global_arrays: list[np.ndarray] | None = None) -> str | None:
+def check_arrays(arrays: object, layout: ParamLayout) -> str | None:
+    """Structure (count, shapes, dtypes) of a client's arrays, and the values of its buffers.
+
+    The trainable arrays' values are checked on the flattened update instead (``check_update``),
+    in the same pass that builds the updates matrix, while the row is still in cache."""
     if not isinstance(arrays, (list, tuple)):
         return f"parameters must be a list of arrays, got {type(arrays).__name__}"
     if len(arrays) != len(layout.shapes):
         return f"expected {len(layout.shapes)} arrays, got {len(arrays)}"
-    for i, (a, shape, dtype) in enumerate(zip(arrays, layout.shapes, layout.dtypes)):
+    for i, (a, shape, dtype, trainable) in enumerate(zip(arrays, layout.shapes, layout.dtypes, layout.trainable)):
         if not isinstance(a, np.ndarray):
             return f"array {i} is a {type(a).__name__}, not an ndarray"
         if tuple(a.shape) != shape:
             return f"array {i} has shape {tuple(a.shape)}, expected {shape}"
         if np.dtype(dtype).kind != a.dtype.kind and not (np.dtype(dtype).kind in "iu" and a.dtype.kind in "iu"):
             return f"array {i} has dtype {a.dtype}, expected {dtype}"
-        if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+        if not trainable and a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
             return f"array {i} contains NaN or Inf"
-    if max_update_norm > 0 and global_arrays is not None:
-        sq = sum(float(np.sum((arrays[i].astype(np.float64) - global_arrays[i]) ** 2)) for i in layout.trainable_indices)
-        if not sq ** 0.5 <= max_update_norm:
-            return f"update norm {sq ** 0.5:.3g} exceeds the bound {max_update_norm:g}"
     return None
+
+
+def check_update(row: torch.Tensor, arrays: list[np.ndarray], layout: ParamLayout,
+                 max_update_norm: float = 0.0) -> str | None:
+    """The values of one flattened update delta_k = w_k - w (float32, as the defenses see it).
+
+    One dot product decides the common case: ||delta||^2 is finite exactly when every entry is
+    finite and the norm does not overflow float32 (the Gram-based defenses would get inf or NaN
+    distances from such a row). Only a rejected row is looked at again, to name the array."""
+    sq = float(torch.dot(row, row))
+    if math.isfinite(sq):
+        if max_update_norm > 0 and not math.sqrt(sq) <= max_update_norm:
+            return f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}"
+        return None
+    for i, sl in zip(layout.trainable_indices, layout.layer_slices):
+        if not np.all(np.isfinite(arrays[i])):
+            return f"array {i} contains NaN or Inf"
+        if not bool(torch.isfinite(row[sl]).all()):
+            return f"array {i} minus the global model is not finite in float32 (overflow)"
+    return f"update norm overflows float32 (||delta||^2 > {np.finfo(np.float32).max:.3g})"
 
 
 def check_num_examples(num_examples: object) -> str | None:

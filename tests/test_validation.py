@@ -149,3 +149,49 @@ def test_workspace_is_reused_or_freed_and_results_do_not_depend_on_it(keep):
                       (second, fresh().aggregate(2, glob, smaller)[0])):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
+
+
+def test_values_are_checked_on_the_flattened_update():
+    """Values are checked on delta_k = w_k - w in float32, the row the defenses see: NaN or Inf
+    names its array, a finite update whose difference or norm overflows float32 is rejected
+    (it would give Krum or FLAME infinite distances), non-finite buffers are rejected, and
+    accepted rows are packed so the round equals one without the rejected clients."""
+    from fl_defense.defenses import Krum
+
+    rng = np.random.default_rng(5)
+    g = model_arrays(rng)
+    g[3] = g[3].astype(np.float32)
+    ok = [ClientResult(str(k), [a + rng.normal(scale=0.01, size=a.shape).astype(a.dtype) for a in g], 5)
+          for k in range(6)]
+    bad = {
+        "inf": [g[0], g[1], np.full_like(g[2], np.inf), g[3]],
+        "diff": [g[0], np.where(g[1] > 0, 3e38, -3e38).astype(np.float32), g[2], g[3]],  # finite, w - g overflows
+        "norm": [np.full_like(g[0], 1e20), g[1], g[2], g[3]],  # finite, ||delta||^2 overflows
+    }
+    glob = [g[0], np.zeros_like(g[1]) - np.where(g[1] > 0, 1e38, -1e38).astype(np.float32), g[2], g[3]]
+    results = [ok[0], ClientResult("inf", bad["inf"], 5), ok[1], ClientResult("diff", bad["diff"], 5)]
+    results += [ClientResult("norm", bad["norm"], 5)] + ok[2:]
+    shifted = lambda res: ClientResult(res.client_id, [res.arrays[0], res.arrays[1] + glob[1], *res.arrays[2:]], 5)  # noqa: E731
+    results = [shifted(r) if r.client_id not in bad else r for r in results]
+    agg = DefendedAggregation(Krum(num_malicious=1, to_keep=4))
+    new, metrics = agg.aggregate(1, glob, results)
+    reasons = {r["client_id"]: r["reason"] for r in agg.records[-1].rejected}
+    assert set(reasons) == {"inf", "diff", "norm"} and metrics["num-valid"] == 6
+    assert "array 2 contains NaN or Inf" in reasons["inf"]
+    assert "array 1" in reasons["diff"] and "overflow" in reasons["diff"]
+    assert "norm overflows" in reasons["norm"]
+    want, _ = DefendedAggregation(Krum(num_malicious=1, to_keep=4)).aggregate(
+        1, glob, [shifted(r) for r in ok])
+    for a, b in zip(new, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_buffers_are_rejected():
+    rng = np.random.default_rng(6)
+    g = model_arrays(rng)
+    trainable = [True, True, True, False]
+    results = [ClientResult(str(k), [a + 0.01 for a in g], 5) for k in range(3)]
+    results[1].arrays[3] = np.full_like(g[3], np.nan)
+    agg = DefendedAggregation(FedAvg(), trainable=trainable)
+    _, metrics = agg.aggregate(1, g, results)
+    assert metrics["num-rejected"] == 1 and "array 3 contains NaN" in agg.records[-1].rejected[0]["reason"]

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
+from .parallel import parallel_map, workers
 
 
 def uses_numpy(x: torch.Tensor, backend: str | None = None) -> bool:
@@ -48,9 +49,11 @@ def weighted_mean(round_updates: RoundUpdates, updates: torch.Tensor | None = No
     return w @ u, w
 
 
-def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None, backend: str | None = None):
+def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None, backend: str | None = None,
+                         blocks: list[slice] | None = None):
     """Yield ``(cols, s)`` with ``s`` = ``u[rows][:, cols]`` sorted along dim 0 (n x B), block by
-    block (``rows``: a subset of the rows, default all; selected per block, never copied whole).
+    block (``rows``: a subset of the rows, default all; selected per block, never copied whole;
+    ``blocks``: the column blocks to visit, default all of ``sorted_blocks(u, backend)``).
 
     Every order statistic of a column (median, trimmed mean, Bulyan's window) comes from one sort.
     On the CPU each block is transposed into a small reused buffer and its rows sorted by numpy,
@@ -60,16 +63,17 @@ def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None, backend
     choice by device (tests run the GPU path on the CPU this way).
     """
     n = u.shape[0] if rows is None else len(rows)
+    blocks = sorted_blocks(u, backend) if blocks is None else blocks
     if not uses_numpy(u, backend):
         idx = None if rows is None else torch.as_tensor(rows, device=u.device)
-        for cols in column_blocks(u):
+        for cols in blocks:
             block = u[:, cols] if idx is None else u[idx, cols]
             yield cols, block.sort(dim=0).values
         return
     un = u.detach().numpy()
     idx = None if rows is None else np.asarray(rows)
     buf = None
-    for cols in column_blocks(u, block_bytes=2 << 20):
+    for cols in blocks:
         if buf is None:
             buf = np.empty((cols.stop - cols.start, n), dtype=un.dtype)
         block = buf[: cols.stop - cols.start]
@@ -78,11 +82,25 @@ def sorted_column_blocks(u: torch.Tensor, rows: list[int] | None = None, backend
         yield cols, torch.from_numpy(block).T
 
 
+def sorted_blocks(u: torch.Tensor, backend: str | None = None) -> list[slice]:
+    """The column blocks ``sorted_column_blocks`` visits: 2 MB transposition buffers on the CPU."""
+    return list(column_blocks(u, block_bytes=(2 << 20) if uses_numpy(u, backend) else (4 << 20)))
+
+
 def reduce_sorted_columns(u: torch.Tensor, fn, rows: list[int] | None = None, backend: str | None = None) -> torch.Tensor:
-    """``fn(s)`` over every sorted column block ``s`` (n x B -> B), written into one d-vector."""
+    """``fn(s)`` over every sorted column block ``s`` (n x B -> B), written into one d-vector.
+    On the CPU the blocks are shared out among the threads (``parallel.parallel_map``): every
+    block is computed the same way whichever thread takes it, so ``fn`` must only read ``s``."""
     out = torch.empty(u.shape[1], dtype=u.dtype, device=u.device)
-    for cols, s in sorted_column_blocks(u, rows, backend):
-        out[cols] = fn(s)
+    blocks = sorted_blocks(u, backend)
+    k = workers() if uses_numpy(u, backend) else 1
+    groups = [g for g in (blocks[i * len(blocks) // k:(i + 1) * len(blocks) // k] for i in range(k)) if g]
+
+    def run(group: list[slice]) -> None:
+        for cols, s in sorted_column_blocks(u, rows, backend, blocks=group):
+            out[cols] = fn(s)
+
+    parallel_map(run, groups)
     return out
 
 

@@ -8,16 +8,26 @@ import torch
 from ..updates import RoundUpdates
 from .aggregators import reduce_sorted_columns, uses_numpy
 from .base import Defense, DefenseResult
+from .parallel import column_chunks, parallel_map
+
+
+GRAM_CHUNK = 1 << 17  # columns per partial product: fixed, so the sum is the same for any thread count
 
 
 def gram_matrix(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """x x^T from one float32 product (a float64 one costs ~9x more on CPU), symmetrised (blocked
+    """x x^T from float32 products (a float64 one costs ~9x more on CPU), symmetrised (blocked
     BLAS need not return exactly equal halves) and in float64 for what is computed from it. On the
     CPU through numpy, whose matmul runs x @ x.T as a symmetric rank-k update (half the work of
-    a general product); ``backend="torch"`` forces the path other devices take."""
+    a general product), over pieces of ``GRAM_CHUNK`` columns shared out among the threads
+    (``parallel.parallel_map``; BLAS alone does not split the long inner dimension) and summed in
+    float64 in column order; ``backend="torch"`` forces the path other devices take."""
     if uses_numpy(x, backend):
         xn = x.detach().numpy()
-        gram = torch.from_numpy(np.matmul(xn, xn.T)).double()
+        parts = parallel_map(lambda sl: np.matmul(xn[:, sl], xn[:, sl].T), column_chunks(xn.shape[1], GRAM_CHUNK))
+        total = parts[0].astype(np.float64) if parts else np.zeros((xn.shape[0],) * 2)
+        for part in parts[1:]:
+            total += part
+        gram = torch.from_numpy(total)
     else:
         gram = (x @ x.T).double()
     return (gram + gram.T) / 2
@@ -119,7 +129,9 @@ class Krum(Defense):
         keep[chosen] = True
         w = torch.where(keep, ru.sample_weights, 0.0)
         w = w / w.sum()
-        return DefenseResult(params=global_params + w @ ru.updates, weights=w, flagged=~keep)
+        # Krum's step is the chosen row itself: no pass over the matrix for a one-hot mean
+        step = ru.updates[chosen[0]] if len(chosen) == 1 else w @ ru.updates
+        return DefenseResult(params=global_params + step, weights=w, flagged=~keep)
 
 
 class Bulyan(Defense):

@@ -1,0 +1,84 @@
+"""Column-parallel CPU work: pieces of the round's matrix, taken by column, on every core.
+
+The two costs that bound the distance- and order-based defenses on the CPU do not use a second
+core by themselves: OpenBLAS threads the Gram product ``x x^T`` over its n output rows, not its
+long inner dimension (at n = 100, d = 1.2M two BLAS threads are no faster than one), and numpy's
+row sort is single-threaded. Both release the GIL, so Python threads over column pieces use every
+core (docs/results/aggregation.md). ``parallel_map`` runs them on ``torch.get_num_threads()``
+threads, with BLAS held to one thread per call meanwhile so the workers do not oversubscribe.
+
+Callers cut their pieces by shape alone (``column_chunks``), never by the thread count, and
+combine them in order, so a result does not depend on how many threads computed it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_lock = threading.Lock()  # one parallel section at a time (the BLAS limit is process-wide)
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_controller = None
+
+
+def workers() -> int:
+    """Threads a parallel section uses: torch's intra-op thread count (``--threads`` in the
+    benchmarks, one per core by default)."""
+    return max(1, torch.get_num_threads())
+
+
+def column_chunks(d: int, width: int) -> list[slice]:
+    """[0, d) cut into pieces of ``width`` columns (the last one shorter)."""
+    return [slice(s, min(d, s + width)) for s in range(0, d, max(1, width))]
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]``, on up to ``workers()`` threads when there is more than one
+    item and more than one thread; in order. Serial inside a worker (no nested sections)."""
+    items = list(items)
+    k = min(workers(), len(items))
+    if k <= 1 or getattr(_local, "worker", False):
+        return [fn(x) for x in items]
+    with _lock:
+        pool = _executor(k)
+        with _blas_one_thread():
+            return list(pool.map(fn, items))
+
+
+def _mark_worker() -> None:
+    _local.worker = True
+
+
+def _executor(k: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size != k:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="fl-defense-columns",
+                                   initializer=_mark_worker)
+        _pool_size = k
+    return _pool
+
+
+def _blas_one_thread():
+    """BLAS held to one thread while the section runs (numpy's OpenBLAS would otherwise start
+    its own threads inside every worker's call: measured 2x slower)."""
+    global _controller
+    try:
+        if _controller is None:
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController()
+        return _controller.limit(limits=1, user_api="blas")
+    except Exception:  # threadpoolctl missing or unable to inspect the loaded libraries
+        return nullcontext()
