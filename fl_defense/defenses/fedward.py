@@ -9,6 +9,7 @@ from ..updates import RoundUpdates
 from .aggregators import column_blocks, row_min_max, uses_numpy
 from .base import Defense, DefenseResult
 from .krum import distances_from_gram, gram_matrix, squared_distances
+from .parallel import parallel_map
 
 CLIP_REFERENCES = ("admitted", "all")
 
@@ -68,21 +69,35 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
             gram += gram_matrix(block, backend=backend)
         return gram
     u = updates.detach().numpy()
-    gram = np.zeros((n, n))
+    blocks = [(li, cols) for li, sl in enumerate(layer_slices) for cols in column_blocks(updates, within=sl)]
+
+    def extremes(block):  # max |delta| per row over the block
+        x = u[:, block[1]]
+        return np.maximum(-x.min(axis=1), x.max(axis=1))
+
+    m = np.zeros((len(layer_slices), n), dtype=u.dtype)
+    for (li, _), part in zip(blocks, parallel_map(extremes, blocks)):
+        np.maximum(m[li], part, out=m[li])
+    half = m / 2  # |delta| / m rounds to 1 exactly when |delta| > m / 2
+
+    def counts(block):  # the block's ternary-sign counts (exact int32) and its rows' L1 norms
+        li, cols = block
+        x = u[:, cols]
+        h = half[li][:, None]
+        t = np.subtract(np.greater(x, h).view(np.int8), np.less(x, -h).view(np.int8))
+        return ternary_gram(torch.from_numpy(t)).numpy(), \
+            (np.abs(x).sum(axis=1, dtype=np.float64) if l1 is not None else None)
+
+    layer_counts = np.zeros((len(layer_slices), n, n), dtype=np.int64)
     l1_sum = np.zeros(n)
-    for sl in layer_slices:
-        lo, hi = row_min_max(updates[:, sl])
-        m = torch.maximum(-lo, hi).numpy()
-        half = (m / 2)[:, None]  # |delta| / m rounds to 1 exactly when |delta| > m / 2
-        counts = torch.zeros((n, n), dtype=torch.int64)
-        for cols in column_blocks(updates, within=sl):
-            x = u[:, cols]
-            if l1 is not None:
-                l1_sum += np.abs(x).sum(axis=1, dtype=np.float64)
-            t = np.subtract(np.greater(x, half).view(np.int8), np.less(x, -half).view(np.int8))
-            counts += ternary_gram(torch.from_numpy(t))
-        m64 = m.astype(np.float64)
-        gram += counts.numpy() * np.outer(m64, m64)
+    for (li, _), (c, l1_part) in zip(blocks, parallel_map(counts, blocks)):  # in column order
+        layer_counts[li] += c
+        if l1_part is not None:
+            l1_sum += l1_part
+    gram = np.zeros((n, n))
+    for li in range(len(layer_slices)):
+        m64 = m[li].astype(np.float64)
+        gram += layer_counts[li] * np.outer(m64, m64)
     if l1 is not None:
         l1 += torch.from_numpy(l1_sum).to(l1)
     return torch.from_numpy(gram)

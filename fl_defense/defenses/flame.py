@@ -43,6 +43,12 @@ class FLAME(SeededNoise, Defense):
             raise ValueError("noise_lambda must be >= 0")
 
     def cluster(self, global_params: torch.Tensor, ru: RoundUpdates) -> np.ndarray:
+        """HDBSCAN labels over the cosine distances (-1: noise)."""
+        return self._cluster(global_params, ru)[0]
+
+    def _cluster(self, global_params: torch.Tensor, ru: RoundUpdates) -> tuple[np.ndarray, torch.Tensor | None]:
+        """The labels, and the updates' squared norms when the Gram was of the whole updates
+        (its diagonal; else None), which spares clipping a pass over the matrix."""
         from sklearn.cluster import HDBSCAN
 
         x, g = ru.updates, global_params
@@ -50,6 +56,7 @@ class FLAME(SeededNoise, Defense):
             cols = slice(ru.layer_slices[-2].start, None)  # last weight + bias
             x, g = x[:, cols], g[cols]
         gram = gram_matrix(x)
+        sq_norms = gram.diagonal().clone() if x is ru.updates else None
         if self.cluster_on == "models":
             # (u_i + g).(u_j + g) from the updates' Gram matrix: no n x d matrix of models is built
             ug = (x @ g).double()
@@ -58,17 +65,18 @@ class FLAME(SeededNoise, Defense):
         dist = (1 - gram / (norms[:, None] * norms[None, :])).clamp_min(0).cpu().numpy()
         np.fill_diagonal(dist, 0)
         if ru.n < 3:
-            return np.zeros(ru.n, dtype=int)
+            return np.zeros(ru.n, dtype=int), sq_norms
         return HDBSCAN(min_cluster_size=ru.n // 2 + 1, min_samples=1, metric="precomputed", copy=True,
-                       allow_single_cluster=True).fit(dist).labels_
+                       allow_single_cluster=True).fit(dist).labels_, sq_norms
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         ru = round_updates
-        labels = self.cluster(global_params, ru)
+        labels, sq_norms = self._cluster(global_params, ru)
         clusters, counts = np.unique(labels[labels >= 0], return_counts=True)
         admitted = labels == clusters[np.argmax(counts)] if len(clusters) else np.ones(ru.n, dtype=bool)
         adm = torch.as_tensor(admitted, device=ru.device)
-        norms = torch.linalg.vector_norm(ru.updates, dim=1)
+        norms = torch.linalg.vector_norm(ru.updates, dim=1) if sq_norms is None else \
+            sq_norms.clamp_min(0).sqrt().to(ru.updates.dtype)
         bound = norms.median()
         scale = torch.clamp(bound / norms.clamp_min(1e-12), max=1.0)
         w = adm.float() / adm.sum()
