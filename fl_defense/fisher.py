@@ -72,24 +72,54 @@ def _check_values(fisher: np.ndarray, expected_len: int) -> np.ndarray:
     return fisher
 
 
+FISHER_METHODS = ("auto", "layers", "vmap")
+
+
 def empirical_fisher(
     model: torch.nn.Module,
     inputs: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int = 64,
     max_samples: int | None = 512,
+    method: str = "auto",
 ) -> np.ndarray:
     """Diagonal empirical Fisher over the trainable parameters, flattened in parameter order.
 
-    Per-sample squared gradients of -log p(y_i | x_i) are averaged; per-sample gradients come from
-    ``torch.func`` (vmap over grad), so a batch costs one vectorised backward pass.
-    """
-    from torch.func import functional_call, grad, vmap
+    Per-sample squared gradients of -log p(y_i | x_i) are averaged. Two ways to the same numbers:
 
+    - ``"layers"``: one batched forward and backward pass, and per layer the sum over samples of
+      the squared per-sample gradient from the layer's inputs a_i and output gradients g_i. For a
+      linear layer the per-sample gradient is g_i a_i^T, so the sum of its squares is
+      (g^2)^T (a^2), one product; a convolution's per-sample gradient is formed from its unfolded
+      inputs (it shares weights over positions) and squared. Needs every trainable parameter in a
+      ``Linear`` (2-d inputs) or ``Conv2d`` (zero padding, one group) used once per forward.
+    - ``"vmap"``: per-sample gradients of the whole model from ``torch.func`` (vmap over grad),
+      for any model.
+
+    ``"auto"`` takes ``"layers"`` where the model allows it, else ``"vmap"``.
+    """
+    if method not in FISHER_METHODS:
+        raise ValueError(f"method must be one of {FISHER_METHODS}, got {method!r}")
     model.eval()
     if max_samples is not None and len(inputs) > max_samples:
         inputs, labels = inputs[:max_samples], labels[:max_samples]
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    total = None
+    if method in ("auto", "layers"):
+        total = _layerwise_squared_gradients(model, params, inputs, labels, batch_size)
+        if total is None and method == "layers":
+            raise ValueError("the layer-wise Fisher does not cover this model (trainable parameters outside "
+                             "Linear/Conv2d layers, a layer used twice or changed in place); use method='vmap'")
+    if total is None:
+        total = _vmap_squared_gradients(model, params, inputs, labels, batch_size)
+    n = max(1, len(inputs))
+    return torch.cat([(total[k] / n).reshape(-1) for k in params]).cpu().numpy().astype(np.float32)
+
+
+def _vmap_squared_gradients(model, params, inputs, labels, batch_size) -> dict[str, torch.Tensor]:
+    from torch.func import functional_call, grad, vmap
+
+    detached = {k: v.detach() for k, v in params.items()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
     def nll(p, x, y):
@@ -97,13 +127,78 @@ def empirical_fisher(
         return torch.nn.functional.cross_entropy(out, y.unsqueeze(0))
 
     per_sample = vmap(grad(nll), in_dims=(None, 0, 0), randomness="different")
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    total = {k: torch.zeros_like(v) for k, v in detached.items()}
     for start in range(0, len(inputs), batch_size):
-        grads = per_sample(params, inputs[start : start + batch_size], labels[start : start + batch_size])
+        grads = per_sample(detached, inputs[start : start + batch_size], labels[start : start + batch_size])
         for k, g in grads.items():
             total[k] += (g**2).sum(dim=0)
-    n = max(1, len(inputs))
-    return torch.cat([(total[k] / n).reshape(-1) for k in params]).cpu().numpy().astype(np.float32)
+    return total
+
+
+def _layer_supported(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    if isinstance(module, torch.nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return False
+
+
+def _layerwise_squared_gradients(model, params, inputs, labels, batch_size) -> dict[str, torch.Tensor] | None:
+    """Sum over samples of squared per-sample gradients, layer by layer (``empirical_fisher``'s
+    ``"layers"``); None when the model is outside what this covers."""
+    names = {id(p): k for k, p in params.items()}
+    layers = []
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if not _layer_supported(module):
+            return None
+        layers.append(module)
+    if {id(p) for m in layers for p in m.parameters(recurse=False) if p.requires_grad} != set(names):
+        return None
+    seen: dict[torch.nn.Module, list] = {}
+
+    def keep(module, args, out):
+        seen.setdefault(module, []).append((args[0].detach(), out, out._version))
+
+    total = {k: torch.zeros_like(v, memory_format=torch.contiguous_format).detach() for k, v in params.items()}
+    handles = [m.register_forward_hook(keep) for m in layers]
+    try:
+        for start in range(0, len(inputs), batch_size):
+            seen.clear()
+            x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
+            with torch.enable_grad():
+                loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")  # d loss / d out_i = g_i
+            if len(seen) != len(layers) or any(
+                    len(v) != 1 or v[0][1]._version != v[0][2] or (isinstance(m, torch.nn.Linear) and v[0][0].ndim != 2)
+                    for m, v in seen.items()):
+                return None  # a layer skipped, used twice, changed in place after it ran, or over sequences
+            outs = [seen[m][0][1] for m in layers]
+            grads = torch.autograd.grad(loss, outs)
+            for m, g in zip(layers, grads):
+                a = seen[m][0][0]
+                w, b = m.weight, m.bias
+                if isinstance(m, torch.nn.Linear):
+                    if w.requires_grad:
+                        total[names[id(w)]] += (g * g).T @ (a * a)
+                    if b is not None and b.requires_grad:
+                        total[names[id(b)]] += (g * g).sum(dim=0)
+                    continue
+                g = g.reshape(g.shape[0], g.shape[1], -1)  # N x out x positions
+                if w.requires_grad:
+                    cols = torch.nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
+                                                      stride=m.stride)  # N x (C k k) x positions
+                    per_sample = torch.bmm(g, cols.transpose(1, 2))  # N x out x (C k k)
+                    total[names[id(w)]] += (per_sample * per_sample).sum(dim=0).reshape(w.shape)
+                if b is not None and b.requires_grad:
+                    gb = g.sum(dim=2)
+                    total[names[id(b)]] += (gb * gb).sum(dim=0)
+    finally:
+        for h in handles:
+            h.remove()
+        seen.clear()
+    return total
 
 
 class ValidationFisher:
