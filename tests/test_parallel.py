@@ -60,3 +60,20 @@ def test_gram_and_order_statistics_do_not_depend_on_the_thread_count(threads):
     xd = x.double().numpy()
     np.testing.assert_allclose(out[1][0].numpy(), xd @ xd.T, rtol=1e-5, atol=1e-2)
     np.testing.assert_array_equal(out[1][1].numpy(), np.median(x.numpy(), axis=0))
+
+
+def test_amgrad_gram_and_l1_do_not_depend_on_the_thread_count(threads):
+    from fl_defense.defenses.fedward import amgrad, amgrad_gram
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((9, 70_000), dtype=np.float32))
+    layers = [slice(0, 50_000), slice(50_000, 69_990), slice(69_990, 70_000)]
+    out = {}
+    for k in (1, 2):
+        threads(k)
+        l1 = torch.zeros(9, dtype=torch.float64)
+        out[k] = (amgrad_gram(x, layers, l1), l1)
+    assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])
+    a = amgrad(x, layers).double()
+    torch.testing.assert_close(out[1][0], a @ a.T, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out[1][1], x.double().abs().sum(dim=1), rtol=1e-6, atol=0)

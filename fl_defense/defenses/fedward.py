@@ -85,8 +85,9 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
         x = u[:, cols]
         h = half[li][:, None]
         t = np.subtract(np.greater(x, h).view(np.int8), np.less(x, -h).view(np.int8))
+        # L1 per block in torch's float32 sum (4x numpy's float64 one here), totalled in float64
         return ternary_gram(torch.from_numpy(t)).numpy(), \
-            (np.abs(x).sum(axis=1, dtype=np.float64) if l1 is not None else None)
+            (updates[:, cols].abs().sum(dim=1).numpy() if l1 is not None else None)
 
     layer_counts = np.zeros((len(layer_slices), n, n), dtype=np.int64)
     l1_sum = np.zeros(n)

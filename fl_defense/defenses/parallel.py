@@ -56,7 +56,10 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
 
 
 def _mark_worker() -> None:
+    """Worker threads run torch ops on one thread each: torch's thread count is per calling thread
+    (OpenMP), so this leaves the caller's own setting alone."""
     _local.worker = True
+    torch.set_num_threads(1)
 
 
 def _executor(k: int) -> ThreadPoolExecutor:
