@@ -43,7 +43,12 @@ def check_update(row: torch.Tensor, arrays: list[np.ndarray], layout: ParamLayou
     One dot product decides the common case: ||delta||^2 is finite exactly when every entry is
     finite and the norm does not overflow float32 (the Gram-based defenses would get inf or NaN
     distances from such a row). Only a rejected row is looked at again, to name the array."""
-    sq = float(torch.dot(row, row))
+    r = row.detach()
+    if r.device.type == "cpu":
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the answer, not an error
+            sq = float(np.dot(r.numpy(), r.numpy()))  # numpy's dot: 2x torch's here
+    else:
+        sq = float(torch.dot(r, r))
     if math.isfinite(sq):
         if max_update_norm > 0 and not math.sqrt(sq) <= max_update_norm:
             return f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}"

@@ -1,0 +1,104 @@
+"""The kernels behind the aggregation figures, alone: where the CPU time of a round goes.
+
+    python benchmarks/kernels.py            # n = 100, d = 1.2M
+
+Prints, for one n x d float32 matrix (best of three calls):
+- the Gram product x x^T: numpy with one BLAS thread, numpy with two BLAS threads, a general
+  (non-symmetric) product of the same size, and ``krum.gram_matrix`` (column pieces over the
+  torch threads) on one and two threads;
+- the coordinate sort behind median, trimmed mean and Bulyan: the block transposition alone, and
+  ``aggregators.reduce_sorted_columns`` on one and two threads;
+- checking client values: ``isfinite`` over every client array (the check before this round of
+  work) against one dot product per flattened row (``validation.check_update``), and the flatten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from fl_defense.defenses.aggregators import reduce_sorted_columns
+from fl_defense.defenses.krum import gram_matrix
+from fl_defense.updates import ParamLayout
+from fl_defense.validation import check_update
+
+
+def best(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--d", type=int, default=1_200_000)
+    args = parser.parse_args()
+    n, d = args.n, args.d
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    y = x.copy()
+    xt = torch.from_numpy(x)
+    rows = []
+
+    def with_threads(k, fn):
+        torch.set_num_threads(k)
+        with threadpool_limits(limits=k):
+            return best(fn)
+
+    rows.append(("Gram, numpy x @ x.T, 1 BLAS thread", with_threads(1, lambda: x @ x.T)))
+    rows.append(("Gram, numpy x @ x.T, 2 BLAS threads", with_threads(2, lambda: x @ x.T)))
+    rows.append(("general product x @ y.T (same size), 1 thread", with_threads(1, lambda: x @ y.T)))
+    rows.append(("Gram, gram_matrix, 1 thread", with_threads(1, lambda: gram_matrix(xt))))
+    rows.append(("Gram, gram_matrix, 2 threads (column pieces)", with_threads(2, lambda: gram_matrix(xt))))
+
+    def transpose_only():
+        block = 5242
+        buf = np.empty((block, n), np.float32)
+        for s in range(0, d, block):
+            w = min(block, d - s)
+            buf[:w] = x[:, s:s + w].T
+
+    rows.append(("block transposition alone, 1 thread", with_threads(1, transpose_only)))
+    rows.append(("sorted columns (median), 1 thread", with_threads(1, lambda: reduce_sorted_columns(xt, lambda s: s[n // 2]))))
+    rows.append(("sorted columns (median), 2 threads", with_threads(2, lambda: reduce_sorted_columns(xt, lambda s: s[n // 2]))))
+
+    shapes = [(int(d * 0.8) // 100, 100), (d - (int(d * 0.8) // 100) * 100,)]
+    arrays = [[rng.standard_normal(s, dtype=np.float32) for s in shapes] for _ in range(n)]
+    glob = [np.zeros(s, np.float32) for s in shapes]
+    layout = ParamLayout.from_arrays(glob)
+    gvec = layout.flatten(glob)
+    m = torch.empty(n, d)
+
+    def isfinite_all():
+        for a in arrays:
+            for arr in a:
+                np.all(np.isfinite(arr))
+
+    def flatten(check: bool):
+        for k, a in enumerate(arrays):
+            layout.flatten_into(a, m[k], minus=gvec)
+            if check:
+                check_update(m[k], a, layout)
+
+    rows.append(("isfinite over every client array, 1 thread", with_threads(1, isfinite_all)))
+    rows.append(("flatten into the matrix, 1 thread", with_threads(1, lambda: flatten(False))))
+    rows.append(("flatten + check_update per row, 1 thread", with_threads(1, lambda: flatten(True))))
+
+    print(f"n = {n}, d = {d}\n")
+    print("| kernel | seconds |")
+    print("|---|---|")
+    for name, t in rows:
+        print(f"| {name} | {t:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
