@@ -2,6 +2,7 @@
 
     python benchmarks/aggregation.py --threads 1            # n=100, d=1.2M (the issue's target point)
     python benchmarks/aggregation.py --n 10 100 500 --d 50000 1200000 11000000 --repeats 1
+    python benchmarks/aggregation.py --threads 2 --runs 3   # three fresh processes: each ratio's range
 
 For each (n, d): n client models of d float32 parameters in 4 layers, as Flower hands them to a
 strategy (lists of ndarrays). Timed, in the same process and run, on the same inputs:
@@ -22,7 +23,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -162,7 +169,13 @@ def main() -> None:
                         help="only these of our defenses (and Flower's aggregators whose name contains one)")
     parser.add_argument("--skip-flower-krum-above", type=int, default=100,
                         help="Flower's aggregate_krum loops over n^2 pairs in Python; skip it for larger n")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole measurement in this many fresh processes and print each "
+                             "ratio's range (timings vary more between processes than within one)")
+    parser.add_argument("--json", help=argparse.SUPPRESS)  # where a --runs child writes its rows
     args = parser.parse_args()
+    if args.runs > 1:
+        return run_processes(args)
     from threadpoolctl import threadpool_limits
 
     if args.threads:
@@ -172,17 +185,45 @@ def main() -> None:
           f"{max(p['num_threads'] for p in threadpoolctl_info())}, device: cpu\n")
     print("| n | d | method | seconds | ratio to Flower FedAvg | peak extra memory (x n*d*4 bytes) |")
     print("|---|---|---|---|---|---|")
-    skipped = []
+    skipped, all_rows = [], []
     for n in args.n:
         for d in args.d:
             if n * d * 4 / 2**30 > args.max_gb:
                 skipped.append((n, d))
                 continue
             for r in bench(n, d, args.repeats, args.skip_flower_krum_above, args.only):
+                all_rows.append(r)
                 print(f"| {r['n']} | {r['d']} | {r['method']} | {r['seconds']:.4f} | {r['ratio']:.3f} | "
                       f"{r['peak_extra']:.2f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(all_rows))
     for n, d in skipped:
         print(f"\nskipped n={n}, d={d}: the matrix alone is {n * d * 4 / 2**30:.1f} GiB (--max-gb {args.max_gb})")
+
+
+def run_processes(args: argparse.Namespace) -> None:
+    """``--runs K``: the measurement in K fresh processes, one after another; per method the
+    median seconds and the lowest, median and highest ratio over the runs."""
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--runs")
+    del argv[i:i + 2]
+    per_run = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.runs):
+            out = Path(tmp) / f"run{k}.json"
+            subprocess.run([sys.executable, __file__, *argv, "--json", str(out)], check=True,
+                           stdout=subprocess.DEVNULL)
+            per_run.append(json.loads(out.read_text()))
+            print(f"run {k + 1} of {args.runs} done", file=sys.stderr, flush=True)
+    print(f"{args.runs} runs, each in a fresh process; torch and BLAS threads: {args.threads or 'default'}\n")
+    print("| n | d | method | median seconds | ratio, lowest | ratio, median | ratio, highest | peak extra memory, highest |")
+    print("|---|---|---|---|---|---|---|---|")
+    for j, row in enumerate(per_run[0]):
+        same = [run[j] for run in per_run]
+        ratios = sorted(r["ratio"] for r in same)
+        secs = statistics.median(r["seconds"] for r in same)
+        print(f"| {row['n']} | {row['d']} | {row['method']} | {secs:.4f} | {ratios[0]:.3f} | "
+              f"{statistics.median(ratios):.3f} | {ratios[-1]:.3f} | {max(r['peak_extra'] for r in same):.2f} |")
 
 
 def threadpoolctl_info() -> list[dict]:
