@@ -92,11 +92,13 @@ def empirical_fisher(
       linear layer the per-sample gradient is g_i a_i^T, so the sum of its squares is
       (g^2)^T (a^2), one product; a convolution's per-sample gradient is formed from its unfolded
       inputs (it shares weights over positions) and squared. Needs every trainable parameter in a
-      ``Linear`` (2-d inputs) or ``Conv2d`` (zero padding, one group) used once per forward.
+      plain ``Linear`` (inputs of one row per sample) or ``Conv2d`` (zero padding, one group),
+      each layer with its own parameters and run once per forward pass; checked on every batch.
     - ``"vmap"``: per-sample gradients of the whole model from ``torch.func`` (vmap over grad),
       for any model.
 
-    ``"auto"`` takes ``"layers"`` where the model allows it, else ``"vmap"``.
+    Both give the same numbers up to float rounding where ``"layers"`` applies (tested against the
+    one-sample-at-a-time definition); ``"auto"`` takes ``"layers"`` there, else ``"vmap"``.
     """
     if method not in FISHER_METHODS:
         raise ValueError(f"method must be one of {FISHER_METHODS}, got {method!r}")
@@ -108,8 +110,9 @@ def empirical_fisher(
     if method in ("auto", "layers"):
         total = _layerwise_squared_gradients(model, params, inputs, labels, batch_size)
         if total is None and method == "layers":
-            raise ValueError("the layer-wise Fisher does not cover this model (trainable parameters outside "
-                             "Linear/Conv2d layers, a layer used twice or changed in place); use method='vmap'")
+            raise ValueError("the layer-wise Fisher does not cover this model (see _layerwise_squared_gradients: "
+                             "parameters outside plain Linear/Conv2d layers, shared or reused layers, in-place "
+                             "changes, samples folded into the batch); use method='vmap'")
     if total is None:
         total = _vmap_squared_gradients(model, params, inputs, labels, batch_size)
     n = max(1, len(inputs))
@@ -136,16 +139,23 @@ def _vmap_squared_gradients(model, params, inputs, labels, batch_size) -> dict[s
 
 
 def _layer_supported(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch.nn.Linear):
+    """Exactly a ``Linear`` or ``Conv2d`` (zero padding given as numbers, one group) whose own
+    parameters are its ``weight`` and ``bias`` (not subclasses, not reparametrised weights)."""
+    if {name for name, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}:
+        return False
+    if type(module) is torch.nn.Linear:
         return True
-    if isinstance(module, torch.nn.Conv2d):
+    if type(module) is torch.nn.Conv2d:
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
     return False
 
 
 def _layerwise_squared_gradients(model, params, inputs, labels, batch_size) -> dict[str, torch.Tensor] | None:
     """Sum over samples of squared per-sample gradients, layer by layer (``empirical_fisher``'s
-    ``"layers"``); None when the model is outside what this covers."""
+    ``"layers"``); None when the model is outside what this covers: a trainable parameter outside
+    a supported layer, a parameter shared by two layers, a layer run twice or not at all in a
+    forward pass, a layer input or output changed in place after the layer ran, or a layer whose
+    inputs do not have one row per sample (samples folded into the batch axis)."""
     names = {id(p): k for k, p in params.items()}
     layers = []
     for module in model.modules():
@@ -155,12 +165,21 @@ def _layerwise_squared_gradients(model, params, inputs, labels, batch_size) -> d
         if not _layer_supported(module):
             return None
         layers.append(module)
-    if {id(p) for m in layers for p in m.parameters(recurse=False) if p.requires_grad} != set(names):
+    owned = [id(p) for m in layers for p in m.parameters(recurse=False) if p.requires_grad]
+    if len(owned) != len(set(owned)) or set(owned) != set(names):
         return None
     seen: dict[torch.nn.Module, list] = {}
 
     def keep(module, args, out):
-        seen.setdefault(module, []).append((args[0].detach(), out, out._version))
+        seen.setdefault(module, []).append((args[0], args[0]._version, out, out._version))
+
+    def covered(m, v, batch) -> bool:
+        if len(v) != 1:
+            return False
+        a, a_version, out, out_version = v[0]
+        if a._version != a_version or out._version != out_version or a.shape[0] != batch:
+            return False
+        return a.ndim == 2 if isinstance(m, torch.nn.Linear) else True
 
     total = {k: torch.zeros_like(v, memory_format=torch.contiguous_format).detach() for k, v in params.items()}
     handles = [m.register_forward_hook(keep) for m in layers]
@@ -170,14 +189,15 @@ def _layerwise_squared_gradients(model, params, inputs, labels, batch_size) -> d
             x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
             with torch.enable_grad():
                 loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")  # d loss / d out_i = g_i
-            if len(seen) != len(layers) or any(
-                    len(v) != 1 or v[0][1]._version != v[0][2] or (isinstance(m, torch.nn.Linear) and v[0][0].ndim != 2)
-                    for m, v in seen.items()):
-                return None  # a layer skipped, used twice, changed in place after it ran, or over sequences
-            outs = [seen[m][0][1] for m in layers]
-            grads = torch.autograd.grad(loss, outs)
+            if len(seen) != len(layers) or not all(covered(m, v, len(x)) for m, v in seen.items()):
+                return None
+            outs = [seen[m][0][2] for m in layers]
+            # an output that does not reach the loss has zero per-sample gradients: nothing to add
+            grads = torch.autograd.grad(loss, outs, allow_unused=True)
             for m, g in zip(layers, grads):
-                a = seen[m][0][0]
+                if g is None:
+                    continue
+                a = seen[m][0][0].detach()
                 w, b = m.weight, m.bias
                 if isinstance(m, torch.nn.Linear):
                     if w.requires_grad:

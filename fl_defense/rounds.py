@@ -159,7 +159,7 @@ class DefendedAggregation:
             candidates.append(res)
             fishers.append(fisher)
         valid, updates, global_vec = candidates, None, None
-        if len(candidates) >= self.min_clients:  # else the round is kept below, without flattening
+        if candidates:  # values are checked on the flattened rows, even in a round that will be kept
             valid, fishers, updates, global_vec = self._flatten_checked(layout, global_arrays, candidates,
                                                                         fishers, record)
 

@@ -75,3 +75,66 @@ def test_unknown_method_is_refused():
     model = build_model("mlp", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="method"):
         empirical_fisher(model, *data((1, 8, 8), 10), method="exact")
+
+
+class Tied(nn.Module):
+    """Two linear layers sharing one weight: the squared sum of both uses is not the sum of squares."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class LoRALinear(nn.Linear):
+    """A Linear subclass with parameters of its own beyond weight and bias."""
+
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.lora = nn.Parameter(torch.randn(o, i) * 0.1)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora.T
+
+
+class Folded(nn.Module):
+    """A linear layer over positions: samples folded into the batch axis (N*T rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.step, self.out = nn.Linear(3, 4), nn.Linear(4 * 2, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        return self.out(torch.tanh(self.step(x.reshape(n * 2, 3))).reshape(n, 8))
+
+
+class UnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.out, self.aux = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        self.aux(h)  # computed, never reaches the loss
+        return self.out(h)
+
+
+@pytest.mark.parametrize("make,covered", [
+    (Tied, False), (lambda: nn.Sequential(LoRALinear(6, 4), nn.Tanh(), nn.Linear(4, 3)), False),
+    (Folded, False), (lambda: nn.utils.parametrizations.weight_norm(nn.Linear(6, 3)), False), (UnusedHead, True)])
+def test_layerwise_fisher_refuses_what_it_would_get_wrong(make, covered):
+    torch.manual_seed(0)
+    model = make()
+    x, y = data((6,), 3, n=9)
+    want = naive_fisher(model, x, y)
+    np.testing.assert_allclose(empirical_fisher(model, x, y, batch_size=4), want, rtol=2e-4, atol=1e-12)
+    if covered:
+        np.testing.assert_allclose(empirical_fisher(model, x, y, method="layers"), want, rtol=2e-4, atol=1e-12)
+    else:
+        with pytest.raises(ValueError, match="vmap"):
+            empirical_fisher(model, x, y, method="layers")

@@ -28,22 +28,55 @@ def test_parallel_map_keeps_order_uses_threads_and_does_not_nest(threads):
     names = parallel.parallel_map(lambda x: (x, threading.current_thread().name), range(8))
     assert [x for x, _ in names] == list(range(8))
     assert all(name.startswith("fl-defense-columns") for _, name in names)
-    # a section started inside a worker runs serially in that worker instead of waiting on the pool
-    inner = parallel.parallel_map(lambda x: parallel.parallel_map(lambda y: threading.current_thread().name, [x, x]), [0, 1])
-    assert all(len(set(names)) == 1 for names in inner)
+    # a section started inside a worker runs serially in that worker instead of waiting on the
+    # pool (which would deadlock: run with a timeout so a regression fails instead of hanging)
+    result = []
+    t = threading.Thread(target=lambda: result.append(parallel.parallel_map(
+        lambda x: parallel.parallel_map(lambda y: threading.current_thread().name, [x, x]), [0, 1])), daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "nested parallel_map deadlocked"
+    assert all(len(set(names)) == 1 for names in result[0])
     threads(1)
     assert {name for _, name in parallel.parallel_map(lambda x: (x, threading.current_thread().name), range(3))} \
         == {threading.current_thread().name}
 
 
+def test_an_error_in_a_worker_is_raised_after_every_item_ran(threads):
+    threads(2)
+    ran = []
+
+    def fn(x):
+        ran.append(x)
+        if x in (1, 3):
+            raise ValueError(f"item {x}")
+        return x
+
+    with pytest.raises(ValueError, match="item 1"):
+        parallel.parallel_map(fn, range(6))
+    assert sorted(ran) == list(range(6))
+    assert parallel.parallel_map(lambda x: x * 2, range(4)) == [0, 2, 4, 6]  # the pool still works
+
+
+def test_split_evenly():
+    assert parallel.split_evenly(list(range(7)), 3) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert parallel.split_evenly([1, 2], 5) == [[1], [2]]
+    assert parallel.split_evenly([], 4) == []
+
+
 def test_blas_limit_is_restored_after_a_section(threads):
     threadpoolctl = pytest.importorskip("threadpoolctl")
     threads(2)
-    before = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
-    inside = parallel.parallel_map(
-        lambda _: [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"], [0, 1])
-    assert all(n == 1 for ns in inside for n in ns)
-    assert [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"] == before
+
+    def blas_threads():
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):  # so the limit has something to change
+        before = blas_threads()
+        assert before and all(n == 2 for n in before)
+        inside = parallel.parallel_map(lambda _: blas_threads(), [0, 1])
+        assert all(n == 1 for ns in inside for n in ns)
+        assert blas_threads() == before
 
 
 def test_gram_and_order_statistics_do_not_depend_on_the_thread_count(threads):

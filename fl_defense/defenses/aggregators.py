@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .parallel import parallel_map, workers
+from .parallel import parallel_map, split_evenly, workers
 
 
 def uses_numpy(x: torch.Tensor, backend: str | None = None) -> bool:
@@ -93,8 +93,7 @@ def reduce_sorted_columns(u: torch.Tensor, fn, rows: list[int] | None = None, ba
     block is computed the same way whichever thread takes it, so ``fn`` must only read ``s``."""
     out = torch.empty(u.shape[1], dtype=u.dtype, device=u.device)
     blocks = sorted_blocks(u, backend)
-    k = workers() if uses_numpy(u, backend) else 1
-    groups = [g for g in (blocks[i * len(blocks) // k:(i + 1) * len(blocks) // k] for i in range(k)) if g]
+    groups = split_evenly(blocks, workers() if uses_numpy(u, backend) else 1)
 
     def run(group: list[slice]) -> None:
         for cols, s in sorted_column_blocks(u, rows, backend, blocks=group):

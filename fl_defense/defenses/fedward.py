@@ -9,7 +9,7 @@ from ..updates import RoundUpdates
 from .aggregators import column_blocks, row_min_max, uses_numpy
 from .base import Defense, DefenseResult
 from .krum import distances_from_gram, gram_matrix, squared_distances
-from .parallel import parallel_map
+from .parallel import parallel_map, split_evenly, workers
 
 CLIP_REFERENCES = ("admitted", "all")
 
@@ -69,37 +69,39 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
             gram += gram_matrix(block, backend=backend)
         return gram
     u = updates.detach().numpy()
-    blocks = [(li, cols) for li, sl in enumerate(layer_slices) for cols in column_blocks(updates, within=sl)]
-
-    def extremes(block):  # max |delta| per row over the block
-        x = u[:, block[1]]
-        return np.maximum(-x.min(axis=1), x.max(axis=1))
-
-    m = np.zeros((len(layer_slices), n), dtype=u.dtype)
-    for (li, _), part in zip(blocks, parallel_map(extremes, blocks)):
-        np.maximum(m[li], part, out=m[li])
-    half = m / 2  # |delta| / m rounds to 1 exactly when |delta| > m / 2
-
-    def counts(block):  # the block's ternary-sign counts (exact int32) and its rows' L1 norms
-        li, cols = block
-        x = u[:, cols]
-        h = half[li][:, None]
-        t = np.subtract(np.greater(x, h).view(np.int8), np.less(x, -h).view(np.int8))
-        # L1 per block in torch's float32 sum (4x numpy's float64 one here), totalled in float64
-        return ternary_gram(torch.from_numpy(t)).numpy(), \
-            (updates[:, cols].abs().sum(dim=1).numpy() if l1 is not None else None)
-
-    layer_counts = np.zeros((len(layer_slices), n, n), dtype=np.int64)
-    l1_sum = np.zeros(n)
-    for (li, _), (c, l1_part) in zip(blocks, parallel_map(counts, blocks)):  # in column order
-        layer_counts[li] += c
-        if l1_part is not None:
-            l1_sum += l1_part
     gram = np.zeros((n, n))
-    for li in range(len(layer_slices)):
-        m64 = m[li].astype(np.float64)
-        gram += layer_counts[li] * np.outer(m64, m64)
+    l1_parts = []  # per column block, summed in column order below
+    for sl in layer_slices:
+        groups = split_evenly(list(column_blocks(updates, within=sl)), workers())
+        if not groups:  # an empty layer
+            continue
+
+        def extremes(group):  # max |delta| per row over the group's blocks (exact in any order)
+            return np.max([np.maximum(-u[:, c].min(axis=1), u[:, c].max(axis=1)) for c in group], axis=0)
+
+        m = np.max(parallel_map(extremes, groups), axis=0)
+        half = (m / 2)[:, None]  # |delta| / m rounds to 1 exactly when |delta| > m / 2
+
+        def counts(group):  # the group's ternary-sign counts (exact) and each block's L1 norms
+            total, l1_blocks = np.zeros((n, n), dtype=np.int64), []
+            for cols in group:
+                x = u[:, cols]
+                t = np.subtract(np.greater(x, half).view(np.int8), np.less(x, -half).view(np.int8))
+                total += ternary_gram(torch.from_numpy(t)).numpy()
+                if l1 is not None:  # torch's float32 sum (4x numpy's float64 one here)
+                    l1_blocks.append(updates[:, cols].abs().sum(dim=1).numpy())
+            return total, l1_blocks
+
+        layer_counts = np.zeros((n, n), dtype=np.int64)
+        for total, l1_blocks in parallel_map(counts, groups):
+            layer_counts += total  # exact integers: the same for any grouping
+            l1_parts.extend(l1_blocks)
+        m64 = m.astype(np.float64)
+        gram += layer_counts * np.outer(m64, m64)
     if l1 is not None:
+        l1_sum = np.zeros(n)
+        for part in l1_parts:
+            l1_sum += part
         l1 += torch.from_numpy(l1_sum).to(l1)
     return torch.from_numpy(gram)
 

@@ -15,7 +15,7 @@ GRAM_CHUNK = 1 << 17  # columns per partial product: fixed, so the sum is the sa
 
 
 def gram_matrix(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """x x^T from float32 products (a float64 one costs ~9x more on CPU), symmetrised (blocked
+    """x x^T from products in x's dtype (float32 for the updates; float64 costs ~9x more on CPU), symmetrised (blocked
     BLAS need not return exactly equal halves) and in float64 for what is computed from it. On the
     CPU through numpy, whose matmul runs x @ x.T as a symmetric rank-k update (half the work of
     a general product), over pieces of ``GRAM_CHUNK`` columns shared out among the threads

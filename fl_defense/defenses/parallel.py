@@ -7,15 +7,17 @@ row sort is single-threaded. Both release the GIL, so Python threads over column
 core (docs/results/aggregation.md). ``parallel_map`` runs them on ``torch.get_num_threads()``
 threads, with BLAS held to one thread per call meanwhile so the workers do not oversubscribe.
 
-Callers cut their pieces by shape alone (``column_chunks``), never by the thread count, and
-combine them in order, so a result does not depend on how many threads computed it.
+Whatever is summed across pieces is cut by shape alone (``column_chunks``, fixed column blocks)
+and combined in column order; pieces are handed to threads in groups by the thread count
+(``split_evenly``) only where each piece's result is independent of the grouping. So a result
+does not depend on how many threads computed it (tested).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from typing import TypeVar
 
@@ -42,17 +44,27 @@ def column_chunks(d: int, width: int) -> list[slice]:
     return [slice(s, min(d, s + width)) for s in range(0, d, max(1, width))]
 
 
+def split_evenly(items: list[T], k: int) -> list[list[T]]:
+    """``items`` in at most ``k`` contiguous groups of nearly equal length (no empty group)."""
+    k = max(1, min(k, len(items)))
+    return [items[i * len(items) // k:(i + 1) * len(items) // k] for i in range(k)] if items else []
+
+
 def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """``[fn(x) for x in items]``, on up to ``workers()`` threads when there is more than one
-    item and more than one thread; in order. Serial inside a worker (no nested sections)."""
+    item and more than one thread; in order. Serial inside a worker (no nested sections). If
+    ``fn`` raises, every item still runs to its end, then the error of the first failed item is
+    raised (no work is left running behind the caller)."""
     items = list(items)
-    k = min(workers(), len(items))
-    if k <= 1 or getattr(_local, "worker", False):
+    k = workers()
+    if k <= 1 or len(items) <= 1 or getattr(_local, "worker", False):
         return [fn(x) for x in items]
     with _lock:
         pool = _executor(k)
         with _blas_one_thread():
-            return list(pool.map(fn, items))
+            futures = [pool.submit(fn, x) for x in items]
+            wait(futures)
+            return [f.result() for f in futures]
 
 
 def _mark_worker() -> None:
