@@ -16,8 +16,9 @@ def naive_fisher(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarr
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
         loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
-        for t, g in zip(total, torch.autograd.grad(loss, params)):
-            t += g * g
+        for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:  # None: the parameter does not reach the loss (zero gradient)
+                t += g * g
     return torch.cat([(t / len(x)).reshape(-1) for t in total]).numpy()
 
 

@@ -110,3 +110,16 @@ def test_amgrad_gram_and_l1_do_not_depend_on_the_thread_count(threads):
     a = amgrad(x, layers).double()
     torch.testing.assert_close(out[1][0], a @ a.T, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out[1][1], x.double().abs().sum(dim=1), rtol=1e-6, atol=0)
+
+
+def test_sections_leave_the_torch_thread_count_of_later_threads_alone(threads):
+    threads(2)
+    parallel._executor(3)  # a fresh pool: its workers start (and set their own count) in the next section
+    parallel.parallel_map(lambda x: torch.ones(4).sum(), range(6))
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == 2 and seen == [2]
+    # and the workers themselves run torch on one thread
+    assert set(parallel.parallel_map(lambda _: torch.get_num_threads(), range(4))) == {1}

@@ -31,6 +31,8 @@ _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _controller = None
+_spawn_lock = threading.Lock()
+_spawned = 0  # worker threads initialised so far
 
 
 def workers() -> int:
@@ -60,18 +62,27 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     if k <= 1 or len(items) <= 1 or getattr(_local, "worker", False):
         return [fn(x) for x in items]
     with _lock:
+        spawned = _spawned
         pool = _executor(k)
         with _blas_one_thread():
             futures = [pool.submit(fn, x) for x in items]
             wait(futures)
-            return [f.result() for f in futures]
+        if _spawned != spawned:  # new workers set the process-wide torch count to 1: restore it
+            torch.set_num_threads(k)
+        return [f.result() for f in futures]
 
 
 def _mark_worker() -> None:
-    """Worker threads run torch ops on one thread each: torch's thread count is per calling thread
-    (OpenMP), so this leaves the caller's own setting alone."""
+    """A worker runs torch ops on one thread (its own OpenMP setting; two workers each starting
+    two OpenMP threads on two cores cost about 20% in Fedward's Gram). ``torch.set_num_threads``
+    also stores a process-wide count that threads started later inherit: ``parallel_map`` puts
+    the caller's back once its section has started new workers."""
+    global _spawned
     _local.worker = True
+    torch.get_num_threads()  # torch's lazy per-thread setup first: run later, it would reset the count
     torch.set_num_threads(1)
+    with _spawn_lock:
+        _spawned += 1
 
 
 def _executor(k: int) -> ThreadPoolExecutor:
