@@ -74,7 +74,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
 
 def _mark_worker() -> None:
     """A worker runs torch ops on one thread (its own OpenMP setting; two workers each starting
-    two OpenMP threads on two cores cost about 20% in Fedward's Gram). ``torch.set_num_threads``
+    their own OpenMP threads would oversubscribe the cores). ``torch.set_num_threads``
     also stores a process-wide count that threads started later inherit: ``parallel_map`` puts
     the caller's back once its section has started new workers."""
     global _spawned
