@@ -35,6 +35,12 @@ def row_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.aminmax(x, dim=1)
 
 
+def row_max_abs(x: torch.Tensor) -> torch.Tensor:
+    """Per-row maximum of |x|, from ``row_min_max`` (no |x| temporary)."""
+    lo, hi = row_min_max(x)
+    return torch.maximum(-lo, hi)
+
+
 def sign_sum(u: torch.Tensor) -> torch.Tensor:
     """sum_k sign(u_k) per column, block by block."""
     out = torch.empty(u.shape[1], dtype=u.dtype, device=u.device)

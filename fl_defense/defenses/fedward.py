@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import column_blocks, row_min_max, uses_numpy
+from .aggregators import column_blocks, row_max_abs, uses_numpy
 from .base import Defense, DefenseResult
 from .krum import distances_from_gram, gram_matrix, squared_distances
 from .parallel import parallel_map, split_evenly, workers
@@ -20,8 +20,7 @@ def amgrad_blocks(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Te
     (is above one half; exactly one half rounds to 0, as numpy's round-half-to-even), else 0.
     With ``l1`` (an n-vector), the rows' L1 norms are added to it on the way."""
     for sl in layer_slices:
-        lo, hi = row_min_max(updates[:, sl])
-        m = torch.maximum(-lo, hi)[:, None]
+        m = row_max_abs(updates[:, sl])[:, None]
         safe = torch.where(m > 0, m, 1.0)
         for cols in column_blocks(updates, within=sl):
             block = updates[:, cols]
@@ -77,7 +76,7 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
             continue
 
         def extremes(group):  # max |delta| per row over the group's blocks (exact in any order)
-            return np.max([np.maximum(-u[:, c].min(axis=1), u[:, c].max(axis=1)) for c in group], axis=0)
+            return np.max([row_max_abs(updates[:, c]).numpy() for c in group], axis=0)
 
         m = np.max(parallel_map(extremes, groups), axis=0)
         half = (m / 2)[:, None]  # |delta| / m rounds to 1 exactly when |delta| > m / 2
