@@ -204,15 +204,13 @@ def main() -> None:
 def run_processes(args: argparse.Namespace) -> None:
     """``--runs K``: the measurement in K fresh processes, one after another; per method the
     median seconds and the lowest, median and highest ratio over the runs."""
-    argv = [a for a in sys.argv[1:]]
-    i = argv.index("--runs")
-    del argv[i:i + 2]
     per_run = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(args.runs):
             out = Path(tmp) / f"run{k}.json"
-            subprocess.run([sys.executable, __file__, *argv, "--json", str(out)], check=True,
-                           stdout=subprocess.DEVNULL)
+            # the same arguments, the last --runs (1) overriding the caller's
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--runs", "1", "--json", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
             per_run.append(json.loads(out.read_text()))
             print(f"run {k + 1} of {args.runs} done", file=sys.stderr, flush=True)
     print(f"{args.runs} runs, each in a fresh process; torch and BLAS threads: {args.threads or 'default'}\n")

@@ -11,24 +11,14 @@ three timed calls after a warm-up call; the ratio column is vmap / layers.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from fl_defense.fisher import empirical_fisher
 from fl_defense.models import build_model
+from timing import best  # benchmarks/timing.py (run as a script: its folder is on the path)
 
 MODELS = [("mlp", (1, 8, 8)), ("cnn_small", (1, 28, 28)), ("rlr_cnn", (1, 28, 28)), ("cifar_cnn", (3, 32, 32))]
-
-
-def best(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:

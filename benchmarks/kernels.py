@@ -15,7 +15,6 @@ Prints, for one n x d float32 matrix (best of three calls):
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -25,16 +24,7 @@ from fl_defense.defenses.aggregators import reduce_sorted_columns
 from fl_defense.defenses.krum import gram_matrix
 from fl_defense.updates import ParamLayout
 from fl_defense.validation import check_update
-
-
-def best(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from timing import best  # benchmarks/timing.py (run as a script: its folder is on the path)
 
 
 def main() -> None:

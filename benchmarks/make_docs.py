@@ -50,5 +50,6 @@ def main() -> None:
         if src.is_dir() and run_folders(src):
             print(write_report(src, ROOT / "docs" / "results" / name, title, note))
 
+
 if __name__ == "__main__":
     main()
