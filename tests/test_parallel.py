@@ -112,6 +112,25 @@ def test_amgrad_gram_and_l1_do_not_depend_on_the_thread_count(threads):
     torch.testing.assert_close(out[1][1], x.double().abs().sum(dim=1), rtol=1e-6, atol=0)
 
 
+def test_sign_passes_do_not_depend_on_the_thread_count(threads):
+    """signSGD's / RLR's sign sums and Fedward's c @ sign(delta) run block by block on the
+    threads; the same numbers for 1 and 2 threads, and the direct formulas'."""
+    from fl_defense.defenses.aggregators import column_blocks, sign_sum, signed_combination
+
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((9, 1_500_000), dtype=np.float32))
+    x[:, :1000] = 0.0
+    c = torch.from_numpy(rng.random(9, dtype=np.float32))
+    assert len(list(column_blocks(x))) > 2
+    out = {}
+    for k in (1, 2):
+        threads(k)
+        out[k] = (sign_sum(x), signed_combination(c, x))
+    assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])
+    torch.testing.assert_close(out[1][0], torch.sign(x).sum(dim=0))
+    torch.testing.assert_close(out[1][1], c @ torch.sign(x))
+
+
 def test_sections_leave_the_torch_thread_count_of_later_threads_alone(threads):
     threads(2)
     parallel._executor(3)  # a fresh pool: its workers start (and set their own count) in the next section

@@ -293,3 +293,54 @@ def test_fedward_amgrad_distances_block_by_block_equal_the_matrix_formula():
     for sl in ru.layer_slices:  # each layer holds 0 or +-(its largest magnitude)
         m = ru.updates[:, sl].abs().amax(dim=1, keepdim=True)
         assert ((a[:, sl] == 0) | (a[:, sl].abs() == m)).all()
+
+
+def _optics_cases():
+    """Distance matrices for the OPTICS comparison: Fedward's own (AmGrad of a benign majority
+    and a coordinated minority), Gaussian blobs, duplicate points (zero distances) and integer
+    distances (many ties in the reachability order)."""
+    rng = np.random.default_rng(11)
+    cases = []
+    ru, _ = constructed_round()
+    cases.append(amgrad_distances_of(ru))
+    for n in (4, 7, 20, 61):
+        x = np.concatenate([rng.normal(0, 1, (n - n // 3, 5)), rng.normal(4, 0.5, (n // 3, 5))])
+        cases.append(np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)))
+        dup = x.copy()
+        dup[1::3] = dup[0]
+        cases.append(np.sqrt(((dup[:, None] - dup[None]) ** 2).sum(-1)))
+        g = rng.integers(0, 4, (n, 3)).astype(float)
+        cases.append(np.abs(g[:, None] - g[None]).sum(-1))
+    return cases
+
+
+def amgrad_distances_of(ru):
+    from fl_defense.defenses.fedward import amgrad_distances
+
+    return amgrad_distances(ru.updates, ru.layer_slices).numpy()
+
+
+def test_optics_dbscan_labels_equal_scikit_learns_optics():
+    """Fedward's OPTICS (``optics_dbscan``, precomputed distances, max_eps = inf, DBSCAN
+    extraction) gives scikit-learn's OPTICS ordering, reachability, core distances and labels,
+    on Fedward's own distances and on tie-heavy and duplicate-point matrices, for several
+    min_samples and eps (including eps at a reachability value, where > and <= decide)."""
+    from sklearn.cluster import OPTICS
+
+    from fl_defense.defenses.fedward import optics_dbscan
+
+    checked = 0
+    for dist in _optics_cases():
+        n = len(dist)
+        for k in sorted({2, max(2, n // 2), n}):
+            core_k = np.sort(dist, axis=1)[:, k - 1]
+            for eps in (float(np.median(core_k)), float(core_k.min()), float(np.median(dist)) / 3):
+                want = OPTICS(min_samples=k, max_eps=np.inf, metric="precomputed", cluster_method="dbscan",
+                              eps=eps).fit(dist)
+                got = optics_dbscan(dist, k, eps)
+                np.testing.assert_array_equal(got.ordering, want.ordering_)
+                np.testing.assert_array_equal(got.core_distances, want.core_distances_)
+                np.testing.assert_array_equal(got.reachability, want.reachability_)
+                np.testing.assert_array_equal(got.labels, want.labels_, err_msg=f"n={n} k={k} eps={eps}")
+                checked += 1
+    assert checked > 60
