@@ -250,3 +250,26 @@ def test_device_paths_of_sorting_and_gram_agree_on_cpu():
                                   backend="torch")
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gram_matrix(u, backend="numpy"), gram_matrix(u, backend="torch"), rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_bulyans_window_mean_never_touches_the_values_it_leaves_out(backend):
+    """The beta values closest to the median are summed alone: attackers at +-1e30 around small
+    benign values leave no rounding trace in the mean (a window sum taken as a difference of
+    running sums would lose the benign values entirely), and the chosen window is the nearest."""
+    from fl_defense.defenses.aggregators import reduce_sorted_columns
+    from fl_defense.defenses.krum import closest_to_median_mean
+
+    rng = np.random.default_rng(3)
+    benign = rng.random((20, 4000)).astype(np.float32) * 1e-3
+    u = np.concatenate([benign, np.full((3, 4000), 1e30, np.float32), np.full((3, 4000), -1e30, np.float32)])
+    got = reduce_sorted_columns(torch.from_numpy(u), lambda s: closest_to_median_mean(s, 20, backend=backend),
+                                backend=backend).numpy()
+    np.testing.assert_allclose(got, benign.mean(axis=0), rtol=1e-5)
+    # beta = 18 of the 20 benign: the two dropped are the ones farthest from the median
+    u2 = np.concatenate([benign, np.full((3, 4000), 1e30, np.float32), np.full((3, 4000), -1e30, np.float32)])
+    got18 = reduce_sorted_columns(torch.from_numpy(u2), lambda s: closest_to_median_mean(s, 18, backend=backend),
+                                  backend=backend).numpy()
+    med = np.median(u2, axis=0)
+    near = np.take_along_axis(u2, np.argsort(np.abs(u2 - med), axis=0, kind="stable")[:18], axis=0)
+    np.testing.assert_allclose(got18, near.mean(axis=0), rtol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -57,42 +59,56 @@ def krum_scores(d2: torch.Tensor, num_malicious: int) -> torch.Tensor:
     return closest.sum(dim=1)
 
 
+@functools.lru_cache(maxsize=16)
+def window_band(span: int, windows: int, beta: int) -> np.ndarray:
+    """span x windows 0/1 matrix whose column j holds ones on rows j .. j + beta - 1 (read-only)."""
+    band = np.zeros((span, windows), dtype=np.float32)
+    for j in range(windows):
+        band[j:j + beta, j] = 1.0
+    band.flags.writeable = False
+    return band
+
+
 def closest_to_median_mean(s: torch.Tensor, beta: int, backend: str | None = None) -> torch.Tensor:
     """Per column of ``s`` (sorted along dim 0), the mean of the ``beta`` values closest to the
-    column's median. In sorted order they form a window: of the windows around the median position,
-    the one whose farther end is nearest the median (ties: the first). On the CPU all candidate
-    windows of a block are compared at once in numpy over the transposed block (each column's
-    values contiguous, as ``sorted_column_blocks`` yields them); ``backend="torch"`` forces the
-    loop over windows that other devices run."""
+    column's median.
+
+    In sorted order they form a window s[j .. j + beta - 1]. Of the candidate windows around the
+    median, the best is where its two ends cross: med - s[j] (how far below the median it
+    reaches) falls with j and s[j + beta - 1] - med rises, so with c the first start whose upper
+    end is at least as far from the median as its lower one (s[j] + s[j + beta - 1] >= 2 med,
+    counted over the candidates), the nearest window is c - 1 or c, whichever's farther end is
+    nearer the median (ties: c - 1). No window is compared with another one by one, and each
+    window's sum comes from one product with a 0/1 band matrix (exact zeros for the values left
+    out: an outlier's magnitude never reaches the sum). On the CPU over the transposed block
+    (each column's values contiguous, as ``sorted_column_blocks`` yields them) in numpy; other
+    devices (``backend="torch"``) the same steps in torch."""
     m = s.shape[0]
     lo, hi = (m - 1) // 2, m // 2
-    first, last = max(0, lo - beta + 1), min(hi, m - beta)  # the candidate windows' first starts
+    first, last = max(0, lo - beta + 1), min(hi, m - beta)  # the candidate windows' first and last starts
+    span = last + beta - first  # the rows any candidate window covers
+    band = window_band(span, last - first + 1, beta)
     if uses_numpy(s, backend):
         st = s.T.numpy()  # B x m
-        med = (st[:, lo] + st[:, hi]) / 2
-        cost = np.maximum(med[:, None] - st[:, first:last + 1],
-                          st[:, first + beta - 1:last + beta] - med[:, None])
-        start = first + cost.argmin(axis=1)  # argmin takes the first of equal costs
-        # every candidate window holds columns last .. first+beta-1; of the columns j in
-        # [first, last) it holds j when j >= start, else column j + beta
-        core = st[:, last:first + beta].sum(axis=1)
-        edge = np.arange(first, last)[None, :] >= start[:, None]
-        total = core + np.where(edge, st[:, first:last], st[:, first + beta:last + beta]).sum(axis=1)
-        return torch.from_numpy(total / beta)
-    med = (s[lo] + s[hi]) / 2
-    best_cost = best_start = None
-    for start in range(first, last + 1):
-        cost = torch.maximum(med - s[start], s[start + beta - 1] - med)
-        if best_cost is None:
-            best_cost, best_start = cost, torch.full_like(cost, start, dtype=torch.long)
-        else:
-            better = cost < best_cost
-            best_cost = torch.where(better, cost, best_cost)
-            best_start = torch.where(better, start, best_start)
-    csum = s.cumsum(dim=0)  # window sum = csum[start + beta - 1] - csum[start - 1]
-    upper = csum.gather(0, (best_start + beta - 1)[None])[0]
-    lower = torch.where(best_start > 0, csum.gather(0, (best_start - 1).clamp_min(0)[None])[0], 0.0)
-    return (upper - lower) / beta
+        med2 = st[:, lo] + st[:, hi]
+        ends = st[:, first:last + 1] + st[:, first + beta - 1:last + beta]
+        c = first + (ends < med2[:, None]).astype(np.float32) @ np.ones(last - first + 1, dtype=np.float32)
+        c = c.astype(np.int64)
+        rows = np.arange(len(st))
+        below, at = np.maximum(c - 1, first), np.minimum(c, last)
+        take_below = (c > first) & ((c > last) | (med2 / 2 - st[rows, below] <= st[rows, at + beta - 1] - med2 / 2))
+        start = np.where(take_below, below, at)
+        sums = st[:, first:first + span] @ band  # B x windows
+        return torch.from_numpy(sums[rows, start - first] / beta)
+    med2 = s[lo] + s[hi]
+    ends = s[first:last + 1] + s[first + beta - 1:last + beta]
+    c = first + (ends < med2).sum(dim=0)
+    below, at = (c - 1).clamp_min(first), c.clamp_max(last)
+    gap_below = med2 / 2 - s.gather(0, below[None])[0]
+    gap_above = s.gather(0, (at + beta - 1)[None])[0] - med2 / 2
+    start = torch.where((c > first) & ((c > last) | (gap_below <= gap_above)), below, at)
+    sums = torch.tensor(band, device=s.device, dtype=s.dtype).T @ s[first:first + span]  # windows x B
+    return sums.gather(0, (start - first)[None])[0] / beta
 
 
 class Krum(Defense):
