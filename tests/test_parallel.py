@@ -131,6 +131,37 @@ def test_sign_passes_do_not_depend_on_the_thread_count(threads):
     torch.testing.assert_close(out[1][1], c @ torch.sign(x))
 
 
+def test_row_extremes_and_fdcr_discrepancy_do_not_depend_on_the_thread_count(threads):
+    """Row minima/maxima (FDCR's Fisher normalisation, Fedward's layer maxima) and FDCR's
+    discrepancy, block by block on the threads: equal for 1 and 2 threads and to the formulas."""
+    from fl_defense.defenses import FDCR
+    from fl_defense.defenses.aggregators import column_blocks, row_min_max
+    from fl_defense.updates import RoundUpdates
+
+    rng = np.random.default_rng(4)
+    n, d = 7, 1_300_000
+    x = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
+    fisher = torch.from_numpy(rng.random((n, d), dtype=np.float32))
+    x[3, d - 5] = 50.0  # each row's extreme in a different block
+    x[4, 10] = -50.0
+    assert len(list(column_blocks(x))) > 2
+    out = {}
+    for k in (1, 2):
+        threads(k)
+        ru = RoundUpdates(updates=x, num_examples=torch.arange(1.0, n + 1, dtype=torch.float64),
+                          client_ids=[str(i) for i in range(n)], layer_slices=[slice(0, d)], fisher=fisher.clone())
+        out[k] = (*row_min_max(x), FDCR().discrepancy(ru))
+    for a, b in zip(out[1], out[2]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(out[1][0], x.min(dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(out[1][1], x.max(dim=1).values, rtol=0, atol=0)
+    imp = (fisher - fisher.min(dim=1, keepdim=True).values) / (fisher.max(dim=1, keepdim=True).values
+                                                                - fisher.min(dim=1, keepdim=True).values)
+    g = (imp * x).double()
+    w = ru.sample_weights.double()
+    torch.testing.assert_close(out[1][2], torch.linalg.vector_norm(g - w @ g, dim=1).float(), rtol=1e-4, atol=0)
+
+
 def test_sections_leave_the_torch_thread_count_of_later_threads_alone(threads):
     threads(2)
     parallel._executor(3)  # a fresh pool: its workers start (and set their own count) in the next section

@@ -28,10 +28,18 @@ def column_blocks(u: torch.Tensor, block_bytes: int = 4 << 20, within: slice | N
 
 def row_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row minimum and maximum. On the CPU through numpy's contiguous reductions
-    (``torch.aminmax`` over rows of a wide matrix is many times slower there)."""
+    (``torch.aminmax`` over rows of a wide matrix is many times slower there), column block by
+    column block on the threads (exact in any order)."""
     if uses_numpy(x):
         xn = x.detach().numpy()
-        return torch.from_numpy(xn.min(axis=1)), torch.from_numpy(xn.max(axis=1))
+        if xn.shape[1] == 0:
+            raise ValueError("row_min_max of a matrix without columns")
+        parts = map_column_blocks(lambda cols: (xn[:, cols].min(axis=1), xn[:, cols].max(axis=1)), x)
+        lo, hi = parts[0]
+        for a, b in parts[1:]:
+            np.minimum(lo, a, out=lo)
+            np.maximum(hi, b, out=hi)
+        return torch.from_numpy(lo), torch.from_numpy(hi)
     return torch.aminmax(x, dim=1)
 
 
@@ -41,19 +49,16 @@ def row_max_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(-lo, hi)
 
 
-def map_column_blocks(fn, u: torch.Tensor, within: slice | None = None) -> None:
-    """``fn(cols)`` for every ``column_blocks(u, within=within)`` block; on the CPU the blocks are
-    shared out among the threads (``parallel.parallel_map``; torch's own threads do not pay off
-    on blocks this small: a sign-and-product pass ran 2x slower on two torch threads than on
-    one). Each block is computed the same way whichever thread takes it, so ``fn`` must only
-    write its own columns and must not accumulate across blocks."""
-    groups = split_evenly(list(column_blocks(u, within=within)), workers() if uses_numpy(u) else 1)
-
-    def run(group: list[slice]) -> None:
-        for cols in group:
-            fn(cols)
-
-    parallel_map(run, groups)
+def map_column_blocks(fn, u: torch.Tensor, within: slice | None = None) -> list:
+    """``[fn(cols) for cols in column_blocks(u, within=within)]``, in block order; on the CPU the
+    blocks are shared out among the threads (``parallel.parallel_map``; torch's own threads do
+    not pay off on blocks this small: a sign-and-product pass ran 2x slower on two torch threads
+    than on one). Each block is computed the same way whichever thread takes it: ``fn`` writes
+    only its own columns and returns what is to be summed over blocks, which the caller adds up
+    in block order, so results do not depend on the thread count."""
+    blocks = list(column_blocks(u, within=within))
+    groups = split_evenly(blocks, workers() if uses_numpy(u) else 1)
+    return [r for rs in parallel_map(lambda group: [fn(cols) for cols in group], groups) for r in rs]
 
 
 def sign_sum(u: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import column_blocks, row_min_max
+from .aggregators import map_column_blocks, row_min_max
 from .base import Defense, DefenseResult
 
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
@@ -86,33 +86,34 @@ class FDCR(Defense):
         if not self.server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
 
-    @staticmethod
-    def importance_blocks(ru: RoundUpdates):
-        """Yield (cols, I[:, cols]): the min-max normalised Fisher (``minmax``, as F * 1/span -
-        min/span; a constant row is 0) block by block, so no second n x d matrix is built."""
-        lo, hi = row_min_max(ru.fisher)
-        span = hi - lo
-        inv = torch.where(span > 0, 1.0 / torch.where(span > 0, span, 1.0), 0.0)[:, None]
-        shift = -lo[:, None] * inv
-        for cols in column_blocks(ru.updates):
-            yield cols, torch.addcmul(shift, ru.fisher[:, cols], inv)
-
     def discrepancy(self, ru: RoundUpdates, keep_rescaled: bool = False) -> torch.Tensor:
-        """V_k = ||g_k - mean_j g_j|| with g_k = I_k * delta_k (eqs. 7-9); the mean and the squared
-        norms are both per coordinate, so they add up block by block.
+        """V_k = ||g_k - mean_j g_j|| with g_k = I_k * delta_k (eqs. 7-9), where I_k is the
+        min-max normalised Fisher (as F * 1/span - min/span; a constant row is 0). The mean and
+        the squared norms are both per coordinate, so they are formed column block by column
+        block (no second n x d matrix; blocks shared out among the threads, the per-block squared
+        norms added in block order).
 
         ``keep_rescaled`` also writes sigmoid(I_k) * delta_k, the rescaled update of eq. 11 up to
         its factor 2, over ``ru.fisher`` (the round's workspace, read here for the last time), so
         the rescaled average is one product later instead of a second pass over both matrices."""
+        lo, hi = row_min_max(ru.fisher)
+        span = hi - lo
+        inv = torch.where(span > 0, 1.0 / torch.where(span > 0, span, 1.0), 0.0)[:, None]
+        shift = -lo[:, None] * inv
         w = ru.sample_weights
-        sq = torch.zeros(ru.n, dtype=torch.float64, device=ru.device)
-        for cols, importance in self.importance_blocks(ru):
+
+        def block(cols: slice) -> torch.Tensor:
+            importance = torch.addcmul(shift, ru.fisher[:, cols], inv)
             delta = ru.updates[:, cols]
             if keep_rescaled:
                 torch.mul(torch.sigmoid(importance), delta, out=ru.fisher[:, cols])
             g = importance.mul_(delta)
             g -= w @ g
-            sq += torch.linalg.vector_norm(g, dim=1).double() ** 2
+            return torch.linalg.vector_norm(g, dim=1).double() ** 2
+
+        sq = torch.zeros(ru.n, dtype=torch.float64, device=ru.device)
+        for part in map_column_blocks(block, ru.updates):
+            sq += part
         return sq.sqrt().to(torch.float32)
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:

@@ -76,11 +76,7 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
         groups = split_evenly(list(column_blocks(updates, within=sl)), workers())
         if not groups:  # an empty layer
             continue
-
-        def extremes(group):  # max |delta| per row over the group's blocks (exact in any order)
-            return np.max([row_max_abs(updates[:, c]).numpy() for c in group], axis=0)
-
-        m = np.max(parallel_map(extremes, groups), axis=0)
+        m = row_max_abs(updates[:, sl]).numpy()
         half = (m / 2)[:, None]  # |delta| / m rounds to 1 exactly when |delta| > m / 2
 
         def counts(group):  # the group's ternary-sign counts (exact) and each block's L1 norms
