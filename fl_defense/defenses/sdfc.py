@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import column_blocks
+from .aggregators import map_column_blocks
 from .base import Defense, DefenseResult
 
 REFERENCES = ("client", "global")
@@ -87,8 +87,9 @@ class SDFC(Defense):
         fisher, ref = ru.fisher, self.reference_fisher(global_params, ru)
         per_layer = torch.zeros((ru.n, len(ru.layer_slices)), dtype=torch.float64, device=ru.device)
         for layer, sl in enumerate(ru.layer_slices):  # sum of D_k over each layer, block by block
-            for cols in column_blocks(fisher, within=sl):
-                per_layer[:, layer] += (fisher[:, cols] - ref[:, cols]).abs().sum(dim=1).double()
+            for part in map_column_blocks(lambda cols: (fisher[:, cols] - ref[:, cols]).abs().sum(dim=1).double(),
+                                          fisher, within=sl):
+                per_layer[:, layer] += part
         d = per_layer.mean(dim=1).to(torch.float32)
         span = d.max() - d.min()
         d_norm = (d - d.min()) / span if span > 0 else torch.zeros_like(d)
@@ -96,11 +97,14 @@ class SDFC(Defense):
         weights32 = weights.to(ru.updates.dtype)
         if self.calibration > 0:  # weights @ (delta * F / (F + 2 lambda D)), block by block
             step = torch.empty(ru.d, device=ru.device)
-            for cols in column_blocks(fisher):
+
+            def calibrated(cols: slice) -> None:
                 f = fisher[:, cols]
                 factor = torch.sub(f, ref[:, cols]).abs_().mul_(2 * self.calibration).add_(f)
                 factor = torch.div(f, factor).nan_to_num_(nan=1.0)  # 0/0 (F = D = 0): unchanged
                 step[cols] = weights32 @ factor.mul_(ru.updates[:, cols])
+
+            map_column_blocks(calibrated, fisher)
         else:
             step = weights32 @ ru.updates
         flagged = d > self.flag_ratio * d.median()
