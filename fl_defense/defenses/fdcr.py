@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import map_column_blocks, row_min_max
+from .aggregators import column_block_sums, row_min_max
 from .base import Defense, DefenseResult
 
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
@@ -111,10 +111,7 @@ class FDCR(Defense):
             g -= w @ g
             return torch.linalg.vector_norm(g, dim=1).double() ** 2
 
-        sq = torch.zeros(ru.n, dtype=torch.float64, device=ru.device)
-        for part in map_column_blocks(block, ru.updates):
-            sq += part
-        return sq.sqrt().to(torch.float32)
+        return column_block_sums(block, ru.updates, ru.n).sqrt().to(torch.float32)
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         if round_updates.fisher is None:

@@ -71,34 +71,35 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
         return gram
     u = updates.detach().numpy()
     gram = np.zeros((n, n))
-    l1_parts = []  # per column block, summed in column order below
+    l1_sum = np.zeros(n)
     for sl in layer_slices:
-        groups = split_evenly(list(column_blocks(updates, within=sl)), workers())
-        if not groups:  # an empty layer
+        blocks = list(column_blocks(updates, within=sl))
+        if not blocks:  # an empty layer
             continue
         m = row_max_abs(updates[:, sl]).numpy()
         half = (m / 2)[:, None]  # |delta| / m rounds to 1 exactly when |delta| > m / 2
+        # each block's L1 norms go into a row allocated before the pass (small arrays kept
+        # between the blocks' large temporaries fragment the heap), totalled in column order
+        l1_blocks = np.zeros((len(blocks), n), dtype=np.float32)
 
         def counts(group):  # the group's ternary-sign counts (exact) and each block's L1 norms
-            total, l1_blocks = np.zeros((n, n), dtype=np.int64), []
-            for cols in group:
-                x = u[:, cols]
+            total = np.zeros((n, n), dtype=np.int64)
+            for i in group:
+                x = u[:, blocks[i]]
                 t = np.subtract(np.greater(x, half).view(np.int8), np.less(x, -half).view(np.int8))
                 total += ternary_gram(torch.from_numpy(t)).numpy()
                 if l1 is not None:  # torch's float32 sum (faster than numpy's float64 one)
-                    l1_blocks.append(updates[:, cols].abs().sum(dim=1).numpy())
-            return total, l1_blocks
+                    l1_blocks[i] = updates[:, blocks[i]].abs().sum(dim=1).numpy()
+            return total
 
         layer_counts = np.zeros((n, n), dtype=np.int64)
-        for total, l1_blocks in parallel_map(counts, groups):
+        for total in parallel_map(counts, split_evenly(list(range(len(blocks))), workers())):
             layer_counts += total  # exact integers: the same for any grouping
-            l1_parts.extend(l1_blocks)
+        for row in l1_blocks:
+            l1_sum += row
         m64 = m.astype(np.float64)
         gram += layer_counts * np.outer(m64, m64)
     if l1 is not None:
-        l1_sum = np.zeros(n)
-        for part in l1_parts:
-            l1_sum += part
         l1 += torch.from_numpy(l1_sum).to(l1)
     return torch.from_numpy(gram)
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..updates import RoundUpdates
-from .aggregators import map_column_blocks
+from .aggregators import column_block_sums, map_column_blocks
 from .base import Defense, DefenseResult
 
 REFERENCES = ("client", "global")
@@ -87,9 +87,8 @@ class SDFC(Defense):
         fisher, ref = ru.fisher, self.reference_fisher(global_params, ru)
         per_layer = torch.zeros((ru.n, len(ru.layer_slices)), dtype=torch.float64, device=ru.device)
         for layer, sl in enumerate(ru.layer_slices):  # sum of D_k over each layer, block by block
-            for part in map_column_blocks(lambda cols: (fisher[:, cols] - ref[:, cols]).abs().sum(dim=1).double(),
-                                          fisher, within=sl):
-                per_layer[:, layer] += part
+            per_layer[:, layer] = column_block_sums(
+                lambda cols: (fisher[:, cols] - ref[:, cols]).abs().sum(dim=1).double(), fisher, ru.n, within=sl)
         d = per_layer.mean(dim=1).to(torch.float32)
         span = d.max() - d.min()
         d_norm = (d - d.min()) / span if span > 0 else torch.zeros_like(d)
