@@ -60,13 +60,13 @@ def krum_scores(d2: torch.Tensor, num_malicious: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def window_band(span: int, windows: int, beta: int) -> np.ndarray:
-    """span x windows 0/1 matrix whose column j holds ones on rows j .. j + beta - 1 (read-only)."""
-    band = np.zeros((span, windows), dtype=np.float32)
+def window_band(span: int, windows: int, beta: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """span x windows 0/1 matrix whose column j holds ones on rows j .. j + beta - 1, built once
+    per shape and device (not copied to the device for every block); callers only read it."""
+    band = torch.zeros((span, windows), dtype=dtype)
     for j in range(windows):
         band[j:j + beta, j] = 1.0
-    band.flags.writeable = False
-    return band
+    return band.to(device)
 
 
 def closest_to_median_mean(s: torch.Tensor, beta: int, backend: str | None = None) -> torch.Tensor:
@@ -87,27 +87,29 @@ def closest_to_median_mean(s: torch.Tensor, beta: int, backend: str | None = Non
     lo, hi = (m - 1) // 2, m // 2
     first, last = max(0, lo - beta + 1), min(hi, m - beta)  # the candidate windows' first and last starts
     span = last + beta - first  # the rows any candidate window covers
-    band = window_band(span, last - first + 1, beta)
+    band = window_band(span, last - first + 1, beta, s.device, s.dtype)
     if uses_numpy(s, backend):
         st = s.T.numpy()  # B x m
         med2 = st[:, lo] + st[:, hi]
+        med = med2 / 2
         ends = st[:, first:last + 1] + st[:, first + beta - 1:last + beta]
         c = first + (ends < med2[:, None]).astype(np.float32) @ np.ones(last - first + 1, dtype=np.float32)
         c = c.astype(np.int64)
         rows = np.arange(len(st))
         below, at = np.maximum(c - 1, first), np.minimum(c, last)
-        take_below = (c > first) & ((c > last) | (med2 / 2 - st[rows, below] <= st[rows, at + beta - 1] - med2 / 2))
+        take_below = (c > first) & ((c > last) | (med - st[rows, below] <= st[rows, at + beta - 1] - med))
         start = np.where(take_below, below, at)
-        sums = st[:, first:first + span] @ band  # B x windows
+        sums = st[:, first:first + span] @ band.numpy()  # B x windows
         return torch.from_numpy(sums[rows, start - first] / beta)
     med2 = s[lo] + s[hi]
+    med = med2 / 2
     ends = s[first:last + 1] + s[first + beta - 1:last + beta]
     c = first + (ends < med2).sum(dim=0)
     below, at = (c - 1).clamp_min(first), c.clamp_max(last)
-    gap_below = med2 / 2 - s.gather(0, below[None])[0]
-    gap_above = s.gather(0, (at + beta - 1)[None])[0] - med2 / 2
+    gap_below = med - s.gather(0, below[None])[0]
+    gap_above = s.gather(0, (at + beta - 1)[None])[0] - med
     start = torch.where((c > first) & ((c > last) | (gap_below <= gap_above)), below, at)
-    sums = torch.tensor(band, device=s.device, dtype=s.dtype).T @ s[first:first + span]  # windows x B
+    sums = band.T @ s[first:first + span]  # windows x B
     return sums.gather(0, (start - first)[None])[0] / beta
 
 
