@@ -100,6 +100,18 @@ def make_inputs(n: int, d: int, seed: int = 0):
     return glob, results, fisher
 
 
+class BulyanBeforeItsWindow(DEFENSES["bulyan"]):
+    """A reference, not a defense: Bulyan's round up to its window (flatten and checks, Gram,
+    repeated Krum, the sort of the selected values), with the window replaced by reading one
+    order statistic from the sorted block. What exact Bulyan costs before the window itself."""
+
+    name = "bulyan-before-window"
+
+    @staticmethod
+    def coordinate_rule(s: torch.Tensor, beta: int) -> torch.Tensor:
+        return s[(s.shape[0] - 1) // 2].clone()
+
+
 def our_defenses(n: int) -> dict:
     f = max(1, n // 10)
     stub_fisher = lambda p: torch.ones_like(p)  # noqa: E731
@@ -108,7 +120,9 @@ def our_defenses(n: int) -> dict:
         "fedavg": DEFENSES["fedavg"](), "rlr": RLR(theta=max(1, n // 4)), "fedward": DEFENSES["fedward"](),
         "fdcr": DEFENSES["fdcr"](), "sdfc": DEFENSES["sdfc"](validation_fisher=stub_fisher, reference="global"),
         "krum": DEFENSES["krum"](num_malicious=f), "multikrum": DEFENSES["krum"](num_malicious=f, to_keep=n - f),
-        "bulyan": DEFENSES["bulyan"](num_malicious=max(0, (n - 3) // 4 // 2)), "median": DEFENSES["median"](),
+        "bulyan": DEFENSES["bulyan"](num_malicious=max(0, (n - 3) // 4 // 2)),
+        "bulyan-before-window": BulyanBeforeItsWindow(num_malicious=max(0, (n - 3) // 4 // 2)),
+        "median": DEFENSES["median"](),
         "trimmed_mean": DEFENSES["trimmed_mean"](), "norm_clipping": DEFENSES["norm_clipping"](clip_norm=1.0),
         "signsgd": DEFENSES["signsgd"](), "foolsgold": DEFENSES["foolsgold"](), "flame": DEFENSES["flame"](),
         "fltrust": DEFENSES["fltrust"](server_update=stub_update),

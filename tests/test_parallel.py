@@ -173,3 +173,37 @@ def test_sections_leave_the_torch_thread_count_of_later_threads_alone(threads):
     assert torch.get_num_threads() == 2 and seen == [2]
     # and the workers themselves run torch on one thread
     assert set(parallel.parallel_map(lambda _: torch.get_num_threads(), range(4))) == {1}
+
+
+def test_rows_flattened_on_the_threads_close_up_around_rejected_ones(threads):
+    """Candidates are flattened and checked on the threads (``rounds._flatten_checked``); rows
+    rejected for their values (NaN, an overflowing delta, a norm above the bound) leave no gap:
+    the defense gets exactly the accepted rows, in order, for any thread count."""
+    from fl_defense.defenses.fedavg import FedAvg
+    from fl_defense.rounds import ClientResult, DefendedAggregation
+
+    class Recording(FedAvg):
+        def aggregate(self, global_params, round_updates):
+            self.seen = round_updates.updates.clone()
+            return super().aggregate(global_params, round_updates)
+
+    rng = np.random.default_rng(3)
+    g = [rng.standard_normal((40, 30), dtype=np.float32), rng.standard_normal(7000, dtype=np.float32)]
+    results = [ClientResult(str(k), [a + rng.normal(0, 0.01, a.shape).astype(np.float32) for a in g], 10 + k)
+               for k in range(9)]
+    results[1].arrays[0][3, 4] = np.nan
+    results[4].arrays[1][:] = 3e38  # finite, but w_k - w overflows float32
+    results[8].arrays[1][5] += 1e3  # over the norm bound
+    expected = torch.stack([torch.from_numpy(np.concatenate([(a - b).ravel() for a, b in zip(r.arrays, g)]))
+                            for k, r in enumerate(results) if k not in (1, 4, 8)])
+    for k in (1, 2, 3):
+        threads(k)
+        defense = Recording()
+        agg = DefendedAggregation(defense, max_update_norm=100.0)
+        agg.aggregate(1, g, results)
+        rejected = agg.records[-1].rejected
+        assert [r["client_id"] for r in rejected] == ["1", "4", "8"]
+        assert "NaN" in rejected[0]["reason"] and "overflow" in rejected[1]["reason"]
+        assert "exceeds the bound" in rejected[2]["reason"]
+        assert agg.records[-1].client_ids == [str(k) for k in range(9) if k not in (1, 4, 8)]
+        assert torch.equal(defense.seen, expected)

@@ -94,13 +94,13 @@ def closest_to_median_mean(s: torch.Tensor, beta: int, backend: str | None = Non
         med = med2 / 2
         ends = st[:, first:last + 1] + st[:, first + beta - 1:last + beta]
         c = first + (ends < med2[:, None]).astype(np.float32) @ np.ones(last - first + 1, dtype=np.float32)
-        c = c.astype(np.int64)
-        rows = np.arange(len(st))
+        c = c.astype(np.intp)
+        flat, rows = st.reshape(-1), np.arange(len(st))  # flat takes: cheaper than paired fancy indices
         below, at = np.maximum(c - 1, first), np.minimum(c, last)
-        take_below = (c > first) & ((c > last) | (med - st[rows, below] <= st[rows, at + beta - 1] - med))
-        start = np.where(take_below, below, at)
+        gap_below, gap_above = med - flat.take(rows * m + below), flat.take(rows * m + at + beta - 1) - med
+        start = np.where((c > first) & ((c > last) | (gap_below <= gap_above)), below, at)
         sums = st[:, first:first + span] @ band.numpy()  # B x windows
-        return torch.from_numpy(sums[rows, start - first] / beta)
+        return torch.from_numpy(sums.reshape(-1).take(rows * sums.shape[1] + start - first) / beta)
     med2 = s[lo] + s[hi]
     med = med2 / 2
     ends = s[first:last + 1] + s[first + beta - 1:last + beta]
@@ -176,6 +176,12 @@ class Bulyan(Defense):
             raise ValueError(f"Bulyan needs n >= 4f + 3 clients: f={self.num_malicious} needs "
                              f"{4 * self.num_malicious + 3}, the round has {n}")
 
+    @staticmethod
+    def coordinate_rule(s: torch.Tensor, beta: int) -> torch.Tensor:
+        """Bulyan's per-coordinate step over the selected values of a column block, sorted along
+        dim 0: the mean of the ``beta`` closest to the median."""
+        return closest_to_median_mean(s, beta)
+
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         ru = round_updates
         self.check_num_clients(ru.n)
@@ -188,7 +194,7 @@ class Bulyan(Defense):
             best = remaining[int(torch.argmin(krum_scores(sub, f)))]
             selected.append(best)
             remaining.remove(best)
-        step = reduce_sorted_columns(ru.updates, lambda s: closest_to_median_mean(s, theta - 2 * f), rows=selected)
+        step = reduce_sorted_columns(ru.updates, lambda s: self.coordinate_rule(s, theta - 2 * f), rows=selected)
         keep = torch.zeros(ru.n, dtype=torch.bool, device=ru.device)
         keep[selected] = True
         w = keep.float() / keep.sum()

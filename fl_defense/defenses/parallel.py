@@ -15,6 +15,7 @@ does not depend on how many threads computed it (tested).
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -31,6 +32,7 @@ _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _controller = None
+_controller_modules = 0  # len(sys.modules) when the controller was built
 _spawn_lock = threading.Lock()
 _spawned = 0  # worker threads initialised so far
 
@@ -98,13 +100,16 @@ def _executor(k: int) -> ThreadPoolExecutor:
 
 def _blas_one_thread():
     """BLAS held to one thread while the section runs (numpy's OpenBLAS would otherwise start
-    its own threads inside every worker's call: measured 2x slower)."""
-    global _controller
+    its own threads inside every worker's call: measured 2x slower). The controller (4 ms to
+    build: it scans the loaded libraries) is rebuilt only when modules were imported since, as
+    a library loaded later (scipy's own OpenBLAS, with scikit-learn) would escape its limit."""
+    global _controller, _controller_modules
     try:
-        if _controller is None:
+        if _controller is None or _controller_modules != len(sys.modules):
             from threadpoolctl import ThreadpoolController
 
             _controller = ThreadpoolController()
+            _controller_modules = len(sys.modules)
         return _controller.limit(limits=1, user_api="blas")
     except Exception:  # threadpoolctl missing or unable to inspect the loaded libraries
         return nullcontext()
