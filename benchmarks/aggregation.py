@@ -10,6 +10,8 @@ strategy (lists of ndarrays). Timed, in the same process and run, on the same in
   ``aggregate_trimmed_avg``;
 - ours: the whole defended round (validation, one flatten into the n x d matrix, the defense,
   rebuilding the arrays) through ``DefendedAggregation``, for every defense.
+Beside Bulyan, a reference row: Bulyan's round up to its per-coordinate window (flatten, Gram,
+repeated Krum, the sort of the selected values), what an exact Bulyan pays before its last step.
 Ratios are against Flower's FedAvg ``aggregate`` measured in the same run. Peak extra memory is
 the rise of the process's peak RSS during the first call over the RSS before it (Linux VmHWM,
 reset before the call; what an aggregator keeps between rounds counts), in
