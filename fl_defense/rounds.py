@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .defenses.base import Defense
-from .defenses.parallel import parallel_map, split_evenly, workers
+from .defenses.parallel import map_in_groups, workers
 from .fisher import FisherDecodeError, decode_fisher
 from .updates import ParamLayout, RoundUpdates, reuse_rows
 from .validation import check_arrays, check_num_examples, check_update
@@ -209,22 +209,18 @@ class DefendedAggregation:
                          fishers: list, record: RoundRecord) -> tuple[list[ClientResult], list, torch.Tensor, torch.Tensor]:
         """Flatten each candidate's delta_k = w_k - w into its row of the updates matrix and check
         its values there (``check_update``) while the row is in cache. On the CPU the candidates
-        are shared out among the threads (``parallel.parallel_map``; each row is written and
+        are shared out among the threads (``parallel.map_in_groups``; each row is written and
         checked the same way whichever thread takes it). Rejected rows are then closed up, in
         order, by moving the accepted rows after them. Returns the accepted results, their
         Fisher diagonals, the matrix of their rows and the global vector."""
         global_vec = layout.flatten(global_arrays, self.device)
         updates = self._matrix("updates", len(candidates), layout.dim)
 
-        def fill(ks: list[int]) -> list[str | None]:
-            reasons = []
-            for k in ks:
-                layout.flatten_into(candidates[k].arrays, updates[k], minus=global_vec)  # one pass
-                reasons.append(check_update(updates[k], candidates[k].arrays, layout, self.max_update_norm))
-            return reasons
+        def fill(k: int) -> str | None:
+            layout.flatten_into(candidates[k].arrays, updates[k], minus=global_vec)  # one pass
+            return check_update(updates[k], candidates[k].arrays, layout, self.max_update_norm)
 
-        threads = workers() if self.device.type == "cpu" else 1
-        reasons = [r for part in parallel_map(fill, split_evenly(list(range(len(candidates))), threads)) for r in part]
+        reasons = map_in_groups(fill, range(len(candidates)), workers() if self.device.type == "cpu" else 1)
         valid, kept_fishers = [], []
         for k, (res, fisher, reason) in enumerate(zip(candidates, fishers, reasons)):
             if reason is not None:

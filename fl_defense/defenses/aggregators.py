@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .parallel import parallel_map, split_evenly, workers
+from .parallel import map_in_groups, parallel_map, split_evenly, workers
 
 
 def uses_numpy(x: torch.Tensor, backend: str | None = None) -> bool:
@@ -61,18 +61,11 @@ def row_max_abs(x: torch.Tensor) -> torch.Tensor:
 
 def map_column_blocks(fn, u: torch.Tensor, within: slice | None = None) -> None:
     """``fn(cols)`` for every ``column_blocks(u, within=within)`` block; on the CPU the blocks
-    are shared out among the threads (``parallel.parallel_map``; torch's own threads do not pay
+    are shared out among the threads (``parallel.map_in_groups``; torch's own threads do not pay
     off on blocks this small: a sign-and-product pass ran 2x slower on two torch threads than on
     one). ``fn`` writes only its own columns and returns nothing; each block is computed the
     same way whichever thread takes it, so results do not depend on the thread count."""
-    blocks = list(column_blocks(u, within=within))
-    groups = split_evenly(blocks, workers() if uses_numpy(u) else 1)
-
-    def run(group: list[slice]) -> None:
-        for cols in group:
-            fn(cols)
-
-    parallel_map(run, groups)
+    map_in_groups(fn, column_blocks(u, within=within), workers() if uses_numpy(u) else 1)
 
 
 def column_block_sums(fn, u: torch.Tensor, size: int, within: slice | None = None) -> torch.Tensor:

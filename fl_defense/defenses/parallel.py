@@ -74,6 +74,14 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return [f.result() for f in futures]
 
 
+def map_in_groups(fn: Callable[[T], R], items: Iterable[T], k: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]``, the items handed to the threads in ``k`` contiguous groups
+    (default ``workers()``; 1 runs them in the caller), one task per group rather than per item;
+    in order. ``fn(x)`` must not depend on which group ``x`` falls in."""
+    groups = split_evenly(list(items), workers() if k is None else k)
+    return [r for part in parallel_map(lambda group: [fn(x) for x in group], groups) for r in part]
+
+
 def _mark_worker() -> None:
     """A worker runs torch ops on one thread (its own OpenMP setting; two workers each starting
     their own OpenMP threads would oversubscribe the cores). ``torch.set_num_threads``
