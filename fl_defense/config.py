@@ -7,6 +7,7 @@ the README's table in step). ``ExperimentConfig.from_run_config`` rejects a bad 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import MISSING, dataclass, field, fields
 
 from .attacks import DATA_ATTACKS, MODEL_ATTACKS, POOLS
@@ -112,7 +113,7 @@ class ExperimentConfig:
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         unknown = sorted(set(run_config) - set(known))
         if unknown:
-            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError("; ".join(_unknown_key(key, list(known)) for key in unknown))
         values = {}
         for key, f in known.items():
             value = run_config.get(key, f.default if f.default is not MISSING else None)
@@ -212,6 +213,12 @@ class ExperimentConfig:
                 doc += f" ({', '.join(map(str, f.metadata['choices']))})"
             rows.append((f.name.replace("_", "-"), f.default, doc))
         return rows
+
+
+def _unknown_key(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else "the keys are those of pyproject.toml's [tool.flwr.app.config]"
+    return f"run-config key '{key}' is unknown; {hint}"
 
 
 def _coerce(key: str, value: object, kind: type) -> object:
