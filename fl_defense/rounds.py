@@ -8,6 +8,7 @@ and writes the per-client ``RoundRecord`` that detection metrics are computed fr
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,17 @@ FISHER_KEY = "fl-defense.fisher"
 FISHER_REQUEST_KEY = "fl-defense.compute-fisher"
 PARTITION_KEY = "partition-id"
 METRICS_ERROR_KEY = "fl-defense.metrics-error"
+# The round's own metrics (num-valid, num-rejected, ...) sit beside Flower's under this prefix.
+METRICS_PREFIX = "fl-defense."
+RESERVED_METRICS = (GROUND_TRUTH_KEY, FISHER_KEY, METRICS_ERROR_KEY)
+
+
+class MissingReferenceError(RuntimeError):
+    """A round cannot be aggregated: the defense needs the current global model and none is known."""
+
+
+class NoValidResultsError(RuntimeError):
+    """Several consecutive rounds brought no valid client result: the run stops and says why."""
 
 
 def split_ground_truth(metrics: object) -> tuple[dict, bool | None]:
@@ -114,13 +126,21 @@ class DefendedAggregation:
         it, instead of allocating fresh memory every round. A fresh 480 MB matrix costs more in
         page faults than the whole FedAvg arithmetic on it (docs/results/aggregation.md); the price
         is that the server holds the matrix while clients train. False frees it after each round.
+    max_rounds_without_valid : int
+        After this many consecutive rounds that received replies but not one valid result, raise
+        ``NoValidResultsError`` (the run stops with the reasons instead of idling); 0 never stops.
     """
 
     def __init__(self, defense: Defense, trainable: list[bool] | None = None, device: str = "cpu",
-                 min_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True) -> None:
+                 min_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True,
+                 max_rounds_without_valid: int = 3) -> None:
         defense.validate()
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        if max_rounds_without_valid < 0:
+            raise ValueError(f"max_rounds_without_valid must be >= 0, got {max_rounds_without_valid}")
+        self.max_rounds_without_valid = max_rounds_without_valid
+        self.rounds_without_valid = 0
         self.defense = defense
         self.trainable = trainable
         self.device = torch.device(device)
@@ -128,15 +148,25 @@ class DefendedAggregation:
         self.max_update_norm = max_update_norm
         self.keep_workspace = keep_workspace
         self.records: list[RoundRecord] = []
+        # The results of the last round that passed validation, in aggregation order (their
+        # weights are records[-1].weights): the adapters aggregate client metrics over them.
+        self.last_valid: list[ClientResult] = []
         self._workspace: dict[str, torch.Tensor] = {}
 
     def layout_for(self, global_arrays: list[np.ndarray]) -> ParamLayout:
         return ParamLayout.from_arrays(global_arrays, self.trainable)
 
-    def aggregate(self, server_round: int, global_arrays: list[np.ndarray], results: list[ClientResult],
+    def aggregate(self, server_round: int, global_arrays: list[np.ndarray] | None, results: list[ClientResult],
                   failures: int = 0, ground_truth: dict[str, bool] | None = None) -> tuple[list[np.ndarray] | None, dict]:
-        """Return (new arrays or None when the global model is kept, round metrics)."""
+        """Return (new arrays or None when the global model is kept, round metrics).
+
+        ``global_arrays`` is the reference the updates are taken against (the current global
+        model). Without it (a direct call, as Flower's strategies allow) a ``reference_free``
+        defense aggregates against zeros shaped like the round's most common result; any other
+        raises ``MissingReferenceError``."""
         t0 = time.perf_counter()
+        if global_arrays is None:
+            global_arrays = self._zero_reference(results)
         layout = self.layout_for(global_arrays)
         record = RoundRecord(server_round=server_round, defense=self.defense.name,
                              detects=self.defense.detects, failures=failures,
@@ -164,6 +194,7 @@ class DefendedAggregation:
             valid, fishers, updates, global_vec = self._flatten_checked(layout, global_arrays, candidates,
                                                                         fishers, record)
 
+        self.last_valid = valid
         record.client_ids = [r.client_id for r in valid]
         record.partition_ids = [_as_int(r.metrics.get(PARTITION_KEY)) for r in valid]
         record.num_examples = [int(r.num_examples) for r in valid]
@@ -183,13 +214,21 @@ class DefendedAggregation:
                 self._workspace.clear()
             record.aggregation_seconds = time.perf_counter() - t0
             self.records.append(record)
+            self._count_rounds_without_valid(record, bool(results) or failures > 0)
             return None, self._metrics(record)
+        self.rounds_without_valid = 0
 
         round_updates = self._build_round(updates, valid, fishers, layout)
         result = self.defense.aggregate(global_vec, round_updates)
         weights = result.weights.detach().to("cpu", torch.float64).numpy()
         buffers = self._average_buffers(layout, valid, weights)
-        new_arrays = layout.unflatten(result.params, buffers)
+        if result.selected is not None:  # the chosen client's own model, not global + delta rounded
+            chosen = valid[result.selected].arrays
+            buf = iter(buffers)
+            new_arrays = [np.array(chosen[i], dtype=layout.dtypes[i], copy=True) if t else next(buf)
+                          for i, t in enumerate(layout.trainable)]
+        else:
+            new_arrays = layout.unflatten(result.params, buffers)
 
         record.weights = [float(w) for w in weights]
         record.flagged = [bool(f) for f in result.flagged.detach().cpu().numpy()]
@@ -200,6 +239,57 @@ class DefendedAggregation:
         record.aggregation_seconds = time.perf_counter() - t0
         self.records.append(record)
         return new_arrays, self._metrics(record)
+
+    def skip_round(self, server_round: int, reason: str, failures: int = 0, had_replies: bool = False) -> dict:
+        """Record a round that is not aggregated at all (no results, or failures Flower's
+        ``accept_failures=False`` refuses); the global model is kept."""
+        record = RoundRecord(server_round=server_round, defense=self.defense.name, detects=self.defense.detects,
+                             failures=failures, kept_global=True, reason=reason)
+        self.last_valid = []
+        log.warning("round %d: global model kept unchanged: %s", server_round, reason)
+        self.records.append(record)
+        self._count_rounds_without_valid(record, had_replies)
+        return self._metrics(record)
+
+    def _zero_reference(self, results: list[ClientResult]) -> list[np.ndarray]:
+        if not self.defense.reference_free:
+            raise MissingReferenceError(
+                f"{type(self.defense).__name__} needs the current global model to take updates against: "
+                "call configure_fit/configure_train first, or pass initial_parameters (legacy API)")
+        shapes = [tuple((a.shape, a.dtype.str) for a in r.arrays) for r in results
+                  if isinstance(r.arrays, (list, tuple)) and r.arrays
+                  and all(isinstance(a, np.ndarray) for a in r.arrays)]
+        if not shapes:
+            return []
+        common = Counter(shapes).most_common(1)[0][0]  # malformed results are rejected against it
+        return [np.zeros(shape, dtype=np.dtype(dt)) for shape, dt in common]
+
+    def _count_rounds_without_valid(self, record: RoundRecord, had_replies: bool) -> None:
+        """Count consecutive rounds whose every reply was rejected or failed; say why loudly, and
+        stop the run after ``max_rounds_without_valid`` of them."""
+        if record.client_ids:  # some valid results, too few to aggregate: the clients can do it
+            self.rounds_without_valid = 0
+        if record.client_ids or not had_replies:
+            return
+        self.rounds_without_valid += 1
+        reasons = Counter(r["reason"] for r in record.rejected)
+        text = "; ".join(f"{reason} ({count}x)" for reason, count in reasons.most_common(5)) or "every client failed"
+        message = (f"round {record.server_round}: no valid client result ({len(record.rejected)} rejected, "
+                   f"{record.failures} failed): {text}. {self.client_requirements()}")
+        log.error(message)
+        if self.max_rounds_without_valid and self.rounds_without_valid >= self.max_rounds_without_valid:
+            raise NoValidResultsError(f"stopping after {self.rounds_without_valid} consecutive rounds without a valid "
+                                      f"client result; last: {message}")
+
+    def client_requirements(self) -> str:
+        """What a client must send for its result to be accepted."""
+        text = ("A client must send the global model's arrays (same count, shapes and dtype kinds) with finite "
+                "values and a positive integer number of examples")
+        if self.defense.needs_fisher:
+            text += (f"; {type(self.defense).__name__} also needs each client's diagonal Fisher information: add it "
+                     "with fl_defense.client.fisher_metrics (NumPyClient fit metrics) or fl_defense.client.add_fisher "
+                     "(Message-API reply)")
+        return text + "."
 
     def _reject(self, record: RoundRecord, res: ClientResult, reason: str) -> None:
         log.warning("round %d: rejected result of client %s: %s", record.server_round, res.client_id, reason)
@@ -214,7 +304,7 @@ class DefendedAggregation:
         order, by moving the accepted rows after them. Returns the accepted results, their
         Fisher diagonals, the matrix of their rows and the global vector."""
         global_vec = layout.flatten(global_arrays, self.device)
-        updates = self._matrix("updates", len(candidates), layout.dim)
+        updates = self._matrix("updates", len(candidates), layout.dim, layout.dtype)
 
         def fill(k: int) -> str | None:
             layout.flatten_into(candidates[k].arrays, updates[k], minus=global_vec)  # one pass
@@ -237,20 +327,21 @@ class DefendedAggregation:
         n, d = updates.shape
         fisher = None
         if self.defense.needs_fisher:
-            fisher = self._matrix("fisher", n, d)
+            fisher = self._matrix("fisher", n, d, updates.dtype)
             for k, f in enumerate(fishers):
                 if fisher.device.type == "cpu":
                     np.copyto(fisher[k].numpy(), f, casting="same_kind")
                 else:
-                    fisher[k].copy_(torch.from_numpy(np.array(f, dtype=np.float32)))
+                    fisher[k].copy_(torch.from_numpy(np.asarray(f)).to(updates.dtype))
         num_examples = torch.tensor([float(r.num_examples) for r in valid], dtype=torch.float64)
         return RoundUpdates(updates=updates, num_examples=num_examples,
                             client_ids=[stable_identity(r) for r in valid],
                             layer_slices=layout.layer_slices, fisher=fisher)
 
-    def _matrix(self, name: str, n: int, d: int) -> torch.Tensor:
-        """An n x d float32 matrix from the workspace (``updates.reuse_rows``)."""
-        buf = self._workspace[name] = reuse_rows(self._workspace.pop(name, None), n, d, device=self.device)
+    def _matrix(self, name: str, n: int, d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An n x d matrix from the workspace (``updates.reuse_rows``)."""
+        buf = self._workspace[name] = reuse_rows(self._workspace.pop(name, None), n, d, dtype=dtype,
+                                                 device=self.device)
         return buf[:n]
 
     @staticmethod
@@ -271,12 +362,12 @@ class DefendedAggregation:
     @staticmethod
     def _metrics(record: RoundRecord) -> dict:
         return {
-            "num-valid": len(record.client_ids),
-            "num-rejected": len(record.rejected),
-            "num-failures": record.failures,
-            "num-flagged": int(sum(record.flagged)),
-            "kept-global": int(record.kept_global),
-            "aggregation-seconds": record.aggregation_seconds,
+            f"{METRICS_PREFIX}num-valid": len(record.client_ids),
+            f"{METRICS_PREFIX}num-rejected": len(record.rejected),
+            f"{METRICS_PREFIX}num-failures": record.failures,
+            f"{METRICS_PREFIX}num-flagged": int(sum(record.flagged)),
+            f"{METRICS_PREFIX}kept-global": int(record.kept_global),
+            f"{METRICS_PREFIX}aggregation-seconds": record.aggregation_seconds,
         }
 
     # Checkpoint support: the defense's own state across rounds.

@@ -58,6 +58,13 @@ class ParamLayout:
         return slices
 
     @cached_property
+    def dtype(self) -> torch.dtype:
+        """The updates matrix's dtype: float64 when a trainable array is float64 (so a float64
+        model is aggregated in float64, as Flower does), else float32 (float16 models too)."""
+        wide = any(np.dtype(self.dtypes[i]) == np.float64 for i in self.trainable_indices)
+        return torch.float64 if wide else torch.float32
+
+    @cached_property
     def dim(self) -> int:
         return sum(int(np.prod(self.shapes[i], dtype=np.int64)) for i in self.trainable_indices)
 
@@ -65,20 +72,20 @@ class ParamLayout:
         """Write the trainable arrays, flattened, into the 1-d tensor ``out`` (no extra copy); with
         ``minus``, write ``arrays - minus`` in the same pass."""
         for i, sl in zip(self.trainable_indices, self.layer_slices):
-            src = torch.from_numpy(np.ascontiguousarray(arrays[i], dtype=np.float32)).reshape(-1)
+            src = torch.from_numpy(np.ascontiguousarray(arrays[i], dtype=_NP[self.dtype])).reshape(-1)
             if minus is None:
                 out[sl].copy_(src)
             else:
                 torch.sub(src.to(out.device, non_blocking=True), minus[sl], out=out[sl])
 
     def flatten(self, arrays: list[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
-        out = torch.empty(self.dim, dtype=torch.float32, device=device)
+        out = torch.empty(self.dim, dtype=self.dtype, device=device)
         self.flatten_into(arrays, out)
         return out
 
     def unflatten(self, vector: torch.Tensor, buffers: list[np.ndarray]) -> list[np.ndarray]:
         """Rebuild the full array list from a trainable vector and the buffer arrays (in order)."""
-        flat = vector.detach().to("cpu", torch.float32).numpy()
+        flat = vector.detach().to("cpu", self.dtype).numpy()
         out: list[np.ndarray] = []
         buf = iter(buffers)
         slices = iter(self.layer_slices)
@@ -88,6 +95,9 @@ class ParamLayout:
             else:
                 out.append(np.asarray(next(buf)).astype(dtype, copy=False).reshape(shape))
         return out
+
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def reuse_rows(buf: torch.Tensor | None, n: int, d: int, dtype: torch.dtype = torch.float32,
@@ -146,5 +156,5 @@ class RoundUpdates:
     @property
     def sample_weights(self) -> torch.Tensor:
         """n_k / sum n_k, the FedAvg weights."""
-        w = self.num_examples.to(self.updates.device, torch.float32)
+        w = self.num_examples.to(self.updates.device, self.updates.dtype)
         return w / w.sum()

@@ -78,8 +78,8 @@ def test_malformed_results_are_rejected_in_both_apis(name, breaks, seed):
     results = [(FakeProxy(str(k)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(a), n, dict(m)))
                for k, (a, n, m) in enumerate(clients)]
     params, metrics = legacy.aggregate_fit(1, results, [])
-    assert metrics["num-rejected"] == expected_rejected
-    assert metrics["num-valid"] == len(clients) - expected_rejected
+    assert metrics["fl-defense.num-rejected"] == expected_rejected
+    assert metrics["fl-defense.num-valid"] == len(clients) - expected_rejected
     assert all(r["reason"] for r in legacy.records[-1].rejected)
     out = parameters_to_ndarrays(params)
     assert [a.shape for a in out] == SHAPES and all(np.isfinite(a).all() for a in out)
@@ -88,7 +88,7 @@ def test_malformed_results_are_rejected_in_both_apis(name, breaks, seed):
     msg.configure_train(1, arrayrecord(g), ConfigRecord(), FakeGrid(range(len(clients))))
     replies = _safe_replies(clients)
     arrays, m2 = msg.aggregate_train(1, replies)
-    assert m2["num-valid"] == len(clients) - expected_rejected
+    assert m2["fl-defense.num-valid"] == len(clients) - expected_rejected
     if arrays is not None:
         assert all(np.isfinite(a).all() for a in arrays.to_numpy_ndarrays())
 

@@ -17,12 +17,15 @@ class DefenseResult:
     ``params`` is the new global trainable vector. ``weights[k]`` is the share client k ended up
     with in the aggregate (0 for a dropped client) and ``flagged[k]`` says whether the defense
     judged it malicious; together they make detection metrics uniform across defenses.
+    ``selected``, when set, says the new model is client ``selected``'s own (Krum): the adapter
+    then returns that client's arrays exactly, not ``global + delta`` rounded.
     """
 
     params: torch.Tensor
     weights: torch.Tensor
     flagged: torch.Tensor
     info: dict = field(default_factory=dict)
+    selected: int | None = None
 
 
 class Defense:
@@ -37,6 +40,10 @@ class Defense:
     paper: str = ""
     detects: bool = False
     needs_fisher: bool = False
+    # True when the rule commutes with translation (rule(x + c) = rule(x) + c: FedAvg, Krum,
+    # median, ...): then the reference point does not matter and a round can be aggregated
+    # without knowing the current global model (Flower's own strategies never need it).
+    reference_free: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the parameter when the configuration is unusable."""

@@ -25,6 +25,10 @@ class FedAvg(Defense):
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = server_lr
 
+    @property
+    def reference_free(self) -> bool:  # global + 1 * mean(w_k - global) = mean(w_k)
+        return self.server_lr == 1.0
+
     def validate(self) -> None:
         if not self.server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {self.server_lr}")

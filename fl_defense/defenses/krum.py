@@ -123,6 +123,7 @@ class Krum(Defense):
     """
 
     name = "krum"
+    reference_free = True
     paper = "Blanchard et al., NeurIPS 2017"
     detects = True
 
@@ -148,28 +149,46 @@ class Krum(Defense):
         w = torch.where(keep, ru.sample_weights, 0.0)
         w = w / w.sum()
         # Krum's step is the chosen row itself: no pass over the matrix for a one-hot mean
-        step = ru.updates[chosen[0]] if len(chosen) == 1 else w @ ru.updates
-        return DefenseResult(params=global_params + step, weights=w, flagged=~keep)
+        if len(chosen) == 1:  # the adapter hands back the chosen client's model itself, bit for bit
+            return DefenseResult(params=global_params + ru.updates[chosen[0]], weights=w, flagged=~keep,
+                                 selected=int(chosen[0]))
+        return DefenseResult(params=global_params + w @ ru.updates, weights=w, flagged=~keep)
 
 
 class Bulyan(Defense):
     """Bulyan, El Mhamdi et al., ICML 2018 (sec. 4), with Krum as the selection rule.
 
-    theta = n - 2f updates are selected by repeated Krum (each time over the remaining ones); then,
-    per coordinate, the beta = theta - 2f selected values closest to the coordinate median are
-    averaged. Requires n >= 4f + 3. Clients never selected are flagged.
+    theta = n - 2f updates are selected by repeated Krum (each time over the remaining ones, the
+    paper's rule and Flower's legacy ``Bulyan``); then, per coordinate, the beta = theta - 2f
+    selected values closest to the coordinate median are averaged. Requires n >= 4f + 3. Clients
+    never selected are flagged.
+
+    Parameters
+    ----------
+    num_malicious : int
+        f, the number of Byzantine clients tolerated.
+    selection : str
+        ``"repeated_krum"`` (the paper's), or ``"multi_krum"``: the theta best Krum scores of one
+        pass over all n (what Flower's Message-API ``Bulyan`` does with its default
+        ``selection_rule``). The two differ when removing a selected update changes the others'
+        scores.
     """
 
     name = "bulyan"
+    reference_free = True
     paper = "El Mhamdi et al., ICML 2018"
     detects = True
+    SELECTIONS = ("repeated_krum", "multi_krum")
 
-    def __init__(self, num_malicious: int = 0) -> None:
+    def __init__(self, num_malicious: int = 0, selection: str = "repeated_krum") -> None:
         self.num_malicious = num_malicious
+        self.selection = selection
 
     def validate(self) -> None:
         if self.num_malicious < 0:
             raise ValueError("num_malicious must be >= 0")
+        if self.selection not in self.SELECTIONS:
+            raise ValueError(f"selection must be one of {self.SELECTIONS}, got {self.selection!r}")
 
     def check_num_clients(self, n: int) -> None:
         if n < 4 * self.num_malicious + 3:
@@ -187,13 +206,16 @@ class Bulyan(Defense):
         self.check_num_clients(ru.n)
         f = self.num_malicious
         theta, d2 = ru.n - 2 * f, squared_distances(ru.updates)
-        remaining = list(range(ru.n))
-        selected = []
-        for _ in range(theta):
-            sub = d2[remaining][:, remaining]
-            best = remaining[int(torch.argmin(krum_scores(sub, f)))]
-            selected.append(best)
-            remaining.remove(best)
+        if self.selection == "multi_krum":
+            selected = torch.argsort(krum_scores(d2, f), stable=True)[:theta].tolist()
+        else:
+            remaining = list(range(ru.n))
+            selected = []
+            for _ in range(theta):
+                sub = d2[remaining][:, remaining]
+                best = remaining[int(torch.argmin(krum_scores(sub, f)))]
+                selected.append(best)
+                remaining.remove(best)
         step = reduce_sorted_columns(ru.updates, lambda s: self.coordinate_rule(s, theta - 2 * f), rows=selected)
         keep = torch.zeros(ru.n, dtype=torch.bool, device=ru.device)
         keep[selected] = True

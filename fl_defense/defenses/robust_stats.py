@@ -13,6 +13,7 @@ class Median(Defense):
     """Coordinate-wise median, Yin et al., ICML 2018 (Option I); numpy's median for even n."""
 
     name = "median"
+    reference_free = True
     paper = "Yin et al., ICML 2018"
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
@@ -25,6 +26,7 @@ class TrimmedMean(Defense):
     int(beta * n) smallest and largest values and average the rest (scipy's trim_mean, as Flower)."""
 
     name = "trimmed_mean"
+    reference_free = True
     paper = "Yin et al., ICML 2018"
 
     def __init__(self, beta: float = 0.2) -> None:

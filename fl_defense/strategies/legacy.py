@@ -1,4 +1,9 @@
-"""Adapter for Flower's legacy strategy API (``flwr.server.strategy``, ``aggregate_fit``)."""
+"""Adapter for Flower's legacy strategy API (``flwr.server.strategy``, ``aggregate_fit``).
+
+One class per registered defense (``fl_defense.defenses.DEFENSES``), generated: ``RLR``,
+``Krum``, ... and Flower's class names where Flower has the same rule (``FedMedian``,
+``FedTrimmedAvg``, ``MultiKrum``: aliases of ``Median``, ``TrimmedMean``, ``Krum``).
+"""
 
 from __future__ import annotations
 
@@ -9,35 +14,50 @@ from flwr.common import FitIns, Parameters, Scalar, log, ndarrays_to_parameters,
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as FlowerFedAvg
+from flwr.server.strategy.aggregate import aggregate_krum
 
-from .. import defenses
 from ..checkpoint import save_checkpoint
+from ..defenses import DEFENSES
 from ..defenses.base import Defense
 from ..rounds import FISHER_REQUEST_KEY, ClientResult, split_ground_truth
-from ._common import DefenseAdapter, split_kwargs
+from ._common import DefenseAdapter, FlowerName, FlowerOnly, build_signature, client_metrics, strategy_doc
+
+# Flower's legacy names for our defenses' parameters, per defense.
+FLOWER_NAMES: dict[str, dict] = {
+    "krum": {"num_malicious_clients": FlowerName("num_malicious", 0),
+             "num_clients_to_keep": FlowerName("to_keep", 0)},
+    "bulyan": {
+        "num_malicious_clients": FlowerName("num_malicious", 0),
+        # Flower passes these to its Krum; any other value makes Flower's own Bulyan fail.
+        "to_keep": FlowerOnly(0, lambda v: {} if v == 0 else None,
+                              "Bulyan selects with single Krum (Flower's own Bulyan fails with to_keep > 0 too)"),
+        "first_aggregation_rule": FlowerOnly(aggregate_krum, lambda v: {} if v is aggregate_krum else None,
+                                             "only Krum (Flower's aggregate_krum) is implemented as the selection"),
+    },
+}
+# Flower's class for the same rule, named in the docstring (and aliased below).
+FLOWER_EQUIVALENT = {"fedavg": "FedAvg", "krum": "Krum", "bulyan": "Bulyan", "median": "FedMedian",
+                     "trimmed_mean": "FedTrimmedAvg"}
 
 
 class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
-    """A Flower ``FedAvg`` whose ``aggregate_fit`` runs a defense from ``fl_defense.defenses``.
+    """A Flower ``FedAvg`` whose ``aggregate_fit`` runs a defense from ``fl_defense.defenses``
+    (given as ``defense=``; the concrete classes ``RLR``, ``Krum``, ... build theirs)."""
 
-    Accepts every argument of ``flwr.server.strategy.FedAvg``, the defense's own parameters (for
-    the concrete subclasses), and: ``defense`` (an instance, for this generic class),
-    ``trainable`` (mask of arrays that are trainable parameters; the rest are buffers),
-    ``device`` ("cpu" or "cuda[:i]"), ``min_valid_clients`` and ``max_update_norm``.
+    adapter_extras = {"checkpoint_path": None, "round_offset": 0}
 
-    After each round ``self.records`` holds the per-client ``RoundRecord``s.
-    """
-
-    defense_class: type[Defense] | None = None
-
-    def __init__(self, *, defense: Defense | None = None, checkpoint_path: str | None = None,
-                 round_offset: int = 0, **kwargs) -> None:
-        self.aggregation, fedavg_kwargs = split_kwargs(self.defense_class, defense, kwargs)
-        super().__init__(**fedavg_kwargs)
+    def __init__(self, *args, **kwargs) -> None:
+        fedavg, own, core, extras = self._split_arguments(args, kwargs)
+        self._setup(own, core, extras.pop("defense", None))
+        super().__init__(**fedavg)
         self._global: list[np.ndarray] | None = None
+        self.checkpoint_path = extras.get("checkpoint_path")
         # After a resume Flower counts rounds from 1 again; round_offset maps them to the run's.
-        self.checkpoint_path = checkpoint_path
-        self.round_offset = round_offset
+        self.round_offset = extras.get("round_offset", 0)
+
+    @classmethod
+    def _flower_init(cls):
+        return FlowerFedAvg.__init__
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         params = super().initialize_parameters(client_manager)
@@ -64,10 +84,22 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
             ins.config = {**ins.config, **extra}
         return pairs
 
+    def _reference(self) -> list[np.ndarray] | None:
+        """The global model the updates are taken against: the last one seen (configure_fit or
+        the last aggregate), else the initial parameters; None when neither is known."""
+        if self._global is None and self.initial_parameters is not None:
+            self._global = parameters_to_ndarrays(self.initial_parameters)
+        return self._global
+
     def aggregate_fit(self, server_round: int, results, failures) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.round_offset
-        if self._global is None:
-            raise RuntimeError("aggregate_fit called before configure_fit: no global parameters known")
+        if failures:
+            log(WARNING, "round %d: %d clients failed: %s", server_round, len(failures),
+                "; ".join(_failure_text(f) for f in failures[:5]))
+        if not results or (failures and not self.accept_failures):  # as Flower's FedAvg
+            reason = "no results" if not results else f"{len(failures)} failures and accept_failures=False"
+            self.aggregation.skip_round(server_round, reason, failures=len(failures), had_replies=bool(failures))
+            return None, {}
         client_results, ground_truth = [], {}
         for proxy, fit_res in results:
             metrics, gt = split_ground_truth(fit_res.metrics)
@@ -78,17 +110,21 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
             except Exception as err:  # a malformed payload is the client's fault, not the round's
                 arrays = f"undecodable parameters ({err})"
             client_results.append(ClientResult(str(proxy.cid), arrays, fit_res.num_examples, metrics))
-        if failures:
-            log(WARNING, "round %d: %d clients failed: %s", server_round, len(failures),
-                "; ".join(_failure_text(f) for f in failures[:5]))
-        new_arrays, metrics = self.aggregation.aggregate(
-            server_round, self._global, client_results, failures=len(failures), ground_truth=ground_truth)
+        new_arrays, ours = self.aggregation.aggregate(
+            server_round, self._reference(), client_results, failures=len(failures), ground_truth=ground_truth)
         if new_arrays is not None:
             self._global = new_arrays
-        # else: keep the model; hand Flower the current parameters back so it does not stall.
-        if self.checkpoint_path:
+        if self.checkpoint_path and self._global is not None:
             save_checkpoint(self.checkpoint_path, server_round, self._global, self.aggregation.state_dict())
-        return ndarrays_to_parameters(self._global), metrics
+        metrics: dict[str, Scalar] = {}
+        if self.fit_metrics_aggregation_fn:  # over the results that passed validation, as Flower's over all
+            valid = self.aggregation.last_valid
+            metrics = dict(self.fit_metrics_aggregation_fn(
+                [(r.num_examples, client_metrics(r.metrics)) for r in valid]) or {}) if valid else {}
+        elif server_round == 1:
+            log(WARNING, "No fit_metrics_aggregation_fn provided")
+        metrics.update(ours)
+        return (None if new_arrays is None else ndarrays_to_parameters(new_arrays)), metrics
 
 
 def _failure_text(f) -> str:
@@ -97,96 +133,32 @@ def _failure_text(f) -> str:
     return f"client {getattr(f[0], 'cid', '?')}"
 
 
-class FedAvg(DefenseStrategy):
-    """FedAvg through the defense core (no defense); same result as Flower's FedAvg."""
-
-    defense_class = defenses.FedAvg
-
-
-class RLR(DefenseStrategy):
-    """Robust learning rate (Ozdayi et al., AAAI 2021); see ``fl_defense.defenses.RLR``.
-
-    ``RLR(theta=4, server_lr=1.0, aggregator="mean", clip_norm=0.0, noise=0.0, **fedavg_kwargs)``.
-    """
-
-    defense_class = defenses.RLR
-
-
-class Fedward(DefenseStrategy):
-    """Fedward (Chen et al., arXiv 2307.00356); see ``fl_defense.defenses.Fedward``."""
-
-    defense_class = defenses.Fedward
+def make_strategy(base: type, name: str, defense_class: type[Defense] | None, flower_names: dict,
+                  flower_equivalent: str | None, api: str, module: str) -> type:
+    """The strategy class of one registered defense, with its signature and docstring."""
+    cls_name = defense_class.__name__ if defense_class is not None else base.__name__
+    cls = type(cls_name, (base,), {
+        "defense_class": defense_class, "flower_names": flower_names, "__module__": module,
+        "__doc__": strategy_doc(cls_name, defense_class, api, flower_equivalent, flower_names)})
+    extras = dict(base.adapter_extras)
+    if defense_class is None:
+        extras["defense"] = None
+    cls.__signature__ = build_signature(base._flower_init(), defense_class, flower_names, extras,
+                                        positional_flower=(api == "message"))
+    return cls
 
 
-class FDCR(DefenseStrategy):
-    """FDCR (Huang et al., NeurIPS 2024); asks clients for Fisher; see ``fl_defense.defenses.FDCR``."""
-
-    defense_class = defenses.FDCR
-
-
-class SDFC(DefenseStrategy):
-    """SDFC (Huang et al., ECCV 2024); asks clients for Fisher and needs ``validation_fisher``
-    (``fl_defense.fisher.ValidationFisher(model, images, labels)``); see ``fl_defense.defenses.SDFC``."""
-
-    defense_class = defenses.SDFC
-
-
-class Krum(DefenseStrategy):
-    """Krum / Multi-Krum (Blanchard et al. 2017): ``Krum(num_malicious=f, to_keep=m)``."""
-
-    defense_class = defenses.Krum
-
-
-class Bulyan(DefenseStrategy):
-    """Bulyan (El Mhamdi et al. 2018) over Krum: ``Bulyan(num_malicious=f)``."""
-
-    defense_class = defenses.Bulyan
-
-
-class Median(DefenseStrategy):
-    """Coordinate-wise median (Yin et al. 2018)."""
-
-    defense_class = defenses.Median
-
-
-class TrimmedMean(DefenseStrategy):
-    """Coordinate-wise trimmed mean (Yin et al. 2018): ``TrimmedMean(beta=0.2)``."""
-
-    defense_class = defenses.TrimmedMean
-
-
-class NormClipping(DefenseStrategy):
-    """Norm clipping with Gaussian noise (Sun et al. 2019)."""
-
-    defense_class = defenses.NormClipping
-
-
-class SignSGD(DefenseStrategy):
-    """signSGD with majority vote (Bernstein et al. 2019)."""
-
-    defense_class = defenses.SignSGD
-
-
-class FoolsGold(DefenseStrategy):
-    """FoolsGold (Fung et al. 2020); keeps per-client histories across rounds."""
-
-    defense_class = defenses.FoolsGold
-
-
-class FLAME(DefenseStrategy):
-    """FLAME (Nguyen et al. 2022): HDBSCAN on cosine distances, median-norm clipping, noise."""
-
-    defense_class = defenses.FLAME
-
-
-class FLTrust(DefenseStrategy):
-    """FLTrust (Cao et al. 2021); needs ``server_update`` (``fl_defense.training.ServerUpdate``)."""
-
-    defense_class = defenses.FLTrust
-
-
+DefenseStrategy.__signature__ = build_signature(FlowerFedAvg.__init__, None, {},
+                                                {**DefenseStrategy.adapter_extras, "defense": None}, False)
 STRATEGIES: dict[str, type[DefenseStrategy]] = {
-    "fedavg": FedAvg, "rlr": RLR, "fedward": Fedward, "fdcr": FDCR, "sdfc": SDFC,
-    "krum": Krum, "bulyan": Bulyan, "median": Median, "trimmed_mean": TrimmedMean,
-    "norm_clipping": NormClipping, "signsgd": SignSGD, "foolsgold": FoolsGold, "flame": FLAME, "fltrust": FLTrust,
+    name: make_strategy(DefenseStrategy, name, cls, FLOWER_NAMES.get(name, {}), FLOWER_EQUIVALENT.get(name),
+                        "legacy", __name__)
+    for name, cls in DEFENSES.items()
 }
+globals().update({cls.__name__: cls for cls in STRATEGIES.values()})
+# Flower's class names for the same rules.
+FLOWER_ALIASES = {"FedMedian": STRATEGIES["median"], "FedTrimmedAvg": STRATEGIES["trimmed_mean"],
+                  "MultiKrum": STRATEGIES["krum"]}
+globals().update(FLOWER_ALIASES)
+__all__ = ["STRATEGIES", "DefenseStrategy", *sorted(cls.__name__ for cls in STRATEGIES.values()),
+           *sorted(FLOWER_ALIASES)]
