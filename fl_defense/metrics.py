@@ -41,7 +41,7 @@ def attack_probes(cfg, shape: tuple[int, int, int]) -> dict[str, Trigger | None]
     """What the central evaluation measures for the configured attack: name -> trigger (None: the
     untriggered base class). ``attack_success_rate`` is the first entry; DBA adds one per piece.
     With no data attack the RLR plus trigger is measured as a reference (a clean model's rate)."""
-    if cfg.attack == "semantic":
+    if cfg.attack in ("semantic", "labelflip"):  # no trigger: the untriggered base class (or every class)
         return {"attack_success_rate": None}
     if cfg.attack == "dba":
         full = make_trigger(cfg.dba_trigger, shape)

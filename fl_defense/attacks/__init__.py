@@ -1,6 +1,12 @@
 """Attacks: data poisoning (triggers, DBA, semantic), model poisoning, and who attacks when."""
 
-from .model_poisoning import (MODEL_ATTACKS, boost, gaussian_update, neurotoxin_mask, project_to_ball,
+from .alie import ALIE, ALIEBackdoor, alie_z
+from .base import KNOWLEDGE, TARGETS, AttackRound, ColludingAttack
+from .fang import Fang
+from .ipm import IPM
+from .label_flipping import flip_labels, label_flip
+from .min_max import DIRECTIONS, MinMax, MinSum
+from .model_poisoning import (LOCAL_MODEL_ATTACKS, boost, gaussian_update, neurotoxin_mask, project_to_ball,
                               scale_to_bound, sign_flip)
 from .poisoning import (DATA_ATTACKS, POOLS, AttackSchedule, eligible, poison_data, poison_with_trigger, relabel,
                         select_attackers)
@@ -8,7 +14,26 @@ from .triggers import TRIGGERS, Trigger, apply_trigger, make_trigger, plus_mask,
 
 ATTACKS = DATA_ATTACKS
 
-__all__ = ["ATTACKS", "DATA_ATTACKS", "MODEL_ATTACKS", "POOLS", "TRIGGERS", "AttackSchedule", "Trigger",
+# Colluding model poisoning: crafted from what the attackers know of the round (base.AttackRound)
+COLLUDING_ATTACKS: dict[str, type[ColludingAttack]] = {
+    "alie": ALIE,                    # Baruch et al., NeurIPS 2019 (Alg. 1)
+    "alie_backdoor": ALIEBackdoor,   # Baruch et al., NeurIPS 2019 (sec. 4, Alg. 2)
+    "ipm": IPM,                      # Xie et al., UAI 2020
+    "min_max": MinMax,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 6; target krum: sec. IV-B)
+    "min_sum": MinSum,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 7)
+    "fang": Fang,                    # Fang et al., USENIX Security 2020 (Krum: sec. 3.3; trim/median: sec. 3.4)
+}
+MODEL_ATTACKS = LOCAL_MODEL_ATTACKS + tuple(COLLUDING_ATTACKS)
+
+
+def make_colluding(name: str, **params) -> ColludingAttack:
+    """Attack ``name`` with those of ``params`` its constructor takes (the others are ignored)."""
+    cls = COLLUDING_ATTACKS[name]
+    return cls(**{k: v for k, v in params.items() if k in cls.param_names()})
+
+__all__ = ["ALIE", "ATTACKS", "COLLUDING_ATTACKS", "DATA_ATTACKS", "DIRECTIONS", "IPM", "KNOWLEDGE",
+           "LOCAL_MODEL_ATTACKS", "MODEL_ATTACKS", "TARGETS", "ALIEBackdoor", "AttackRound", "ColludingAttack",
+           "Fang", "MinMax", "MinSum", "alie_z", "flip_labels", "label_flip", "make_colluding", "POOLS", "TRIGGERS", "AttackSchedule", "Trigger",
            "apply_trigger", "boost", "eligible", "gaussian_update", "make_trigger", "neurotoxin_mask",
            "plus_mask", "poison_data", "poison_with_trigger", "project_to_ball", "relabel", "scale_to_bound",
            "select_attackers", "sign_flip", "trigger_mask"]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-MODEL_ATTACKS = ("none", "boost", "pgd", "neurotoxin", "signflip", "gaussian")
+# What one attacker does alone; the colluding attacks follow in attacks.MODEL_ATTACKS.
+LOCAL_MODEL_ATTACKS = ("none", "boost", "pgd", "neurotoxin", "signflip", "gaussian")
 
 
 def boost(global_vec: torch.Tensor, trained: torch.Tensor, factor: float) -> torch.Tensor:

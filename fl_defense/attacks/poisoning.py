@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .label_flipping import label_flip
 from .triggers import Trigger, make_trigger
 
-DATA_ATTACKS = ("none", "plus", "square", "pixel", "corner", "mask", "blend", "dba", "semantic")
+DATA_ATTACKS = ("none", "plus", "square", "pixel", "corner", "mask", "blend", "dba", "semantic", "labelflip")
 POOLS = ("fixed", "fresh")
 
 
@@ -94,11 +95,16 @@ def relabel(labels: torch.Tensor, poison_rate: float, target_label: int, base_la
 def poison_data(images: torch.Tensor, labels: torch.Tensor, attack: str, shape: tuple[int, int, int], *,
                 poison_rate: float, target_label: int, base_label: int, seed: int, rank: int = 0,
                 dba_pieces: int = 4, dba_trigger: str = "plus", blend_ratio: float = 0.1,
-                trigger_file: str = "", trigger_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                trigger_file: str = "", trigger_seed: int = 0,
+                num_classes: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Apply data attack ``attack`` to a client's data. DBA attackers plant piece ``rank % dba_pieces``
-    of the ``dba_trigger``. Returns (images, labels, poisoned indices)."""
+    of the ``dba_trigger``; label flipping maps every label l to num_classes - 1 - l, or with
+    ``base_label`` >= 0 that class to ``target_label``. Returns (images, labels, poisoned indices)."""
     if attack == "none":
         return images, labels, torch.empty(0, dtype=torch.long)
+    if attack == "labelflip":
+        new_labels, idx = label_flip(labels, num_classes, poison_rate, base_label, target_label, seed)
+        return images, new_labels, idx
     if attack == "semantic":
         new_labels, idx = relabel(labels, poison_rate, target_label, base_label, seed)
         return images, new_labels, idx

@@ -1,0 +1,133 @@
+"""What a colluding model-poisoning attack implements, and the geometry they share.
+
+A colluding attack crafts the updates its attackers send from what they know this round: a
+``known`` matrix of updates whose first ``num_attackers`` rows are the attackers' own honest
+updates (each also trains honestly on its clean data) and, with ``full`` knowledge, the other
+clients' updates after them. It never sees who else is malicious or anything a server holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..defenses.krum import distances_from_gram, gram_matrix, krum_scores
+
+KNOWLEDGE = ("partial", "full")
+TARGETS = ("agnostic", "krum", "trimmed_mean", "median")
+
+
+@dataclass(frozen=True)
+class AttackRound:
+    """The round as the colluders see it.
+
+    ``num_clients``: n, the results the server aggregates (attackers included); ``num_attackers``:
+    m, the colluders (the first m rows of ``known``); ``knowledge``: "partial" (``known`` holds
+    only their honest updates) or "full" (the others' updates follow); ``poisoned``: m x d, each
+    attacker's update trained on its poisoned data (attacks with ``uses_poisoned``); ``seed``:
+    for attacks that draw at random."""
+
+    num_clients: int
+    num_attackers: int
+    knowledge: str = "full"
+    poisoned: torch.Tensor | None = None
+    seed: int = 0
+
+    def benign_view(self, known: torch.Tensor) -> torch.Tensor:
+        """The rows that stand for the benign updates the server will see: the others' (full
+        knowledge), else the attackers' own honest updates (the papers' partial-knowledge proxy)."""
+        others = known[self.num_attackers:]
+        return others if len(others) else known[:self.num_attackers]
+
+
+class ColludingAttack:
+    """Base class. Subclasses set ``name``, ``paper``, ``targets`` (aggregation rules they can be
+    tailored to; "agnostic" means none) and ``uses_poisoned``, take parameters in ``__init__``
+    and implement ``craft``."""
+
+    name: str = "attack"
+    paper: str = ""
+    targets: tuple[str, ...] = ("agnostic",)
+    uses_poisoned: bool = False
+
+    def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
+        """The update each attacker sends: m x d, or one d-vector that all of them send."""
+        raise NotImplementedError
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.param_names())
+        return f"{type(self).__name__}({args})"
+
+
+def check_target(attack: ColludingAttack, target: str) -> None:
+    if target not in attack.targets:
+        raise ValueError(f"{attack.name} targets {', '.join(attack.targets)}, not {target!r}")
+
+
+class Distances:
+    """Squared distances between the known updates and a candidate c(g) = mu + g * p, without a
+    pass over the matrix per candidate: ||mu + g p - b_i||^2 = ||mu - b_i||^2 + 2 g p.(mu - b_i)
+    + g^2 ||p||^2, whose three coefficients come from the Gram matrix (mu.b_i is its row mean) and
+    one product B p, computed once (float64)."""
+
+    def __init__(self, known: torch.Tensor, gram: torch.Tensor, direction: torch.Tensor,
+                 base_dot_direction: torch.Tensor | None = None) -> None:
+        # mu = row mean of known; with base_dot_direction given (mu.p) it is not recomputed
+        sq = gram.diagonal()
+        mu_b = gram.mean(dim=1)
+        mu_sq = gram.mean()
+        self.base = (sq - 2 * mu_b + mu_sq).clamp_min(0)  # ||mu - b_i||^2
+        bp = (known @ direction).double().cpu()
+        mu_p = bp.mean() if base_dot_direction is None else base_dot_direction
+        self.cross = mu_p - bp  # p.(mu - b_i)
+        self.pp = float(direction.double().square().sum())  # ||p||^2
+        self.gram = gram
+
+    def at(self, gamma: float) -> torch.Tensor:
+        """||mu + gamma p - b_i||^2 for every known row i."""
+        return (self.base + 2 * gamma * self.cross + gamma * gamma * self.pp).clamp_min(0)
+
+
+def krum_picks_candidate(gram_benign: torch.Tensor, cand_sq_dist: torch.Tensor, num_attackers: int,
+                         num_malicious: int) -> bool:
+    """Whether Krum (f = ``num_malicious``) over the benign rows plus ``num_attackers`` copies of one
+    candidate picks a copy, from the benign Gram and the candidate's squared distances to them.
+    Copies sit after the benign rows: Krum's first-index tie-break favours a benign update."""
+    k = gram_benign.shape[0]
+    d2 = torch.zeros((k + num_attackers,) * 2, dtype=torch.float64)
+    d2[:k, :k] = distances_from_gram(gram_benign)
+    d2[:k, k:] = cand_sq_dist[:, None]
+    d2[k:, :k] = cand_sq_dist[None, :]
+    return int(torch.argmin(krum_scores(d2, num_malicious))) >= k
+
+
+def largest_feasible(ok, start: float, tol: float, max_doublings: int = 60) -> float:
+    """The binary search of Shejwalkar & Houmansadr (NDSS 2021, Alg. 1) for the largest gamma with
+    ``ok(gamma)``: from ``start``, doubled while still feasible (the paper's fixed start caps
+    gamma at 1.5x it), then halved intervals between the last feasible and first infeasible
+    values until they are ``tol`` apart. Returns the last feasible value (0 if none is)."""
+    lo, hi = 0.0, float(start)
+    for _ in range(max_doublings):
+        if not ok(hi):
+            break
+        lo, hi = hi, 2 * hi
+    else:
+        return lo
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+__all__ = ["KNOWLEDGE", "TARGETS", "AttackRound", "ColludingAttack", "Distances", "check_target", "gram_matrix",
+           "krum_picks_candidate", "largest_feasible"]

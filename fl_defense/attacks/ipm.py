@@ -1,0 +1,22 @@
+"""Inner-product manipulation (IPM): Xie, Koyejo & Gupta, UAI 2020."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AttackRound, ColludingAttack
+
+
+class IPM(ColludingAttack):
+    """IPM (Xie et al., UAI 2020, sec. 4): every attacker sends -epsilon times the mean of the
+    benign updates it knows, so the aggregate's inner product with the true gradient turns
+    negative (epsilon small slips past Krum, large beats mean and median)."""
+
+    name = "ipm"
+    paper = "Xie et al., UAI 2020"
+
+    def __init__(self, epsilon: float = 0.5) -> None:
+        self.epsilon = epsilon
+
+    def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
+        return known.mean(dim=0).mul_(-self.epsilon)
