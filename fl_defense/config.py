@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import MISSING, dataclass, field, fields
 
-from .attacks import DATA_ATTACKS, MODEL_ATTACKS, POOLS
+from .attacks import COLLUDING_ATTACKS, DATA_ATTACKS, DIRECTIONS, KNOWLEDGE, MODEL_ATTACKS, POOLS, TARGETS
 from .data import DATASETS, PARTITIONERS, DataConfig
 from .defenses import DEFENSES
 from .defenses.aggregators import AGGREGATORS
@@ -58,7 +58,7 @@ class ExperimentConfig:
     batch_size: int = field(default=16, metadata=_key("local batch size", check=_positive))
     learning_rate: float = field(default=0.1, metadata=_key("client SGD learning rate", check=_positive))
     momentum: float = field(default=0.0, metadata=_key("client SGD momentum", check=lambda v: 0 <= v < 1))
-    attack: str = field(default="plus", metadata=_key("attackers' data poisoning: a trigger, dba (pieces of dba-trigger), semantic (relabel base-label, no trigger), none", DATA_ATTACKS))
+    attack: str = field(default="plus", metadata=_key("attackers' data poisoning: a trigger, dba (pieces of dba-trigger), semantic (relabel base-label, no trigger), labelflip (l -> L-1-l, or base-label -> target-label), none", DATA_ATTACKS))
     model_poisoning: str = field(default="none", metadata=_key("how attackers alter their update", MODEL_ATTACKS))
     trigger_file: str = field(default="", metadata=_key("attack=mask: a .npy H x W array; nonzero pixels are stamped with their value"))
     blend_ratio: float = field(default=0.1, metadata=_key("attack=blend: mixing ratio of the seeded noise pattern", check=_fraction))
@@ -68,6 +68,13 @@ class ExperimentConfig:
     attack_norm_bound: float = field(default=1.0, metadata=_key("model-poisoning=pgd: the L2 bound the attacker keeps to", check=_positive))
     neurotoxin_ratio: float = field(default=0.1, metadata=_key("model-poisoning=neurotoxin: share of top benign coordinates left alone", check=_fraction))
     gaussian_std: float = field(default=0.1, metadata=_key("model-poisoning=gaussian: std of the random update", check=_positive))
+    # -- colluding model poisoning (model-poisoning in attacks.COLLUDING_ATTACKS) --
+    attacker_knowledge: str = field(default="full", metadata=_key("colluding attacks: attackers know their own honest updates only (partial) or the round's benign updates too (full)", KNOWLEDGE))
+    attack_target: str = field(default="agnostic", metadata=_key("colluding attacks: the aggregation rule a tailored attack targets (fang: any; min_max: agnostic, krum)", TARGETS))
+    alie_z: float = field(default=0.0, metadata=_key("alie, alie_backdoor: z in mean + z * std (0: the paper's z_max for n and m)", check=_non_negative))
+    ipm_epsilon: float = field(default=0.5, metadata=_key("ipm: attackers send -epsilon times the benign mean", check=_positive))
+    minmax_direction: str = field(default="std", metadata=_key("min_max, min_sum: perturbation direction (inverse unit vector, std or sign)", DIRECTIONS))
+    # --
     fisher_forgery: str = field(default="none", metadata=_key("attackers' Fisher: honest (none) or computed on their clean samples only (clean)", ("none", "clean")))
     attack_start_round: int = field(default=1, metadata=_key("first round in which attackers attack", check=_positive))
     attack_every: int = field(default=1, metadata=_key("attack every k-th round from the start round", check=_positive))
@@ -142,6 +149,10 @@ class ExperimentConfig:
             raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
         if self.attack == "mask" and not self.trigger_file:
             raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
+        attack = COLLUDING_ATTACKS.get(self.model_poisoning)
+        if attack is not None and self.attack_target not in attack.targets:
+            raise ConfigError(f"run-config key 'attack-target': model-poisoning={self.model_poisoning} targets "
+                              f"{', '.join(attack.targets)}, not {self.attack_target!r}")
         if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
             raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
 
@@ -195,6 +206,11 @@ class ExperimentConfig:
         if name not in table:
             raise ConfigError(f"run-config key 'defense': no parameters known for {name!r}")
         return table[name]
+
+    def colluding_params(self) -> dict:
+        """Parameters of the colluding attacks (each takes those its constructor names)."""
+        return {"z": self.alie_z, "epsilon": self.ipm_epsilon, "direction": self.minmax_direction,
+                "target": self.attack_target}
 
     @property
     def wraps_clip_noise(self) -> bool:
