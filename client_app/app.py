@@ -17,13 +17,14 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from fl_defense.attacks import (AttackSchedule, boost, gaussian_update, neurotoxin_mask, poison_data,
+from fl_defense.attacks import (COLLUDING_ATTACKS, AttackSchedule, boost, gaussian_update, neurotoxin_mask, poison_data,
                                 project_to_ball, scale_to_bound, sign_flip)
+from fl_defense.attacks.collusion import HONEST_UPDATE_KEY, encode_update
 from fl_defense.config import ExperimentConfig
 from fl_defense.data import load_partition
 from fl_defense.fisher import empirical_fisher, encode_fisher
 from fl_defense.metrics import accuracy
-from fl_defense.models import build_model, get_arrays, set_arrays
+from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
 from fl_defense.rounds import FISHER_KEY, FISHER_REQUEST_KEY, GROUND_TRUTH_KEY, PARTITION_KEY
 from fl_defense.training import train
 
@@ -46,6 +47,7 @@ class DefenseClient(NumPyClient):
         self.partition_id = partition_id
         data_cfg = cfg.data_config(num_partitions)
         self.shape = data_cfg.spec.shape
+        self.num_classes = data_cfg.spec.num_classes
         self.model = build_model(cfg.model_name, self.shape, data_cfg.spec.num_classes, seed=cfg.seed)
         self.device = cfg.device if cfg.device == "cpu" or torch.cuda.is_available() else "cpu"
         self.images, self.labels = load_partition(data_cfg, partition_id)
@@ -67,16 +69,22 @@ class DefenseClient(NumPyClient):
         server_round = int(config.get("server-round", 0))
         seed = _seed(cfg.seed, self.partition_id, server_round)
         rank = self.schedule.rank(self.partition_id, server_round)
+        # A colluding attacker trains honestly and reports that update under a reserved key; the
+        # server's simulation-only collusion step crafts what it sends (fl_defense.attacks.collusion).
+        colluding = COLLUDING_ATTACKS.get(cfg.model_poisoning) if rank is not None else None
         images, labels, poisoned = self.images, self.labels, torch.empty(0, dtype=torch.long)
-        if rank is not None:
+        if rank is not None and (colluding is None or colluding.uses_poisoned):
             images, labels, poisoned = poison_data(
                 self.images, self.labels, cfg.attack, self.shape, poison_rate=cfg.poison_rate,
                 target_label=cfg.target_label, base_label=cfg.base_label, seed=_seed(cfg.seed, self.partition_id),
                 rank=rank, dba_pieces=cfg.dba_pieces, dba_trigger=cfg.dba_trigger, blend_ratio=cfg.blend_ratio,
-                trigger_file=cfg.trigger_file, trigger_seed=cfg.seed)
-        loss = self._fit_model(parameters, images, labels, seed, rank is not None)
+                trigger_file=cfg.trigger_file, trigger_seed=cfg.seed, num_classes=self.num_classes)
+        loss = self._fit_model(parameters, images, labels, seed, rank is not None and colluding is None)
         metrics = {PARTITION_KEY: self.partition_id, "train-loss": loss, "num-poisoned": len(poisoned),
                    GROUND_TRUTH_KEY: int(rank is not None)}
+        if colluding is not None:
+            honest = self._honest_update(parameters, seed) if colluding.uses_poisoned else self._update(parameters)
+            metrics[HONEST_UPDATE_KEY] = encode_update(honest)
         if config.get(FISHER_REQUEST_KEY):
             fx, fy = images, labels
             if rank is not None and cfg.fisher_forgery == "clean":  # report a benign-looking Fisher
@@ -119,6 +127,27 @@ class DefenseClient(NumPyClient):
         with torch.no_grad():
             vector_to_parameters(reported.clone(), params)
         return loss
+
+    def _update(self, parameters, model: torch.nn.Module | None = None) -> np.ndarray:
+        """The trained model's trainable arrays minus ``parameters``', flat in state_dict order (the
+        server's layout of the updates)."""
+        model = model or self.model
+        mask = trainable_mask(model)
+        trained = [a for a, t in zip(get_arrays(model), mask) if t]
+        start = [np.asarray(a) for a, t in zip(parameters, mask) if t]
+        return np.concatenate([(a.astype(np.float32) - b.astype(np.float32)).reshape(-1)
+                               for a, b in zip(trained, start)])
+
+    def _honest_update(self, parameters, seed: int) -> np.ndarray:
+        """The update of an honest round on the clean data (same epochs and seed), trained beside
+        the model the attacker sends."""
+        shadow = copy.deepcopy(self.model)
+        set_arrays(shadow, parameters)
+        torch.manual_seed(seed)
+        train(shadow, self.images, self.labels, self.cfg.local_epochs, self.cfg.batch_size, self.cfg.learning_rate,
+              self.cfg.momentum, self.device, seed)
+        shadow.to("cpu")
+        return self._update(parameters, shadow)
 
     def _benign_update(self, parameters, seed: int) -> torch.Tensor:
         """What an honest round on the clean data would change: Neurotoxin's proxy for the

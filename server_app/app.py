@@ -23,6 +23,7 @@ from fl_defense.training import ServerUpdate
 from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
 from fl_defense.strategies import DefenseStrategy
 
+from .collusion import with_collusion
 from .recorder import RunRecorder
 
 
@@ -107,6 +108,7 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     strategy = build_strategy(cfg, model, evaluate_fn=recorder.evaluate, min_available=min_available,
                               server_data=server_data, checkpoint_path=checkpoint_path if cfg.checkpoint else None,
                               round_offset=offset)
+    strategy = with_collusion(cfg, strategy, trainable_mask(model))  # simulation only; absent unless configured
     if state:
         strategy.aggregation.load_state_dict(state["defense"])
     recorder.strategy = strategy

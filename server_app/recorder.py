@@ -82,6 +82,9 @@ class RunRecorder:
                 ],
                 "info": rec.info,
             })
+        collusion = getattr(self.strategy, "collusion_records", None) if self.strategy is not None else None
+        if server_round > 0 and collusion and collusion[-1]["round"] == server_round:
+            row["collusion"] = collusion[-1]  # attack, knowledge mode, target, colluders, gamma/lambda
         timing = {"round": server_round, "round_seconds": now - self._t_last}
         if "num_clients" in row:
             timing["aggregation_seconds"] = records[-1].aggregation_seconds
