@@ -267,3 +267,47 @@ def test_a_colluding_client_reports_its_honest_update_under_the_reserved_key():
     assert metrics["num-poisoned"] == 0  # it trained on its clean data
     _, _, m2 = DefenseClient(cfg, benign, num_partitions=10).fit(params, {"server-round": 1})
     assert HONEST_UPDATE_KEY not in m2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("knowledge", ["partial", "full"])
+def test_a_colluding_attack_runs_end_to_end_and_the_defense_never_sees_the_reserved_key(tmp_path, monkeypatch,
+                                                                                         knowledge):
+    import json
+
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp
+    from flwr.simulation import run_simulation
+
+    import client_app.app as ca
+    import server_app.app as sa
+    from fl_defense.rounds import DefendedAggregation
+
+    seen = []
+    original = DefendedAggregation.aggregate
+
+    def spy(self, server_round, global_arrays, results, *args, **kwargs):
+        seen.append([sorted(r.metrics) for r in results])
+        return original(self, server_round, global_arrays, results, *args, **kwargs)
+
+    monkeypatch.setattr(DefendedAggregation, "aggregate", spy)
+    overrides = {"num-server-rounds": 2, "results-dir": str(tmp_path), "run-name": "collude", "defense": "krum",
+                 "num-malicious": 2, "malicious-fraction": 0.34, "model-poisoning": "min_max",
+                 "attacker-knowledge": knowledge, "local-epochs": 1}
+
+    def server_fn(context):
+        return sa.build_components({**context.run_config, **overrides}, num_nodes=6)
+
+    def client_fn(context):
+        return ca.build_client({**context.run_config, **overrides}, context.node_config)
+
+    run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
+                   num_supernodes=6, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    rows = [json.loads(line) for line in (tmp_path / "collude" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert len(seen) == 2 and all(len(keys) == 6 for keys in seen)
+    assert not any(HONEST_UPDATE_KEY in k for keys in seen for k in keys)
+    for r in rows[1:]:
+        assert r["collusion"]["knowledge"] == knowledge and r["collusion"]["colluders"] == 2
+        assert r["collusion"]["known_updates"] == (2 if knowledge == "partial" else 6)
+        assert r["collusion"]["gamma"] >= 0 and sum(bool(c["malicious"]) for c in r["clients"]) == 2
