@@ -120,7 +120,7 @@ def signed_combination(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     def block(cols: slice) -> None:
         x = u[:, cols]
-        torch.mv(torch.sign(x, out=block_scratch(x)).T, c, out=out[cols])
+        torch.mv(torch.sign(x, out=block_scratch(x)).T, c.to(u.dtype), out=out[cols])
 
     map_column_blocks(block, u)
     return out

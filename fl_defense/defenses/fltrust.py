@@ -40,7 +40,7 @@ class FLTrust(Defense):
 
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         ru = round_updates
-        g0 = self.server_update(global_params).to(ru.device, torch.float32)
+        g0 = self.server_update(global_params).to(ru.device, ru.updates.dtype)
         g0_norm = torch.linalg.vector_norm(g0)
         norms = torch.linalg.vector_norm(ru.updates, dim=1).clamp_min(1e-12)
         cos = (ru.updates @ g0) / (norms * g0_norm.clamp_min(1e-12))

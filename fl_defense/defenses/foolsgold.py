@@ -87,7 +87,7 @@ class FoolsGold(Defense):
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         ru = round_updates
         rows = self._accumulate(ru.client_ids, ru.updates)
-        alpha = foolsgold_weights_from_gram(history_gram(self._rows, rows), self.kappa).to(ru.device, torch.float32)
+        alpha = foolsgold_weights_from_gram(history_gram(self._rows, rows), self.kappa).to(ru.device, ru.updates.dtype)
         step = (alpha @ ru.updates) / ru.n
         share = alpha / alpha.sum() if alpha.sum() > 0 else alpha
         return DefenseResult(params=global_params + self.server_lr * step, weights=share, flagged=alpha <= 0,
