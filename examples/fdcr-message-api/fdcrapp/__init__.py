@@ -1,0 +1,1 @@
+"""fdcrapp: a Flower Message-API app defended by FDCR."""

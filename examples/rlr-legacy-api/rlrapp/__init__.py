@@ -1,0 +1,1 @@
+"""rlrapp: a Flower legacy-API app (NumPyClient) defended by RLR."""
