@@ -12,6 +12,19 @@ from .base import Defense, DefenseResult
 from .sampling import SeededGenerator
 
 
+def bucket_means(x: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """The mean row of every group, by row additions (one pass over the rows; a (n/s) x n
+    mixing product would cost n/s times more)."""
+    out = torch.empty((len(groups), x.shape[1]), dtype=x.dtype, device=x.device)
+    for b, members in enumerate(groups):
+        row = out[b]
+        row.copy_(x[members[0]])
+        for k in members[1:]:
+            row.add_(x[k])
+        row.mul_(1.0 / len(members))
+    return out
+
+
 class Bucketing(SeededGenerator, Defense):
     """Bucketing, Karimireddy et al., ICLR 2022 (Algorithm 1): the n updates are shuffled by a
     random permutation pi, cut into ceil(n / s) buckets of ``bucket_size`` s consecutive ones
@@ -63,11 +76,11 @@ class Bucketing(SeededGenerator, Defense):
             mix[b, members] = 1.0 / len(members)
             member_of[members] = b
         bucketed = RoundUpdates(
-            updates=mix @ ru.updates,
+            updates=bucket_means(ru.updates, groups),
             num_examples=torch.stack([ru.num_examples[m].sum() for m in groups]),
             client_ids=["+".join(ru.client_ids[k] for k in m) for m in groups],
             layer_slices=ru.layer_slices,
-            fisher=None if ru.fisher is None else mix @ ru.fisher,
+            fisher=None if ru.fisher is None else bucket_means(ru.fisher, groups),
             extras=ru.extras,
         )
         res = self.inner.aggregate(global_params, bucketed)
