@@ -257,8 +257,9 @@ def _coerce(key: str, value: object, kind: type) -> object:
 
 
 def sync_files(root: str = ".") -> None:
-    """Rewrite pyproject.toml's [tool.flwr.app.config] and README.md's run-config table from this
-    class (``python -m fl_defense.config``); a test checks they stay in step."""
+    """Rewrite pyproject.toml's [tool.flwr.app.config] from this class (``python -m
+    fl_defense.config``); a test checks they stay in step. The docs' run-config table is generated
+    from the same class when the site is built (docs/hooks.py)."""
     from pathlib import Path
 
     rows = ExperimentConfig.docs()
@@ -268,12 +269,6 @@ def sync_files(root: str = ".") -> None:
     tail = text.find("\n[", head)
     body = "\n".join(f"{k} = {_toml(v)}" for k, v, _ in rows) + "\n"
     pyproject.write_text(text[:head] + body + (text[tail:] if tail >= 0 else ""))
-    readme = Path(root) / "README.md"
-    text = readme.read_text()
-    start = text.index("| key | default | meaning |")
-    end = text.index("\n\n", start)
-    table = ["| key | default | meaning |", "|---|---|---|"] + [f"| `{k}` | `{_toml(v)}` | {doc} |" for k, v, doc in rows]
-    readme.write_text(text[:start] + "\n".join(table) + text[end:])
 
 
 def _toml(v: object) -> str:
