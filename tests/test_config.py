@@ -19,6 +19,16 @@ def test_pyproject_defaults_equal_the_config_class():
     assert ExperimentConfig.from_run_config(app_config) == ExperimentConfig()
 
 
+@pytest.mark.parametrize("override, key", [
+    ({"defense": "krumm"}, "defense"),
+    ({"dataset": "imagenet"}, "dataset"),
+    ({"poison-rate": 1.5}, "poison-rate"),
+    ({"rlr-theta": 0}, "rlr-theta"),
+    ({"rlr-theta": 2.5}, "rlr-theta"),
+    ({"num-server-rounds": "ten"}, "num-server-rounds"),
+    ({"device": "tpu"}, "device"),
+    ({"rlr-aggregator": "mode"}, "rlr-aggregator"),
+])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         ExperimentConfig.from_run_config(override)
