@@ -3,6 +3,7 @@
     python benchmarks/aggregation.py --threads 1            # n=100, d=1.2M (the issue's target point)
     python benchmarks/aggregation.py --n 10 100 500 --d 50000 1200000 11000000 --repeats 1
     python benchmarks/aggregation.py --threads 2 --runs 3   # three fresh processes: each ratio's range
+    python benchmarks/aggregation.py --threads 2 --runs 3 --cpu avx2   # as on AVX2 without VNNI (cpu.py)
 
 For each (n, d): n client models of d float32 parameters in 4 layers, as Flower hands them to a
 strategy (lists of ndarrays). Timed, in the same process and run, on the same inputs:
@@ -18,27 +19,34 @@ reset before the call; what an aggregator keeps between rounds counts), in
 units of the n x d float32 matrix. Server-side model work is stubbed: SDFC's validation Fisher and
 FLTrust's root-dataset training cost depend on the model, not on aggregation, and are measured in
 round-time benchmarks instead. Cells whose n x d matrix exceeds --max-gb are skipped and listed.
+Every table starts with the CPU capability it ran with (``cpu.describe``) and the kernels the
+defenses chose on it (``fl_defense.defenses.cpu_kernels``).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
-import torch
+from cpu import cpu_argument, describe, emulate  # benchmarks/cpu.py (run as a script: its folder is on the path)
 
-from fl_defense.defenses import DEFENSES, RLR
-from fl_defense.fisher import encode_fisher
-from fl_defense.rounds import FISHER_KEY, ClientResult, DefendedAggregation
+emulate(cpu_argument())  # before numpy and torch load: --cpu avx2 re-runs the script capped to AVX2
+
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fl_defense.defenses import DEFENSES, RLR, cpu_kernels  # noqa: E402
+from fl_defense.fisher import encode_fisher  # noqa: E402
+from fl_defense.rounds import FISHER_KEY, ClientResult, DefendedAggregation  # noqa: E402
 
 
 def _status(key: str) -> int:
@@ -188,6 +196,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the whole measurement in this many fresh processes and print each "
                              "ratio's range (timings vary more between processes than within one)")
+    parser.add_argument("--cpu", choices=["native", "avx2"], default="native",
+                        help="avx2: run as on an AVX2 CPU without VNNI (emulated: benchmarks/cpu.py)")
     parser.add_argument("--json", help=argparse.SUPPRESS)  # where a --runs child writes its rows
     args = parser.parse_args()
     if args.runs > 1:
@@ -197,6 +207,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         threadpool_limits(limits=args.threads)
+    print(f"CPU: {describe()}")
     print(f"torch threads: {torch.get_num_threads()}, BLAS threads: "
           f"{max(p['num_threads'] for p in threadpoolctl_info())}, device: cpu\n")
     print("| n | d | method | seconds | ratio to Flower FedAvg | peak extra memory (x n*d*4 bytes) |")
@@ -211,8 +222,9 @@ def main() -> None:
                 all_rows.append(r)
                 print(f"| {r['n']} | {r['d']} | {r['method']} | {r['seconds']:.4f} | {r['ratio']:.3f} | "
                       f"{r['peak_extra']:.2f} |", flush=True)
+    print(f"\nkernels chosen: {cpu_kernels.summary()}")
     if args.json:
-        Path(args.json).write_text(json.dumps(all_rows))
+        Path(args.json).write_text(json.dumps({"rows": all_rows, "kernels": cpu_kernels.summary()}))
     for n, d in skipped:
         print(f"\nskipped n={n}, d={d}: the matrix alone is {n * d * 4 / 2**30:.1f} GiB (--max-gb {args.max_gb})")
 
@@ -229,6 +241,10 @@ def run_processes(args: argparse.Namespace) -> None:
                            check=True, stdout=subprocess.DEVNULL)
             per_run.append(json.loads(out.read_text()))
             print(f"run {k + 1} of {args.runs} done", file=sys.stderr, flush=True)
+    print(f"CPU: {describe()}")
+    for k, run in enumerate(per_run):
+        print(f"kernels chosen in run {k + 1}: {run['kernels']}")
+    per_run = [run["rows"] for run in per_run]
     print(f"{args.runs} runs, each in a fresh process; torch and BLAS threads: {args.threads or 'default'}\n")
     print("| n | d | method | median seconds | ratio, lowest | ratio, median | ratio, highest | peak extra memory, highest |")
     print("|---|---|---|---|---|---|---|---|")

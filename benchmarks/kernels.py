@@ -1,6 +1,7 @@
 """The kernels behind the aggregation figures, alone: where the CPU time of a round goes.
 
-    python benchmarks/kernels.py            # n = 100, d = 1.2M
+    python benchmarks/kernels.py              # n = 100, d = 1.2M
+    python benchmarks/kernels.py --cpu avx2   # as on an AVX2 CPU without VNNI (cpu.py)
 
 Prints, for one n x d float32 matrix (best of three calls):
 - the Gram product x x^T: numpy with one BLAS thread, numpy with two BLAS threads, a general
@@ -8,6 +9,8 @@ Prints, for one n x d float32 matrix (best of three calls):
   torch threads) on one and two threads;
 - the coordinate sort behind median, trimmed mean and Bulyan: the block transposition alone, and
   ``aggregators.reduce_sorted_columns`` on one and two threads;
+- Fedward's ternary sign counts (its AmGrad Gram) over the same matrix, block by block on one
+  thread, with each ``cpu_kernels`` candidate (torch's int8 GEMM, numpy's float32 product);
 - checking client values: ``isfinite`` over every client array (the check before this round of
   work) against one dot product per flattened row (``validation.check_update``), and the flatten.
 """
@@ -16,21 +19,28 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-import torch
-from threadpoolctl import threadpool_limits
+from cpu import cpu_argument, describe, emulate  # benchmarks/cpu.py (its folder is on the path)
 
-from fl_defense.defenses.aggregators import reduce_sorted_columns
-from fl_defense.defenses.krum import gram_matrix
-from fl_defense.updates import ParamLayout
-from fl_defense.validation import check_update
-from timing import best  # benchmarks/timing.py (run as a script: its folder is on the path)
+emulate(cpu_argument())  # before numpy and torch load
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+from fl_defense.defenses.aggregators import column_blocks, reduce_sorted_columns  # noqa: E402
+from fl_defense.defenses.fedward import ternary_gram_float32, ternary_gram_int8  # noqa: E402
+from fl_defense.defenses.krum import gram_matrix  # noqa: E402
+from fl_defense.updates import ParamLayout  # noqa: E402
+from fl_defense.validation import check_update  # noqa: E402
+from timing import best  # noqa: E402  (benchmarks/timing.py)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--d", type=int, default=1_200_000)
+    parser.add_argument("--cpu", choices=["native", "avx2"], default="native",
+                        help="avx2: run as on an AVX2 CPU without VNNI (emulated: benchmarks/cpu.py)")
     args = parser.parse_args()
     n, d = args.n, args.d
     rng = np.random.default_rng(0)
@@ -60,6 +70,22 @@ def main() -> None:
     rows.append(("block transposition alone, 1 thread", with_threads(1, transpose_only)))
     rows.append(("sorted columns (median), 1 thread", with_threads(1, lambda: reduce_sorted_columns(xt, lambda s: s[n // 2]))))
     rows.append(("sorted columns (median), 2 threads", with_threads(2, lambda: reduce_sorted_columns(xt, lambda s: s[n // 2]))))
+    kept = list(range(n - 2 * max(1, n // 8)))  # Bulyan's selection at n = 100: 76 rows
+    rows.append((f"sorted columns, {len(kept)} of the rows (Bulyan), 1 thread",
+                 with_threads(1, lambda: reduce_sorted_columns(xt, lambda s: s[len(kept) // 2], rows=kept))))
+
+    # Fedward's ternary signs of Gaussian updates (about 1.4% nonzero), block by block as amgrad_gram
+    half = np.abs(x).max(axis=1, keepdims=True) / 2
+    blocks = list(column_blocks(xt))
+
+    def ternary(counts):
+        for cols in blocks:
+            b = x[:, cols]
+            counts(np.subtract(np.greater(b, half).view(np.int8), np.less(b, -half).view(np.int8)))
+
+    rows.append(("ternary signs alone (Fedward), 1 thread", with_threads(1, lambda: ternary(lambda t: None))))
+    rows.append(("ternary signs + counts, int8 (torch._int_mm), 1 thread", with_threads(1, lambda: ternary(ternary_gram_int8))))
+    rows.append(("ternary signs + counts, float32 (numpy), 1 thread", with_threads(1, lambda: ternary(ternary_gram_float32))))
 
     shapes = [(int(d * 0.8) // 100, 100), (d - (int(d * 0.8) // 100) * 100,)]
     arrays = [[rng.standard_normal(s, dtype=np.float32) for s in shapes] for _ in range(n)]
@@ -83,6 +109,7 @@ def main() -> None:
     rows.append(("flatten into the matrix, 1 thread", with_threads(1, lambda: flatten(False))))
     rows.append(("flatten + check_update per row, 1 thread", with_threads(1, lambda: flatten(True))))
 
+    print(f"CPU: {describe()}")
     print(f"n = {n}, d = {d}\n")
     print("| kernel | seconds |")
     print("|---|---|")

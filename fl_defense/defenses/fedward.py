@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..updates import RoundUpdates
+from . import cpu_kernels
 from .aggregators import column_blocks, row_max_abs, signed_combination, uses_numpy
 from .base import Defense, DefenseResult
 from .krum import distances_from_gram, gram_matrix, squared_distances
@@ -41,17 +43,49 @@ def amgrad(updates: torch.Tensor, layer_slices: list[slice]) -> torch.Tensor:
 
 
 def ternary_gram(t: torch.Tensor) -> torch.Tensor:
-    """t t^T for an int8 matrix of -1/0/1 entries, exactly (int32 counts). Through the int8 GEMM
-    (``torch._int_mm``, several times faster than a float32 product on CPUs with VNNI) where this
-    torch has it, else a float32 product (exact too: the counts are integers below 2^24)."""
+    """t t^T for an int8 matrix of -1/0/1 entries, exactly (int32 counts), through the kernel
+    this CPU runs fastest (``cpu_kernels``, task ``"ternary_gram"``)."""
+    return torch.from_numpy(cpu_kernels.kernel("ternary_gram")(t.numpy()).astype(np.int32, copy=False))
+
+
+def ternary_gram_int8(t: np.ndarray) -> np.ndarray:
+    """The ternary Gram through torch's int8 GEMM: oneDNN's VNNI kernels where torch finds AVX-512
+    VNNI (several times faster than float32), a plain loop elsewhere (ten times slower). A torch
+    without ``_int_mm``, or one that refuses it, gets the float32 product."""
     int_mm = getattr(torch, "_int_mm", None)
     if int_mm is not None:
         try:
-            return int_mm(t, t.T)
+            tt = torch.from_numpy(t)
+            return int_mm(tt, tt.T).numpy()
         except (RuntimeError, NotImplementedError):
             pass
-    f = t.to(torch.float32)
-    return (f @ f.T).round_().to(torch.int32)
+    return ternary_gram_float32(t)
+
+
+_float_scratch = threading.local()
+
+
+def ternary_gram_float32(t: np.ndarray) -> np.ndarray:
+    """The ternary Gram as a float32 product (numpy's symmetric one), exact: the entries are
+    -1, 0 or 1 and every partial sum an integer of at most t's width (< 2^24). The float copy
+    goes into a buffer the thread reuses (a fresh 4 MB one per block fragments the heap)."""
+    if t.shape[1] >= 1 << 24:
+        raise ValueError(f"ternary_gram_float32: {t.shape[1]} columns, counts would not be exact in float32")
+    buf = getattr(_float_scratch, "buf", None)
+    if buf is None or buf.size < t.size:
+        buf = _float_scratch.buf = np.empty(t.size, dtype=np.float32)
+    f = buf[:t.size].reshape(t.shape)
+    np.copyto(f, t)
+    return np.matmul(f, f.T).astype(np.int32)
+
+
+def _ternary_probe() -> tuple[np.ndarray]:
+    """64 x 4096 ternary signs, a third of each kind (the plain int8 loop takes about 20 ms)."""
+    return (np.random.default_rng(0).integers(-1, 2, size=(64, 4096), dtype=np.int8),)
+
+
+cpu_kernels.register("ternary_gram", {"float32": ternary_gram_float32, "int8": ternary_gram_int8},
+                     _ternary_probe)
 
 
 def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tensor | None = None,
@@ -60,9 +94,9 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
     matrix itself is never built (``l1``: see ``amgrad_blocks``).
 
     Within a layer l every AmGrad entry is m_kl * t with t in {-1, 0, 1}, so the layer's Gram is
-    m_il m_jl times the Gram of the ternary signs: on the CPU those are counted exactly in int8
-    (``ternary_gram``) and scaled once per layer. ``backend="torch"`` forces the float path other
-    devices take."""
+    m_il m_jl times the Gram of the ternary signs: on the CPU those are counted exactly, by the
+    kernel ``cpu_kernels`` chose for this CPU (int8 or float32), and scaled once per layer.
+    ``backend="torch"`` forces the float path other devices take."""
     n = updates.shape[0]
     if not uses_numpy(updates, backend):
         gram = torch.zeros((n, n), dtype=torch.float64, device=updates.device)
@@ -70,6 +104,7 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
             gram += gram_matrix(block, backend=backend)
         return gram
     u = updates.detach().numpy()
+    counted = cpu_kernels.kernel("ternary_gram")  # chosen here, before the threads start
     gram = np.zeros((n, n))
     l1_sum = np.zeros(n)
     for sl in layer_slices:
@@ -87,7 +122,7 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
             for i in group:
                 x = u[:, blocks[i]]
                 t = np.subtract(np.greater(x, half).view(np.int8), np.less(x, -half).view(np.int8))
-                total += ternary_gram(torch.from_numpy(t)).numpy()
+                total += counted(t)
                 if l1 is not None:  # torch's float32 sum (faster than numpy's float64 one)
                     l1_blocks[i] = updates[:, blocks[i]].abs().sum(dim=1).numpy()
             return total

@@ -74,6 +74,23 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         return [f.result() for f in futures]
 
 
+def on_worker(fn: Callable[[], R]) -> R:
+    """``fn()`` on one worker thread, in the conditions ``parallel_map``'s items run in (torch on
+    one thread, BLAS held to one); in the caller when it is itself a worker. For timing a kernel
+    where it will run (``cpu_kernels``)."""
+    if getattr(_local, "worker", False):
+        return fn()
+    k = workers()
+    with _lock:
+        spawned = _spawned
+        pool = _executor(k)
+        with _blas_one_thread():
+            result = pool.submit(fn).result()
+        if _spawned != spawned:  # as in parallel_map
+            torch.set_num_threads(k)
+        return result
+
+
 def map_in_groups(fn: Callable[[T], R], items: Iterable[T], k: int | None = None) -> list[R]:
     """``[fn(x) for x in items]``, the items handed to the threads in ``k`` contiguous groups
     (default ``workers()``; 1 runs them in the caller), one task per group rather than per item;
