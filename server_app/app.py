@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mas
 from fl_defense.strategies import DefenseStrategy
 
 from .collusion import with_collusion
-from .recorder import RunRecorder
+from .recorder import RunFailed, RunRecorder, failure_line, failure_reason, run_failure
 
 
 def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
@@ -132,5 +133,45 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    components = build_components(dict(context.run_config), connected_nodes(grid))
-    start_grid(grid=grid, strategy=components.strategy, config=components.config)
+    try:
+        run_config = dict(context.run_config)
+        cfg = ExperimentConfig.from_run_config(run_config)
+        run_config["run-name"] = results_folder(cfg).name  # the timestamped default, fixed once
+        components = build_components(run_config, connected_nodes(grid))
+        start_grid(grid=grid, strategy=components.strategy, config=components.config)
+        reason = run_failure(results_folder(ExperimentConfig.from_run_config(run_config)), cfg.num_server_rounds)
+        if reason:
+            raise RunFailed(reason)
+    except Exception as exc:
+        _report_failure(exc, context.run_id)
+        raise  # Flower marks the run failed (flwr ls) and exits its process non-zero
+
+
+def _report_failure(exc: Exception, run_id: int) -> None:
+    """One line, the last of the run's output: Flower logs the exception and its exit code after
+    the ServerApp returns, so the line is printed from Flower's exit handlers when they exist
+    (flwr-simulation and flwr-serverapp call them), else now. For our own errors (a bad config,
+    a run without progress) the message is the whole story: Flower's traceback of them is dropped."""
+    line = failure_line(f"{failure_reason(exc)} (run {run_id}: `flwr log {run_id} --show` prints this output "
+                        f"again, `flwr ls --run-id {run_id}` its status)")
+    if isinstance(exc, (ConfigError, RunFailed)):
+        logging.getLogger("flwr").addFilter(_DropTraceback(exc))
+    try:
+        from flwr.supercore.exit import add_exit_handler
+
+        add_exit_handler(lambda: print(line, flush=True), run_before_force_exit=True)
+    except (ImportError, TypeError):  # another Flower version: say it now
+        print(line, flush=True)
+
+
+class _DropTraceback(logging.Filter):
+    """Logs ``exc`` without its traceback (the record's message stays)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is self.exc:
+            record.exc_info, record.exc_text = None, None
+        return True

@@ -2,6 +2,12 @@
 
 This is the evaluation layer, the only place that reads ground truth (from the strategy's
 ``RoundRecord.ground_truth``, never from the defense).
+
+Attack success is the share of test images whose label is not the target (the base class's, when
+one is set) that the global model assigns the target once the trigger is stamped on: the measure of
+the papers implemented here. A model that assigns the target to many images anyway scores high
+without any backdoor (an untrained one does: round 0), so every round also records
+``clean_target_rate``, the same share without the trigger: the floor attack success stands on.
 """
 
 from __future__ import annotations
@@ -17,6 +23,53 @@ import torch
 from fl_defense.config import ExperimentConfig
 from fl_defense.metrics import accuracy, attack_probes, attack_success_rate
 from fl_defense.models import set_arrays
+
+
+DEFINITIONS = {
+    "accuracy": "share of the test split classified correctly",
+    "attack_success_rate": "share of test images not of the target class (only the base class's, when base-label "
+                           "is set) classified as the target once the trigger is applied; attack=semantic: "
+                           "without a trigger; attack=none: the plus trigger, as a reference",
+    "clean_target_rate": "the same images without the trigger, classified as the target: the floor attack success "
+                         "stands on (an untrained or biased model scores high on both); absent for attack=semantic",
+    "round 0": "the initial global model, before any training",
+    "tpr, fpr": "flagged attackers / all attackers, flagged benign clients / all benign clients, per round; "
+                "null for defenses that flag no one",
+}
+
+
+class RunFailed(RuntimeError):
+    """The federation ran but cannot count as a result (no summary, missing rounds, no progress)."""
+
+
+def run_failure(out_dir: Path, num_rounds: int) -> str | None:
+    """Why the run that wrote ``out_dir`` failed, from its summary; None when it did not."""
+    path = out_dir / "summary.json"
+    if not path.exists():
+        rounds = path.with_name("rounds.jsonl")
+        done = len(rounds.read_text().splitlines()) - 1 if rounds.exists() else 0
+        return f"the run ended after {max(done, 0)} of {num_rounds} rounds without writing {path}"
+    summary = json.loads(path.read_text())
+    if summary["rounds_completed"] < num_rounds:
+        return f"the run stopped after round {summary['rounds_completed']} of {num_rounds}"
+    if num_rounds > 0 and summary.get("rounds_kept_global") == num_rounds:
+        last = summary.get("last_round", {})
+        return (f"no round changed the global model in {num_rounds} rounds (last round: {last.get('reason')}; "
+                f"{last.get('num_rejected')} results rejected, {last.get('num_failures')} clients failed)")
+    return None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a run failed: our own messages as they are (they name the key or the
+    round), anything else with its type."""
+    from fl_defense.config import ConfigError
+
+    text = str(exc) if isinstance(exc, (ConfigError, RunFailed)) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def failure_line(reason: str) -> str:
+    return f"[fl-defense] FAILED: {reason}"
 
 
 class RunRecorder:
@@ -42,6 +95,8 @@ class RunRecorder:
         if resume_round is None:
             self._rounds_path.write_text("")
             self._timings_path.write_text("")
+            for stale in ("summary.json", "timing.json"):  # an earlier run's under the same name
+                (out_dir / stale).unlink(missing_ok=True)
         else:  # keep what was recorded up to the checkpoint
             for path in (self._rounds_path, self._timings_path):
                 kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
@@ -60,6 +115,9 @@ class RunRecorder:
         rates = {name: attack_success_rate(self.model, self.test_x, self.test_y, trig, self.cfg.target_label,
                                            self.cfg.base_label, device) for name, trig in self.probes.items()}
         asr = rates["attack_success_rate"]
+        if self.probes["attack_success_rate"] is not None:  # the floor: the same images without the trigger
+            rates["clean_target_rate"] = attack_success_rate(self.model, self.test_x, self.test_y, None,
+                                                             self.cfg.target_label, self.cfg.base_label, device)
         now = time.perf_counter()
         row = {"round": server_round, "accuracy": acc, **rates}
         if self.cfg.base_label >= 0:  # clean accuracy on the class a base-class backdoor redirects
@@ -118,14 +176,22 @@ class RunRecorder:
             "mean_round_seconds": mean_timing("round_seconds"),
             "mean_aggregation_seconds": mean_timing("aggregation_seconds"),
         }, indent=2))
+        initial = next((r for r in self.rows if r["round"] == 0), {})
+        trained = [r for r in self.rows if r["round"] > 0]
+        last_trained = trained[-1] if trained else {}
+        figures = ("accuracy", "attack_success_rate", "clean_target_rate")
         summary = {
             "config": self.cfg.as_run_config(),
             "defense": repr(self.strategy.defense) if self.strategy is not None else None,
             "rounds_completed": final.get("round", 0),
-            "final": {k: final.get(k) for k in ("accuracy", "attack_success_rate", "tpr", "fpr", "num_flagged",
+            "rounds_kept_global": sum(r.get("kept_global") is True for r in trained),
+            "last_round": {k: last_trained.get(k) for k in ("reason", "num_rejected", "num_failures")},
+            "initial": {k: initial.get(k) for k in figures},
+            "final": {k: final.get(k) for k in (*figures, "tpr", "fpr", "num_flagged",
                                                  *sorted(k for k in final if k.startswith("asr_piece")))},
             "mean_over_rounds": {"tpr": mean_of("tpr"), "fpr": mean_of("fpr")},
             "attacker_partitions_seen": attackers,
+            "definitions": DEFINITIONS,
         }
         path = self.out_dir / "summary.json"
         tmp = path.with_suffix(".tmp")
@@ -139,7 +205,10 @@ def _fmt(v) -> str:
 
 
 def _line(row: dict) -> str:
-    s = f"[fl-defense] round {row['round']:>3} | accuracy {_fmt(row['accuracy'])} | attack success {_fmt(row['attack_success_rate'])}"
+    s = f"[fl-defense] round {row['round']:>3}" + (" (initial model, untrained)" if row["round"] == 0 else "")
+    s += f" | accuracy {_fmt(row['accuracy'])} | attack success {_fmt(row['attack_success_rate'])}"
+    if "clean_target_rate" in row:
+        s += f" ({_fmt(row['clean_target_rate'])} without the trigger)"
     if "num_flagged" in row:
         s += f" | flagged {row['num_flagged']}/{row['num_clients']} (tpr {_fmt(row['tpr'])}, fpr {_fmt(row['fpr'])})"
         if row["num_rejected"] or row["num_failures"]:

@@ -1,23 +1,51 @@
-"""python -m simulation run <grid.toml> | python -m simulation report <runs folder> (also: python -m simulation
-<grid.toml>; installed, the console script ``fl-defense`` takes the same arguments)."""
+"""fl-defense: experiments on simulated federations (also python -m simulation).
+
+    fl-defense run <grid.toml> [--out DIR]       run a grid, resumable (also: fl-defense <grid.toml>)
+    fl-defense report <runs folder> [--out DIR]  tables and plots from a folder of runs
+    fl-defense stop-superlink                    stop the SuperLink `flwr run .` started (this FLWR_HOME's)
+
+One run: python -m simulation.run --run-config "defense='rlr' num-server-rounds=5".
+A failure ends with one line, "[fl-defense] FAILED: <reason>"; exit status 1 (2: a bad configuration).
+"""
 
 import sys
 
+FAILED = "[fl-defense] FAILED: "
 
-def main() -> None:
-    argv = sys.argv[1:]
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith(".toml"):
         argv = ["run", *argv]
-    if not argv or argv[0] not in ("run", "report"):
-        raise SystemExit(__doc__)
-    if argv[0] == "run":
-        from .grid import main as run_main
+    if not argv or argv[0] not in ("run", "report", "stop-superlink"):
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    from fl_defense.config import ConfigError
 
-        run_main(argv[1:])
-    else:
-        from .report import main as report_main
+    from .grid import CellFailed
 
-        report_main(argv[1:])
+    try:
+        if argv[0] == "run":
+            from .grid import main as run_main
+
+            run_main(argv[1:])
+        elif argv[0] == "report":
+            from .report import main as report_main
+
+            report_main(argv[1:])
+        else:
+            from .superlink import main as stop_main
+
+            stop_main(argv[1:])
+    except ConfigError as exc:
+        print(f"{FAILED}{exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (CellFailed, FileNotFoundError) as exc:  # a failed cell, a missing grid file or runs folder
+        print(f"{FAILED}{exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{FAILED}interrupted (a grid resumes where it stopped when run again)", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fl_defense.config import ExperimentConfig
+from fl_defense.config import ConfigError, ExperimentConfig
+
+FAILED = "[fl-defense] FAILED: "
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,22 +53,26 @@ class Grid:
 
     @classmethod
     def load(cls, path: str | Path) -> "Grid":
-        spec = tomllib.loads(Path(path).read_text())
+        try:
+            spec = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"grid file {path}: {err}") from None
         meta = spec.get("grid", {})
         fixed = spec.get("fixed", {})
         vary = spec.get("vary", {})
         variants = spec.get("variants", {})
         axes = [[{k: v} for v in (vals if isinstance(vals, list) else [vals])] for k, vals in vary.items()]
         axes += [list(options) for options in variants.values()]
+        num_supernodes = int(meta.get("num-supernodes", 10))
         cells = []
         for combo in itertools.product(*axes) if axes else [()]:
             cell = dict(fixed)
             for part in combo:
                 cell.update(part)
-            ExperimentConfig.from_run_config(cell)  # a bad grid fails before anything runs
+            # a bad grid fails before anything runs
+            ExperimentConfig.from_run_config(cell).check_federation(num_supernodes)
             cells.append(cell)
-        return cls(name=meta.get("name", Path(path).stem), num_supernodes=int(meta.get("num-supernodes", 10)),
-                   cells=cells)
+        return cls(name=meta.get("name", Path(path).stem), num_supernodes=num_supernodes, cells=cells)
 
 
 def cell_id(cell: dict) -> str:
@@ -83,8 +89,8 @@ def cell_state(folder: Path) -> str:
     return "new"
 
 
-def _toml(v) -> str:
-    return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+class CellFailed(RuntimeError):
+    """A grid cell's federation failed; the message says which, why and where its log is."""
 
 
 def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
@@ -105,15 +111,17 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
         overrides = {**cell, "results-dir": str(out), "run-name": folder.name, "resume": state == "partial"}
         if state == "new" and folder.exists():
             shutil.rmtree(folder)  # a cell that died before its first checkpoint starts afresh
-        cmd = [sys.executable, "-m", "simulation.run", "--num-supernodes", str(grid.num_supernodes),
-               "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())]
+        cmd = [sys.executable, "-m", "simulation.run", "--in-process", "--num-supernodes", str(grid.num_supernodes),
+               "--run-config-json", json.dumps(overrides)]
         bar.set_description(f"cell {i}/{len(grid.cells)} {folder.name}")
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         done_before = bar.n
-        log_lines = []
+        log_lines, reason = [], None
         for line in proc.stdout:
             log_lines.append(line)
+            if line.startswith(FAILED):
+                reason = line[len(FAILED):].strip()
             m = re.match(r"\[fl-defense\] round\s+(\d+)", line)
             if m and int(m.group(1)) > 0:
                 bar.n = done_before + int(m.group(1))
@@ -122,8 +130,9 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
         (folder.parent / f"{folder.name}.log").write_text("".join(log_lines[-2000:]))
         if proc.returncode != 0 or cell_state(folder) != "done":
             bar.close()
-            raise SystemExit(f"cell {folder.name} failed (exit {proc.returncode}); its log: {folder}.log; "
-                             "run the grid again to resume")
+            raise CellFailed(f"cell {i}/{len(grid.cells)} {folder.name}: "
+                             f"{reason or f'its process exited with status {proc.returncode}'} (its log: "
+                             f"{folder}.log; run the grid again to resume)")
         bar.n = done_before + rounds
         bar.refresh()
     bar.close()

@@ -1,6 +1,6 @@
 """Reports: from a folder of runs to one Markdown table and PNG plots.
 
-    python -m simulation report results/grids/smoke --out docs/results/smoke
+    python -m simulation report results/grids/smoke --out results/reports/smoke
 
 Any folder whose sub-folders hold ``summary.json`` and ``rounds.jsonl`` works (a grid's output, or
 the runs of ``benchmarks/flwr_runs.py``). Writes ``report.md``, ``table.csv`` and PNGs:
@@ -175,7 +175,7 @@ def write_report(root: Path, out: Path, title: str | None = None, note: str | No
 
     folders = run_folders(root)
     if not folders:
-        raise SystemExit(f"no runs (sub-folders with summary.json) under {root}")
+        raise FileNotFoundError(f"no runs (sub-folders with summary.json) under {root}")
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("curves_*.png"), *out.glob("weights_*.png"), *out.glob("asr_vs_fraction_*.png")]:
         old.unlink()  # plots of an earlier rendering that this one may not redraw

@@ -1,33 +1,78 @@
-"""Run one simulated federation in this process through Flower's simulation engine.
+"""Run one simulated federation through Flower's simulation engine.
 
-    python -m simulation.run --num-supernodes 10 --run-config "defense='rlr' num-server-rounds=5"
+    python -m simulation.run --run-config "defense='rlr' num-server-rounds=5"
 
-The same ServerApp and ClientApp as ``flwr run .``, without a SuperLink: what tests, grids and
-quick experiments use. Run-config values are TOML, as in ``flwr run --run-config``.
+The same ServerApp and ClientApp as ``flwr run .``, without a SuperLink. Run-config values are TOML,
+as in ``flwr run --run-config`` (strings in quotes). The configuration is checked before anything
+starts: a bad value or an unknown key (with the closest valid one) ends the run at once.
+
+What it prints: our per-round lines and a progress bar over rounds. Flower's and Ray's own output
+goes to ``flower.log`` in the run's results folder (``--verbose`` prints it here instead of the
+bar). A run ends with one line: ``[fl-defense] done: ...`` or ``[fl-defense] FAILED: <reason>``.
+Exit status: 0 done, 1 the federation failed, 2 a bad configuration, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 import tomllib
+from pathlib import Path
+
+from fl_defense.config import ConfigError, ExperimentConfig
+
+PREFIX = "[fl-defense]"
+ROUND_LINE = re.compile(r"\[fl-defense\] round\s+(\d+)")
+FAILED = f"{PREFIX} FAILED: "
+EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def parse_run_config(text: str) -> dict:
     """'k1=v1 k2=v2' with TOML values, as ``flwr run --run-config`` accepts."""
-    if not text.strip():
-        return {}
-    import shlex
+    out = {}
+    for pair in shlex.split(text, posix=False):
+        try:
+            out.update(tomllib.loads(pair))
+        except tomllib.TOMLDecodeError as err:
+            hint = " (strings need quotes: key='value')" if "=" in pair else " (pairs are key=value)"
+            raise ConfigError(f"--run-config: cannot read {pair!r} as TOML{hint}: {err}") from None
+    return out
 
-    return tomllib.loads("\n".join(shlex.split(text, posix=False)))
+
+def prepare(overrides: dict, num_supernodes: int) -> tuple[ExperimentConfig, dict]:
+    """Check the run config as the ServerApp will (values, keys, the federation's size) and fix the
+    results folder's name; returns the config and the overrides that name it."""
+    cfg = ExperimentConfig.from_run_config(overrides)
+    cfg.check_federation(num_supernodes)
+    if not cfg.run_name:
+        name = f"{cfg.defense}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        overrides = {**overrides, "run-name": name}
+        cfg = ExperimentConfig.from_run_config(overrides)
+    return cfg, overrides
 
 
-def run(overrides: dict, num_supernodes: int = 10, num_cpus: float = 1, num_gpus: float = 0.0) -> None:
+def results_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.results_dir).expanduser().resolve() / cfg.run_name
+
+
+def run(overrides: dict, num_supernodes: int = 10, num_cpus: float = 1, num_gpus: float = 0.0) -> Path:
+    """The federation in this process, Flower's output as it comes; returns the results folder.
+    Raises ``ConfigError`` for a bad config and ``RunFailed`` for a run without a full result."""
+    cfg, overrides = prepare(overrides, num_supernodes)
     from flwr.client import ClientApp
     from flwr.server import ServerApp
     from flwr.simulation import run_simulation
 
     import client_app.app as ca
     import server_app.app as sa
+    from server_app.recorder import RunFailed, run_failure
 
     def server_fn(context):
         return sa.build_components({**context.run_config, **overrides}, num_nodes=num_supernodes)
@@ -38,16 +83,146 @@ def run(overrides: dict, num_supernodes: int = 10, num_cpus: float = 1, num_gpus
     run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
                    num_supernodes=num_supernodes,
                    backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}})
+    folder = results_dir(cfg)
+    reason = run_failure(folder, cfg.num_server_rounds)
+    if reason:
+        raise RunFailed(reason)
+    return folder
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def done_line(folder: Path) -> str:
+    s = json.loads((folder / "summary.json").read_text())
+    f = s["final"]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    floor = f" ({fmt(f['clean_target_rate'])} without the trigger)" if f.get("clean_target_rate") is not None else ""
+    return (f"{PREFIX} done: {s['rounds_completed']} rounds, accuracy {fmt(f['accuracy'])}, attack success "
+            f"{fmt(f['attack_success_rate'])}{floor}; results in {_shown(folder)}")
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _in_process(overrides: dict, args) -> int:
+    """The federation here; our lines, Flower's output and, at the end, one line saying how it went."""
+    from server_app.recorder import RunFailed, failure_line, failure_reason
+
+    try:
+        folder = run(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+    except (ConfigError, RunFailed) as exc:
+        print(failure_line(failure_reason(exc)), flush=True)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        print(failure_line(failure_reason(exc)), flush=True)
+        return EXIT_FAILED
+    print(done_line(folder), flush=True)
+    return 0
+
+
+def supervise(cfg: ExperimentConfig, overrides: dict, args) -> int:
+    """The federation in a child process (``--in-process``): its whole output goes to flower.log in
+    the results folder; ours (lines starting ``[fl-defense]``) is shown, with a progress bar, or
+    everything with ``--verbose``. The last line is the child's verdict, or ours if it died."""
+    from tqdm import tqdm
+
+    folder = results_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "flower.log"
+    cmd = [sys.executable, "-m", "simulation.run", "--in-process", "--run-config-json", json.dumps(overrides),
+           "--num-supernodes", str(args.num_supernodes), "--num-cpus", str(args.num_cpus),
+           "--num-gpus", str(args.num_gpus)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = 0
+    if cfg.resume and (folder / "rounds.jsonl").exists():
+        start = sum(1 for line in (folder / "rounds.jsonl").read_text().splitlines() if line.strip()) - 1
+    bar = None  # from round 0 on: Ray's start-up would count as the first round's time
+    verdict = None
+    print(f"{PREFIX} starting a simulated federation of {args.num_supernodes} clients, {cfg.num_server_rounds} "
+          f"rounds (Flower and Ray take a few seconds to start); Flower's output goes to {_shown(log_path)}"
+          + ("" if args.verbose else " (--verbose shows it here)"), flush=True)
+    with log_path.open("a") as log:
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                text = line.rstrip("\n")
+                if text.startswith(FAILED) or text.startswith(f"{PREFIX} done:"):
+                    verdict = text  # printed last, below the bar
+                    continue
+                if args.verbose:
+                    print(text, flush=True)
+                elif text.startswith(PREFIX):
+                    tqdm.write(text, file=sys.stdout)
+                    sys.stdout.flush()
+                m = ROUND_LINE.match(text)
+                if m:
+                    if bar is None:
+                        bar = tqdm(total=cfg.num_server_rounds, initial=max(start, 0), unit="round", desc="rounds",
+                                   disable=args.verbose or args.no_progress, dynamic_ncols=True, file=sys.stderr)
+                    bar.n = int(m.group(1))
+                    bar.refresh()
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the terminal sent it to the child too; give it time to stop
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if bar is not None:
+                bar.close()
+            resume = f"resume=true run-name='{cfg.run_name}'"
+            if cfg.results_dir != ExperimentConfig().results_dir:
+                resume += f" results-dir='{cfg.results_dir}'"
+            print(f"{FAILED}interrupted; Flower's output is in {_shown(log_path)}; to continue from the last "
+                  f"checkpoint add: {resume}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+    if bar is not None:
+        bar.close()
+    if rc == 0 and verdict and not verdict.startswith(FAILED):
+        print(verdict, flush=True)
+        return 0
+    reason = verdict[len(FAILED):] if verdict and verdict.startswith(FAILED) else \
+        f"the federation's process exited with status {rc} before saying why"
+    print(f"{FAILED}{reason} (Flower's output: {_shown(log_path)})", file=sys.stderr, flush=True)
+    return EXIT_CONFIG if rc == EXIT_CONFIG else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m simulation.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", default="", help="TOML key=value pairs, space separated")
+    parser.add_argument("--run-config-json", help=argparse.SUPPRESS)  # how the supervisor hands it over
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per virtual client")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="share of a GPU per virtual client")
-    args = parser.parse_args()
-    run(parse_run_config(args.run_config), args.num_supernodes, args.num_cpus, args.num_gpus)
+    parser.add_argument("--verbose", action="store_true", help="print Flower's and Ray's output instead of the bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run Flower in this process, its output as it comes, no log file (grids use this)")
+    args = parser.parse_args(argv)
+    from server_app.recorder import failure_line
+
+    try:
+        overrides = json.loads(args.run_config_json) if args.run_config_json else parse_run_config(args.run_config)
+        cfg, overrides = prepare(overrides, args.num_supernodes)
+    except ConfigError as exc:
+        print(failure_line(str(exc)), file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(_in_process(overrides, args) if args.in_process else supervise(cfg, overrides, args))
 
 
 if __name__ == "__main__":

@@ -46,15 +46,19 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path):
     grid = Grid.load(ROOT / "simulation" / "grids" / "smoke.toml")
     folders = run_grid(grid, tmp_path, progress=False)
     table = tidy_table(folders)
-    assert len(table) == len(grid.cells) * 4  # rounds 0..3
+    assert len(table) == len(grid.cells) * 11  # rounds 0..10
     assert set(table["defense"]) == {"fedavg", "flame"} and table["accuracy"].between(0, 1).all()
+    final = table[table["round"] == 10].groupby("defense")[["accuracy", "attack_success_rate"]].mean()
+    # the demo: FedAvg carries the backdoor at clean accuracy, FLAME removes it
+    assert final.loc["fedavg", "accuracy"] > 0.8 and final.loc["fedavg", "attack_success_rate"] > 0.6
+    assert final.loc["flame", "accuracy"] > 0.8 and final.loc["flame", "attack_success_rate"] < 0.2
     assert table.loc[table["round"] > 0, "round_seconds"].notna().all()
     t0 = time.time()
     run_grid(grid, tmp_path, progress=False)  # every cell is done: nothing reruns
     assert time.time() - t0 < 5
     report = write_report(tmp_path, tmp_path / "report", "smoke")
     text = report.read_text()
-    assert "| digits | iid | plus | 0.3 | flame | 2 |" in text
+    assert "| digits | iid | plus+boost | 0.1 | flame | 2 |" in text
     assert list((tmp_path / "report").glob("weights_*.png")) and list((tmp_path / "report").glob("curves_*.png"))
 
 

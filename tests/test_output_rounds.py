@@ -1,0 +1,68 @@
+"""What a round's line and the results files say: the untrained model's attack success is shown
+for what it is, beside the rate at which the model picks the target without the trigger."""
+
+import json
+
+import pytest
+
+from fl_defense.config import ExperimentConfig
+from fl_defense.data import load_split
+from fl_defense.metrics import attack_probes, attack_success_rate
+from fl_defense.models import build_model, get_arrays
+from server_app.recorder import RunRecorder, run_failure
+
+
+def _recorder(tmp_path, **over):
+    cfg = ExperimentConfig.from_run_config({"num-server-rounds": 1, "seed": 42, **over})
+    spec = cfg.data_config(1).spec
+    model = build_model(cfg.model_name, spec.shape, spec.num_classes, seed=cfg.seed)
+    test = load_split(cfg.data_config(1), "test")
+    lines = []
+    return RunRecorder(cfg, model, test, tmp_path / "run", echo=lines.append), lines, model, test
+
+
+def test_round_0_is_marked_untrained_and_shows_the_triggers_floor(tmp_path):
+    rec, lines, model, (x, y) = _recorder(tmp_path)
+    rec.evaluate(0, get_arrays(model), {})
+    row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text())
+    trigger = attack_probes(rec.cfg, tuple(x.shape[1:]))["attack_success_rate"]
+    assert row["attack_success_rate"] == attack_success_rate(model, x, y, trigger, 7)
+    assert row["clean_target_rate"] == attack_success_rate(model, x, y, None, 7)
+    # seed 42's untrained MLP calls most digits a 7, trigger or not: the 'attack success' is no backdoor
+    assert row["clean_target_rate"] > 0.5 and abs(row["attack_success_rate"] - row["clean_target_rate"]) < 0.1
+    assert lines == [f"[fl-defense] round   0 (initial model, untrained) | accuracy {row['accuracy']:.3f} | "
+                     f"attack success {row['attack_success_rate']:.3f} ({row['clean_target_rate']:.3f} without "
+                     "the trigger)"]
+    rec.evaluate(1, get_arrays(model), {})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["initial"] == {k: row[k] for k in ("accuracy", "attack_success_rate", "clean_target_rate")}
+    assert summary["final"]["clean_target_rate"] == row["clean_target_rate"]
+    assert "clean_target_rate" in summary["definitions"] and "round 0" in summary["definitions"]
+
+
+def test_semantic_attacks_have_no_separate_floor(tmp_path):
+    rec, lines, model, _ = _recorder(tmp_path, attack="semantic", **{"base-label": 1})
+    rec.evaluate(0, get_arrays(model), {})
+    assert "clean_target_rate" not in json.loads((tmp_path / "run" / "rounds.jsonl").read_text())
+    assert "without the trigger" not in lines[0]
+
+
+def test_a_rerun_under_the_same_name_does_not_keep_the_old_summary(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text('{"rounds_completed": 1}')
+    _recorder(tmp_path)
+    assert run_failure(tmp_path / "run", 1) == (f"the run ended after 0 of 1 rounds without writing "
+                                                f"{tmp_path / 'run' / 'summary.json'}")
+
+
+@pytest.mark.parametrize("summary, reason", [
+    ({"rounds_completed": 2, "rounds_kept_global": 0}, "the run stopped after round 2 of 3"),
+    ({"rounds_completed": 3, "rounds_kept_global": 3,
+      "last_round": {"reason": "0 valid results, fewer than the minimum of 1", "num_rejected": 10, "num_failures": 0}},
+     "no round changed the global model in 3 rounds (last round: 0 valid results, fewer than the minimum of 1; "
+     "10 results rejected, 0 clients failed)"),
+    ({"rounds_completed": 3, "rounds_kept_global": 2}, None),
+])
+def test_run_failure_reads_the_summary(tmp_path, summary, reason):
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert run_failure(tmp_path, 3) == reason
