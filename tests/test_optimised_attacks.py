@@ -114,7 +114,7 @@ def test_the_search_does_not_pass_over_the_matrix_per_step(name):
         with _BigTensorCalls(known.numel()) as mode:
             make_colluding(name, direction="std", tol=tol).craft(known, AttackRound(34, 4))
         counts.append(mode.count)
-    assert counts[0] == counts[1] <= 8
+    assert counts[0] == counts[1]  # the same passes for 5 or 35 steps
 
 
 def test_fang_krum_attack_is_what_krum_selects():

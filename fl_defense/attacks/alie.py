@@ -7,7 +7,7 @@ from statistics import NormalDist
 
 import torch
 
-from .base import AttackRound, ColludingAttack
+from .base import AttackRound, ColludingAttack, column_stats
 
 
 def alie_z(num_clients: int, num_attackers: int) -> float:
@@ -23,8 +23,8 @@ def alie_z(num_clients: int, num_attackers: int) -> float:
 
 def mean_std(known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-coordinate mean and (sample) standard deviation of the known updates."""
-    std, mean = torch.std_mean(known, dim=0, correction=1 if len(known) > 1 else 0)
-    return mean, std
+    stats = column_stats(known, std=True)
+    return stats["mean"], stats["std"]
 
 
 class ALIE(ColludingAttack):

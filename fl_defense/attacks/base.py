@@ -11,9 +11,12 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..defenses.krum import distances_from_gram, gram_matrix, krum_scores
+from ..defenses.aggregators import uses_numpy
+from ..defenses.krum import distances_from_gram, krum_scores
+from ..defenses.parallel import column_chunks, parallel_map
 
 KNOWLEDGE = ("partial", "full")
 TARGETS = ("agnostic", "krum", "trimmed_mean", "median")
@@ -35,11 +38,10 @@ class AttackRound:
     poisoned: torch.Tensor | None = None
     seed: int = 0
 
-    def benign_view(self, known: torch.Tensor) -> torch.Tensor:
-        """The rows that stand for the benign updates the server will see: the others' (full
-        knowledge), else the attackers' own honest updates (the papers' partial-knowledge proxy)."""
-        others = known[self.num_attackers:]
-        return others if len(others) else known[:self.num_attackers]
+    def benign_rows(self, num_known: int) -> slice:
+        """The rows of ``known`` that stand for the benign updates the server will see: the
+        others' (full knowledge), else the attackers' own honest updates (the papers' proxy)."""
+        return slice(self.num_attackers, None) if num_known > self.num_attackers else slice(0, self.num_attackers)
 
 
 class ColludingAttack:
@@ -71,23 +73,81 @@ def check_target(attack: ColludingAttack, target: str) -> None:
         raise ValueError(f"{attack.name} targets {', '.join(attack.targets)}, not {target!r}")
 
 
+PASS_CHUNK = 1 << 14  # columns per piece of the fused pass: fixed, so sums do not depend on the thread count
+
+
+def column_pass(x: torch.Tensor, std: bool = False, extremes: bool = False, direction=None,
+                gram: bool = False, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """One pass over the known updates ``x`` (n x d) for what an attack needs from it: the
+    per-coordinate ``mean``, sample ``std``, ``min`` and ``max``; a direction ``p`` computed piece
+    by piece from those (``direction(stats) -> piece of p``) with ``bp`` = x[rows] @ p; and the
+    Gram matrix x[rows] x[rows]^T (float64). Min-Max would otherwise read the 480 MB matrix
+    three times (statistics, Gram, B p); here each piece of ``PASS_CHUNK`` columns is read once
+    while in cache. On the CPU in numpy, pieces shared out among the threads, partial products
+    summed in column order (the same result for any thread count); torch elsewhere."""
+    n, d = x.shape
+    ddof = 1 if n > 1 else 0
+    k = len(range(n)[rows])
+    names = ["mean"] + (["std"] if std else []) + (["min", "max"] if extremes else []) + (["p"] if direction else [])
+    out = {name: torch.empty(d, dtype=x.dtype, device=x.device) for name in names}
+    numpy = uses_numpy(x)
+    src = x.detach().numpy() if numpy else x
+    dst = {name: v.numpy() for name, v in out.items()} if numpy else out
+    pieces = column_chunks(d, PASS_CHUNK)
+
+    def piece(cols: slice):
+        b = src[:, cols]
+        mean = b.mean(axis=0) if numpy else b.mean(dim=0)
+        stats = {"mean": mean}
+        if std:
+            dev = b - mean
+            stats["std"] = (np.sqrt(np.einsum("ij,ij->j", dev, dev) / (n - ddof)) if numpy
+                            else torch.std(b, dim=0, correction=ddof))
+        if extremes:
+            stats["min"], stats["max"] = (b.min(axis=0), b.max(axis=0)) if numpy else torch.aminmax(b, dim=0)
+        part = {}
+        if direction:
+            stats["p"] = direction(stats)
+            part["bp"] = b[rows] @ stats["p"]
+        if gram:
+            br = b[rows]
+            part["gram"] = br @ br.T
+        for name, v in stats.items():
+            dst[name][cols] = v
+        return part
+
+    parts = parallel_map(piece, pieces) if numpy else [piece(c) for c in pieces]
+    for name, shape in (("bp", (k,)), ("gram", (k, k))):
+        if parts and name in parts[0]:
+            total = np.zeros(shape) if numpy else torch.zeros(shape, dtype=torch.float64, device=x.device)
+            for part in parts:
+                total += part[name]
+            out[name] = torch.from_numpy(total) if numpy else total.cpu()
+    if "gram" in out:
+        out["gram"] = (out["gram"] + out["gram"].T) / 2
+    return out
+
+
+def column_stats(x: torch.Tensor, std: bool = False, extremes: bool = False) -> dict[str, torch.Tensor]:
+    """Per-coordinate ``mean`` (and ``std``, ``min``, ``max`` when asked) in one pass (``column_pass``)."""
+    return column_pass(x, std=std, extremes=extremes)
+
+
 class Distances:
     """Squared distances between the known updates and a candidate c(g) = mu + g * p, without a
     pass over the matrix per candidate: ||mu + g p - b_i||^2 = ||mu - b_i||^2 + 2 g p.(mu - b_i)
     + g^2 ||p||^2, whose three coefficients come from the Gram matrix (mu.b_i is its row mean) and
     one product B p, computed once (float64)."""
 
-    def __init__(self, known: torch.Tensor, gram: torch.Tensor, direction: torch.Tensor,
-                 base_dot_direction: torch.Tensor | None = None) -> None:
-        # mu = row mean of known; with base_dot_direction given (mu.p) it is not recomputed
+    def __init__(self, gram: torch.Tensor, bp: torch.Tensor, pp: float) -> None:
+        # mu = the rows' mean, so mu.b_i is the Gram's row mean and mu.p the mean of B p
         sq = gram.diagonal()
         mu_b = gram.mean(dim=1)
         mu_sq = gram.mean()
         self.base = (sq - 2 * mu_b + mu_sq).clamp_min(0)  # ||mu - b_i||^2
-        bp = (known @ direction).double().cpu()
-        mu_p = bp.mean() if base_dot_direction is None else base_dot_direction
-        self.cross = mu_p - bp  # p.(mu - b_i)
-        self.pp = float(direction.double().square().sum())  # ||p||^2
+        bp = bp.double()
+        self.cross = bp.mean() - bp  # p.(mu - b_i)
+        self.pp = pp  # ||p||^2
         self.gram = gram
 
     def at(self, gamma: float) -> torch.Tensor:
@@ -129,5 +189,5 @@ def largest_feasible(ok, start: float, tol: float, max_doublings: int = 60) -> f
     return lo
 
 
-__all__ = ["KNOWLEDGE", "TARGETS", "AttackRound", "ColludingAttack", "Distances", "check_target", "gram_matrix",
-           "krum_picks_candidate", "largest_feasible"]
+__all__ = ["KNOWLEDGE", "TARGETS", "AttackRound", "ColludingAttack", "Distances", "check_target", "column_pass",
+           "column_stats", "krum_picks_candidate", "largest_feasible"]

@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..defenses.parallel import map_in_groups, workers
 from ..rounds import PARTITION_KEY, ClientResult
 from ..updates import ParamLayout, reuse_rows
 from ..validation import check_arrays
@@ -92,13 +93,20 @@ def collude(results: list[ClientResult], global_arrays: list[np.ndarray], layout
     for k, vec in enumerate(honest):
         known[k].numpy()[:] = vec
     k = m
-    if knowledge == "full":
-        for i in others:  # the benign updates of the round, as the server will flatten them
-            arrays = results[i].arrays
-            if check_arrays(arrays, layout) is not None:
-                continue
-            layout.flatten_into(arrays, known[k], minus=global_vec)
-            if torch.isfinite(known[k]).all():
+    if knowledge == "full":  # the round's other updates, flattened as the server will, on the threads
+        usable = [i for i in others if check_arrays(results[i].arrays, layout) is None]
+
+        def fill(j: int) -> bool:
+            row = known[m + j]
+            layout.flatten_into(results[usable[j]].arrays, row, minus=global_vec)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return bool(np.isfinite(np.dot(row.numpy(), row.numpy())))  # finite entries, no overflow
+
+        finite = map_in_groups(fill, range(len(usable)), workers())
+        for j, ok in enumerate(finite):  # close up the rows of non-finite updates, in order
+            if ok:
+                if k != m + j:
+                    known[k].copy_(known[m + j])
                 k += 1
     known = known[:k]
     record["known_updates"] = k
@@ -114,12 +122,16 @@ def collude(results: list[ClientResult], global_arrays: list[np.ndarray], layout
     for key in ("last_gamma", "last_lambda"):
         if getattr(attack, key, None) is not None:
             record[key.removeprefix("last_")] = float(getattr(attack, key))
+    first_buffers = [results[colluders[0]].arrays[j] for j in layout.buffer_indices]
+    shared = layout.unflatten(crafted.add_(global_vec), first_buffers) if crafted.dim() == 1 else None
     for row, i in enumerate(colluders):
-        vec = crafted if crafted.dim() == 1 else crafted[row]
         res = results[i]
-        buffers = [res.arrays[j] for j in layout.buffer_indices]  # an attacker keeps its own buffers
-        out[i] = ClientResult(res.client_id, layout.unflatten(global_vec + vec, buffers), res.num_examples,
-                              strip(res.metrics))
+        buffers = iter([res.arrays[j] for j in layout.buffer_indices])  # an attacker keeps its own buffers
+        if shared is not None:  # one model for all: its trainable arrays are shared (read-only downstream)
+            arrays = [a if t else next(buffers) for a, t in zip(shared, layout.trainable)]
+        else:
+            arrays = layout.unflatten(crafted[row].add_(global_vec), list(buffers))
+        out[i] = ClientResult(res.client_id, arrays, res.num_examples, strip(res.metrics))
     return out, record, workspace
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from .base import AttackRound, ColludingAttack, check_target, gram_matrix, krum_picks_candidate
+from .base import AttackRound, ColludingAttack, check_target, column_pass, column_stats, krum_picks_candidate
 
 
 def krum_lambda_bound(gram_benign: torch.Tensor, num_clients: int, num_attackers: int, dim: int) -> float:
@@ -21,6 +22,11 @@ def krum_lambda_bound(gram_benign: torch.Tensor, num_clients: int, num_attackers
     nearest = dist.sort(dim=1).values[:, 1:near + 1].sum(dim=1)  # column 0 is the row itself
     denom = max(1, num_clients - 2 * num_attackers - 1)
     return float(nearest.min() / (denom * math.sqrt(dim)) + sq.clamp_min(0).sqrt().max() / math.sqrt(dim))
+
+
+def _sign(stats: dict):
+    mean = stats["mean"]
+    return np.sign(mean) if isinstance(mean, np.ndarray) else torch.sign(mean)
 
 
 class Fang(ColludingAttack):
@@ -51,18 +57,20 @@ class Fang(ColludingAttack):
 
     def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
         check_target(self, self.target)
-        mean = known.mean(dim=0)
-        s = torch.sign(mean)
         if self.target == "krum":
-            return self._krum(known, s, rnd)
-        return self._trim(known, mean, s, rnd)
+            return self._krum(known, rnd)
+        partial = rnd.knowledge == "partial"
+        stats = column_stats(known, std=partial, extremes=not partial)  # one pass
+        return self._trim(known, stats, torch.sign(stats["mean"]), rnd)
 
-    def _krum(self, known: torch.Tensor, s: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
-        benign = rnd.benign_view(known)
-        gram = gram_matrix(benign)
+    def _krum(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
+        # one pass: s = sign(mu) piece by piece, and over the benign stand-ins B s and their Gram
+        rows = rnd.benign_rows(len(known))
+        out = column_pass(known, direction=_sign, gram=True, rows=rows)
+        s, gram = out["p"], out["gram"]
         lam = krum_lambda_bound(gram, rnd.num_clients, rnd.num_attackers, known.shape[1])
-        # ||-lam s - b_i||^2 = lam^2 ||s||^2 + 2 lam s.b_i + ||b_i||^2: one product, then O(n^2) per lambda
-        sb = (benign @ s).double().cpu()
+        # ||-lam s - b_i||^2 = lam^2 ||s||^2 + 2 lam s.b_i + ||b_i||^2: O(n^2) per lambda, no pass
+        sb = out["bp"].double()
         ss, sq = float(s.double().square().sum()), gram.diagonal()
         while lam >= self.threshold:
             if krum_picks_candidate(gram, (lam * lam * ss + 2 * lam * sb + sq).clamp_min(0),
@@ -72,15 +80,15 @@ class Fang(ColludingAttack):
         self.last_lambda = lam
         return s.mul_(-lam)
 
-    def _trim(self, known: torch.Tensor, mean: torch.Tensor, s: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
+    def _trim(self, known: torch.Tensor, stats: dict, s: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
         up = s < 0  # the benign step would lower this coordinate: push it up
         if rnd.knowledge == "partial":
-            std = torch.std(known, dim=0, correction=1 if len(known) > 1 else 0)
+            mean, std = stats["mean"], stats["std"]
             near = torch.where(up, mean + 3 * std, mean - 4 * std)
             far = torch.where(up, mean + 4 * std, mean - 3 * std)
             lo, hi = near, far
         else:
-            w_min, w_max = torch.aminmax(known, dim=0)
+            w_min, w_max = stats["min"], stats["max"]
             b = self.b
             lo = torch.where(up, w_max, torch.where(w_min > 0, w_min / b, b * w_min))
             hi = torch.where(up, torch.where(w_max > 0, b * w_max, w_max / b), w_min)

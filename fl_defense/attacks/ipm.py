@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttackRound, ColludingAttack
+from .base import AttackRound, ColludingAttack, column_stats
 
 
 class IPM(ColludingAttack):
@@ -19,4 +19,4 @@ class IPM(ColludingAttack):
         self.epsilon = epsilon
 
     def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
-        return known.mean(dim=0).mul_(-self.epsilon)
+        return column_stats(known)["mean"].mul_(-self.epsilon)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .alie import mean_std
-from .base import (AttackRound, ColludingAttack, Distances, check_target, gram_matrix, krum_picks_candidate,
-                   largest_feasible)
+from .base import AttackRound, ColludingAttack, Distances, check_target, column_pass, krum_picks_candidate, largest_feasible
 
 DIRECTIONS = ("unit", "std", "sign")
 
@@ -18,10 +17,32 @@ def perturbation(known: torch.Tensor, mean: torch.Tensor, kind: str) -> torch.Te
         norm = torch.linalg.vector_norm(mean)
         return -mean / norm if norm > 0 else torch.zeros_like(mean)
     if kind == "std":
-        return -mean_std(known)[1]
+        return -column_pass(known, std=True)["std"]
     if kind == "sign":
         return -torch.sign(mean)
     raise ValueError(f"unknown perturbation {kind!r}; choose one of {DIRECTIONS}")
+
+
+def _piecewise(kind: str):
+    """p piece by piece from a piece's statistics; "unit" is -mu here, normalised after the pass."""
+    if kind == "std":
+        return lambda st: -st["std"]
+    if kind == "sign":
+        return lambda st: -(np.sign(st["mean"]) if isinstance(st["mean"], np.ndarray) else torch.sign(st["mean"]))
+    if kind == "unit":
+        return lambda st: -st["mean"]
+    raise ValueError(f"unknown perturbation {kind!r}; choose one of {DIRECTIONS}")
+
+
+def pass_with_direction(known: torch.Tensor, kind: str, gram: bool) -> tuple[dict, float]:
+    """``column_pass`` for mu, p (of ``kind``), B p and optionally the Gram; returns it and ||p||^2."""
+    out = column_pass(known, std=kind == "std", direction=_piecewise(kind), gram=gram)
+    if kind == "unit":
+        norm = float(torch.linalg.vector_norm(out["mean"].double()))
+        if norm > 0:
+            out["p"] /= norm
+            out["bp"] = out["bp"] / norm
+    return out, float(out["p"].double().square().sum())
 
 
 class MinMax(ColludingAttack):
@@ -30,7 +51,8 @@ class MinMax(ColludingAttack):
     largest gamma (binary search, tolerance ``tol``) whose largest distance to a benign update
     stays within the largest distance between two benign ones. ``target="krum"`` is the same
     paper's Krum-tailored attack (sec. IV-B): the largest gamma Krum (f = m) still selects.
-    Distances come from products computed once (``base.Distances``), never a pass per step."""
+    Distances come from products computed once in one pass (``base.Distances``), never a pass
+    per step."""
 
     name = "min_max"
     paper = "Shejwalkar & Houmansadr, NDSS 2021"
@@ -44,27 +66,20 @@ class MinMax(ColludingAttack):
         self.tol = tol
         self.last_gamma: float | None = None
 
-    def _setup(self, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Distances]:
-        check_target(self, self.target)
-        mean = known.mean(dim=0)
-        p = perturbation(known, mean, self.direction)
-        gram = gram_matrix(known)
-        if self.direction == "unit":  # B p = -(B mu) / ||mu||, and B mu is the Gram's row mean
-            norm = float(gram.mean().clamp_min(0).sqrt())
-            dist = _unit_distances(gram, norm)
-        else:
-            dist = Distances(known, gram, p)
-        return mean, p, dist
+    def _setup(self, known: torch.Tensor):
+        out, pp = pass_with_direction(known, self.direction, gram=True)
+        return out["mean"], out["p"], Distances(out["gram"], out["bp"], pp)
 
     def feasible(self, dist: Distances, rnd: AttackRound, known: torch.Tensor):
         if self.target == "krum":
-            rows = slice(rnd.num_attackers, None) if len(known) > rnd.num_attackers else slice(0, rnd.num_attackers)
+            rows = rnd.benign_rows(len(known))
             gram_b = dist.gram[rows, rows]
             return lambda g: krum_picks_candidate(gram_b, dist.at(g)[rows], rnd.num_attackers, rnd.num_attackers)
         bound = _pairwise_max(dist.gram)
         return lambda g: float(dist.at(g).max()) <= bound
 
     def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
+        check_target(self, self.target)
         mean, p, dist = self._setup(known)
         gamma = largest_feasible(self.feasible(dist, rnd, known), self.gamma_init, self.tol)
         self.last_gamma = gamma
@@ -74,18 +89,22 @@ class MinMax(ColludingAttack):
 class MinSum(MinMax):
     """Min-Sum (Shejwalkar & Houmansadr, NDSS 2021, eq. 7): as Min-Max, but the sum of squared
     distances from mu + gamma p to the benign updates must stay within the largest such sum of
-    a benign update. Both sums expand into row norms and B mu (one product): no Gram needed."""
+    a benign update. Both sums need only the row norms, B mu and B p: no Gram."""
 
     name = "min_sum"
     targets = ("agnostic",)
 
-    def _setup(self, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Distances]:
-        check_target(self, self.target)
-        mean = known.mean(dim=0)
-        p = perturbation(known, mean, self.direction)
-        return mean, p, _RowDistances(known, mean, p)
+    def _setup(self, known: torch.Tensor):
+        out, pp = pass_with_direction(known, self.direction, gram=False)
+        mean = out["mean"]
+        # ||b_i||^2 and mu.b_i: one more product each, over the matrix already in memory
+        xn = known.detach().cpu().numpy() if known.device.type == "cpu" else None
+        sq = (torch.from_numpy(np.einsum("ij,ij->i", xn, xn)) if xn is not None
+              else torch.linalg.vector_norm(known, dim=1).square()).double().cpu()
+        mu_b = (known @ mean).double().cpu()
+        return mean, out["p"], _SumDistances(sq, mu_b, float(mean.double().square().sum()), out["bp"], pp)
 
-    def feasible(self, dist: "_RowDistances", rnd: AttackRound, known: torch.Tensor):
+    def feasible(self, dist: "_SumDistances", rnd: AttackRound, known: torch.Tensor):
         bound = dist.max_benign_sum()
         return lambda g: float(dist.at(g).sum()) <= bound
 
@@ -95,33 +114,15 @@ def _pairwise_max(gram: torch.Tensor) -> float:
     return float((sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0).max())
 
 
-def _unit_distances(gram: torch.Tensor, mu_norm: float) -> Distances:
-    """``Distances`` for p = -mu/||mu|| from the Gram alone: p.b_i = -(mu.b_i)/||mu||, ||p|| = 1."""
-    dist = Distances.__new__(Distances)
-    sq, mu_b, mu_sq = gram.diagonal(), gram.mean(dim=1), gram.mean()
-    dist.base = (sq - 2 * mu_b + mu_sq).clamp_min(0)
-    if mu_norm > 0:
-        dist.cross = (mu_b - mu_sq) / mu_norm  # p.mu - p.b_i = (-||mu||^2 + mu.b_i) / ||mu||
-        dist.pp = 1.0
-    else:
-        dist.cross, dist.pp = torch.zeros_like(sq), 0.0
-    dist.gram = gram
-    return dist
+class _SumDistances(Distances):
+    """``Distances`` from row norms, B mu and B p instead of the Gram."""
 
-
-class _RowDistances(Distances):
-    """Squared distances to mu + gamma p from row norms, B mu and B p (no Gram): Min-Sum's needs."""
-
-    def __init__(self, known: torch.Tensor, mean: torch.Tensor, direction: torch.Tensor) -> None:
-        both = torch.stack([mean, direction], dim=1)  # one pass over the matrix for B mu and B p
-        prods = (known @ both).double().cpu()
-        self.sq = torch.linalg.vector_norm(known, dim=1).double().cpu().square()
-        mu_b, bp = prods[:, 0], prods[:, 1]
-        mu_sq = float(mean.double().square().sum())
-        self.base = (self.sq - 2 * mu_b + mu_sq).clamp_min(0)
-        self.cross = float(mean.double() @ direction.double()) - bp
-        self.pp = float(direction.double().square().sum())
-        self.mu_b, self.mu_sq = mu_b, mu_sq
+    def __init__(self, sq: torch.Tensor, mu_b: torch.Tensor, mu_sq: float, bp: torch.Tensor, pp: float) -> None:
+        self.sq, self.mu_b = sq, mu_b
+        self.base = (sq - 2 * mu_b + mu_sq).clamp_min(0)
+        bp = bp.double()
+        self.cross = bp.mean() - bp
+        self.pp = pp
         self.gram = None
 
     def max_benign_sum(self) -> float:
