@@ -12,8 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from .attacks import COLLUDING_ATTACKS, DATA_ATTACKS, DIRECTIONS, KNOWLEDGE, MODEL_ATTACKS, POOLS, TARGETS
 from .data import DATASETS, PARTITIONERS, DataConfig
-from .defenses import DEFENSES
-from .defenses.aggregators import AGGREGATORS
+from .defenses import DEFENSES, PRE_AGGREGATIONS
 from .models import MODELS
 
 
@@ -85,23 +84,15 @@ class ExperimentConfig:
     base_label: int = field(default=-1, metadata=_key("only this class is poisoned and measured (-1: every non-target class)", check=lambda v: v >= -1))
     defense: str = field(default="rlr", metadata=_key("server defense", tuple(DEFENSES)))
     server_lr: float = field(default=1.0, metadata=_key("server learning rate eta", check=_positive))
-    rlr_theta: int = field(default=4, metadata=_key("RLR sign-vote threshold theta, an integer in [1, clients per round]", check=lambda v: v >= 1))
-    rlr_aggregator: str = field(default="mean", metadata=_key("RLR base aggregator, or any other defense to run RLR on top of", tuple(AGGREGATORS) + tuple(d for d in DEFENSES if d != "rlr")))
     clip_norm: float = field(default=0.0, metadata=_key("clip each update to this L2 norm before the defense (0: off; RLR's eq. 6, norm_clipping's M, a wrapper for the others)", check=_non_negative))
     noise: float = field(default=0.0, metadata=_key("Gaussian noise sigma added to the step, times clip-norm when clipping (0: off)", check=_non_negative))
-    num_malicious: int = field(default=1, metadata=_key("Krum/Bulyan: f, the number of attackers tolerated", check=_non_negative))
-    krum_keep: int = field(default=0, metadata=_key("Krum: 0 for Krum, m > 0 for Multi-Krum averaging the m best", check=_non_negative))
-    trim_beta: float = field(default=0.2, metadata=_key("trimmed_mean: share cut at each end per coordinate", check=lambda v: 0 <= v < 0.5))
-    sign_lr: float = field(default=0.001, metadata=_key("signsgd: server step per coordinate", check=_positive))
-    foolsgold_kappa: float = field(default=1.0, metadata=_key("FoolsGold: confidence kappa of the logit", check=_positive))
-    flame_noise: float = field(default=0.001, metadata=_key("FLAME: noise lambda (std = lambda * median norm)", check=_non_negative))
-    flame_cluster_on: str = field(default="updates", metadata=_key("FLAME: cosine distances between updates or local models", ("updates", "models")))
-    flame_layers: str = field(default="all", metadata=_key("FLAME: cluster on all layers or the last layer only", ("all", "last")))
-    fdcr_clustering: str = field(default="finch", metadata=_key("FDCR: clustering of the Fisher discrepancies", ("finch", "kmeans", "dbscan")))
-    sdfc_reference: str = field(default="client", metadata=_key("SDFC: validation Fisher of each uploaded model (client) or of the global model once (global)", ("client", "global")))
-    sdfc_calibration: float = field(default=1.0, metadata=_key("SDFC: calibration strength lambda (0: off)", check=_non_negative))
-    fedward_clip_reference: str = field(default="admitted", metadata=_key("Fedward: clipping bound from the admitted group's or all clients' median magnitude", ("admitted", "all")))
-    fedward_combine: str = field(default="sum", metadata=_key("Fedward: sum (authors' code) or mean of the clipped sign updates", ("sum", "mean")))
+    num_malicious: int = field(default=1, metadata=_key("f, the number of attackers a rule tolerates (Krum, Bulyan, DnC; NNM's mixing)", check=_non_negative))
+    pre_aggregation: str = field(default="none", metadata=_key("a pre-aggregation step before the defense: bucketing (Karimireddy et al., ICLR 2022) or nnm (nearest-neighbour mixing, Allouah et al., AISTATS 2023)", ("none",) + tuple(PRE_AGGREGATIONS)))
+    bucket_size: int = field(default=2, metadata=_key("pre-aggregation=bucketing: updates averaged per bucket", check=_positive))
+    # The defenses' own keys (rlr-theta, krum-keep, ...) follow here, built from each defense's
+    # run_config declaration (DEFENSE_KEYS); they are read as attributes (cfg.rlr_theta) too.
+    defense_params: dict = field(default_factory=lambda: {k: spec.default for k, spec in DEFENSE_KEYS.items()},
+                                 metadata={"internal": True}, repr=False)
     fisher_half: bool = field(default=False, metadata=_key("clients send Fisher diagonals in float16 (half the payload)"))
     fisher_samples: int = field(default=512, metadata=_key("samples a client (and the server) uses for a Fisher diagonal", check=_positive))
     device: str = field(default="cpu", metadata=_key("device of the server's updates matrix and of client training (cpu, cuda, cuda:N)"))
@@ -111,25 +102,36 @@ class ExperimentConfig:
     checkpoint: bool = field(default=True, metadata=_key("save checkpoint.pkl (model, defense state, round, RNG) in the results folder after every round"))
     resume: bool = field(default=False, metadata=_key("continue the run in results-dir/run-name from its checkpoint"))
 
+    def __getattr__(self, name: str) -> object:
+        """A defense's key as an attribute: ``cfg.rlr_theta`` is the run config's ``rlr-theta``."""
+        params = self.__dict__.get("defense_params", {})
+        key = name.replace("_", "-")
+        if key in params:
+            return params[key]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @classmethod
+    def _static_fields(cls) -> list:
+        return [f for f in fields(cls) if not f.metadata.get("internal")]
+
     @classmethod
     def keys(cls) -> list[str]:
-        return [f.name.replace("_", "-") for f in fields(cls)]
+        return [key for key, _, _ in cls.docs()]
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ExperimentConfig":
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(known))
+        known = {f.name.replace("_", "-"): f for f in cls._static_fields()}
+        unknown = sorted(set(run_config) - set(known) - set(DEFENSE_KEYS))
         if unknown:
-            raise ConfigError("; ".join(_unknown_key(key, list(known)) for key in unknown))
+            raise ConfigError("; ".join(_unknown_key(key, cls.keys()) for key in unknown))
         values = {}
         for key, f in known.items():
             value = run_config.get(key, f.default if f.default is not MISSING else None)
-            values[f.name] = _coerce(key, value, type(f.default))
-            meta = f.metadata
-            if meta["choices"] is not None and values[f.name] not in meta["choices"]:
-                raise ConfigError(f"run-config key '{key}': {value!r} is not one of {', '.join(map(str, meta['choices']))}")
-            if meta["check"] is not None and not meta["check"](values[f.name]):
-                raise ConfigError(f"run-config key '{key}': {value!r} is out of range ({meta['doc']})")
+            values[f.name] = _checked(key, value, type(f.default), f.metadata["choices"], f.metadata["check"],
+                                      f.metadata["doc"])
+        values["defense_params"] = {
+            key: _checked(key, run_config.get(key, spec.default), type(spec.default), spec.choices, spec.check, spec.doc)
+            for key, spec in DEFENSE_KEYS.items()}
         cfg = cls(**values)
         cfg._cross_check()
         return cfg
@@ -138,8 +140,8 @@ class ExperimentConfig:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"run-config key 'device': {self.device!r} is not cpu, cuda or cuda:N")
         uses = {self.defense, self.rlr_aggregator}
-        for needs in ("sdfc", "fltrust"):
-            if needs in uses and self.server_fraction <= 0:
+        for needs in sorted(d for d in uses if d in DEFENSES and DEFENSES[d].server_provided):
+            if self.server_fraction <= 0:
                 raise ConfigError(f"run-config key 'server-fraction': {needs} needs a server-held dataset; set it > 0 (e.g. 0.02)")
         if self.defense == "norm_clipping" and self.clip_norm <= 0:
             raise ConfigError("run-config key 'clip-norm': norm_clipping needs a bound > 0")
@@ -182,30 +184,16 @@ class ExperimentConfig:
         return default_model(self.dataset) if self.model == "auto" else self.model
 
     def defense_kwargs(self, name: str | None = None) -> dict:
-        """The parameters of defense ``name`` (default: the configured one) from the run config."""
+        """The parameters of defense ``name`` (default: the configured one) from the run config,
+        as its ``run_config`` declaration maps them (server-provided ones are the caller's)."""
         name = name or self.defense
-        table = {
-            "fedavg": {"server_lr": self.server_lr},
-            "rlr": {"theta": self.rlr_theta, "server_lr": self.server_lr, "aggregator": self.rlr_aggregator,
-                    "clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed},
-            "fdcr": {"clustering": self.fdcr_clustering, "server_lr": self.server_lr},
-            "sdfc": {"reference": self.sdfc_reference, "calibration": self.sdfc_calibration, "server_lr": self.server_lr},
-            "fedward": {"clip_reference": self.fedward_clip_reference, "combine": self.fedward_combine,
-                        "server_lr": self.server_lr},
-            "krum": {"num_malicious": self.num_malicious, "to_keep": self.krum_keep},
-            "bulyan": {"num_malicious": self.num_malicious},
-            "median": {},
-            "trimmed_mean": {"beta": self.trim_beta},
-            "norm_clipping": {"clip_norm": self.clip_norm, "noise": self.noise, "seed": self.seed},
-            "signsgd": {"server_lr": self.sign_lr},
-            "foolsgold": {"kappa": self.foolsgold_kappa, "server_lr": self.server_lr},
-            "flame": {"noise_lambda": self.flame_noise, "cluster_on": self.flame_cluster_on,
-                      "layers": self.flame_layers, "seed": self.seed},
-            "fltrust": {"server_lr": self.server_lr},
-        }
-        if name not in table:
-            raise ConfigError(f"run-config key 'defense': no parameters known for {name!r}")
-        return table[name]
+        if name not in DEFENSES:
+            raise ConfigError(f"run-config key 'defense': {name!r} is not one of {', '.join(DEFENSES)}")
+        return {param: self.value(key) for param, key, _, _ in DEFENSES[name].run_config_keys()}
+
+    def value(self, key: str) -> object:
+        """The value of run-config key ``key``."""
+        return self.as_run_config()[key]
 
     def colluding_params(self) -> dict:
         """Parameters of the colluding attacks (each takes those its constructor names)."""
@@ -218,17 +206,66 @@ class ExperimentConfig:
         return self.defense not in ("rlr", "norm_clipping") and (self.clip_norm > 0 or self.noise > 0)
 
     def as_run_config(self) -> dict:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        static = {f.name.replace("_", "-"): getattr(self, f.name) for f in self._static_fields()}
+        return {key: static[key] if key in static else self.defense_params[key] for key in self.keys()}
 
     @classmethod
     def docs(cls) -> list[tuple[str, object, str]]:
+        """(key, default, help) of every key, in pyproject order: the defenses' keys after
+        ``bucket-size``."""
         rows = []
-        for f in fields(cls):
-            doc = f.metadata["doc"]
-            if f.metadata["choices"]:
-                doc += f" ({', '.join(map(str, f.metadata['choices']))})"
-            rows.append((f.name.replace("_", "-"), f.default, doc))
+        for f in cls._static_fields():
+            rows.append((f.name.replace("_", "-"), f.default, _with_choices(f.metadata["doc"], f.metadata["choices"])))
+            if f.name == "bucket_size":
+                rows += [(key, spec.default, _with_choices(spec.doc, spec.choices)) for key, spec in DEFENSE_KEYS.items()]
         return rows
+
+
+@dataclass(frozen=True)
+class DefenseKey:
+    """One run-config key built from a defense's ``run_config`` declaration."""
+
+    default: object
+    doc: str
+    choices: tuple | None
+    check: object
+    params: tuple[str, ...]  # "defense.parameter" it sets
+
+
+def _defense_keys() -> dict[str, DefenseKey]:
+    """Every registered defense's own keys (shared ones are ExperimentConfig fields); a key that
+    two defenses declare must mean the same (default and kind)."""
+    out: dict[str, DefenseKey] = {}
+    for name, cls in DEFENSES.items():
+        for param, key, default, spec in cls.run_config_keys():
+            if spec is None:
+                continue
+            choices = spec.choices() if callable(spec.choices) else spec.choices
+            if key in out:
+                if out[key].default != default:
+                    raise TypeError(f"run-config key {key!r}: {name}.{param} defaults to {default!r}, "
+                                    f"{out[key].params[0]} to {out[key].default!r}")
+                out[key] = DefenseKey(default, out[key].doc, out[key].choices, out[key].check,
+                                      out[key].params + (f"{name}.{param}",))
+                continue
+            out[key] = DefenseKey(default, spec.doc, choices, spec.check, (f"{name}.{param}",))
+    return out
+
+
+def _with_choices(doc: str, choices: tuple | None) -> str:
+    return f"{doc} ({', '.join(map(str, choices))})" if choices else doc
+
+
+def _checked(key: str, value: object, kind: type, choices, check, doc: str) -> object:
+    value = _coerce(key, value, kind)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"run-config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+    if check is not None and not check(value):
+        raise ConfigError(f"run-config key '{key}': {value!r} is out of range ({doc})")
+    return value
+
+
+DEFENSE_KEYS = _defense_keys()
 
 
 def _unknown_key(key: str, known: list[str]) -> str:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from fl_defense.checkpoint import load_checkpoint
 from fl_defense.config import ConfigError, ExperimentConfig
 from fl_defense.data import load_split
-from fl_defense.defenses import DEFENSES, ClipNoise, Defense
+from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, ClipNoise, Defense
 from fl_defense.fisher import ValidationFisher
 from fl_defense.training import ServerUpdate
 from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
@@ -31,8 +31,8 @@ from .recorder import RunFailed, RunRecorder, failure_line, failure_reason, run_
 def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
                   server_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Defense:
     """The configured defense, with what it needs from the server (SDFC's validation Fisher,
-    FLTrust's root-dataset update, both on ``server_data``), RLR's base defense, and the
-    clip/noise wrapper when asked for."""
+    FLTrust's root-dataset update, both on ``server_data``), RLR's base defense, the
+    pre-aggregation step (bucketing, NNM) and the clip/noise wrapper when asked for."""
 
     def make(name: str) -> Defense:
         kwargs = cfg.defense_kwargs(name)
@@ -47,6 +47,10 @@ def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
         return DEFENSES[name](**kwargs)
 
     defense = make(cfg.defense)
+    if cfg.pre_aggregation == "bucketing":
+        defense = PRE_AGGREGATIONS["bucketing"](defense, bucket_size=cfg.bucket_size, seed=cfg.seed)
+    elif cfg.pre_aggregation == "nnm":
+        defense = PRE_AGGREGATIONS["nnm"](defense, num_malicious=cfg.num_malicious)
     if cfg.wraps_clip_noise:
         defense = ClipNoise(defense, clip_norm=cfg.clip_norm, noise=cfg.noise, seed=cfg.seed)
     return defense

@@ -4,7 +4,11 @@
 docstring names its paper and equations.
 """
 
-from .base import Defense, DefenseResult
+from .alignins import AlignIns
+from .base import Defense, DefenseResult, RunKey
+from .bucketing import Bucketing
+from .centered_clipping import CenteredClipping
+from .dnc import DnC
 from .fdcr import FDCR
 from .fedavg import FedAvg
 from .fedward import Fedward
@@ -12,10 +16,15 @@ from .flame import FLAME
 from .fltrust import FLTrust
 from .foolsgold import FoolsGold
 from .krum import Bulyan, Krum
+from .multimetrics import MultiMetrics
+from .nnm import NNM
 from .norm_clipping import ClipNoise, NormClipping
+from .rfa import RFA
+from .rflbat import RFLBAT
 from .rlr import RLR
 from .robust_stats import Median, TrimmedMean
 from .sdfc import SDFC
+from .signguard import SignGuard
 from .signsgd import SignSGD
 
 DEFENSES: dict[str, type[Defense]] = {
@@ -34,7 +43,21 @@ DEFENSES: dict[str, type[Defense]] = {
     FoolsGold.name: FoolsGold,  # Fung et al., RAID 2020
     FLAME.name: FLAME,  # Nguyen et al., USENIX Security 2022
     FLTrust.name: FLTrust,  # Cao et al., NDSS 2021
+    RFA.name: RFA,  # Pillutla, Kakade & Harchaoui, IEEE TSP 2022
+    CenteredClipping.name: CenteredClipping,  # Karimireddy, He & Jaggi, ICML 2021
+    DnC.name: DnC,  # Shejwalkar & Houmansadr, NDSS 2021
+    SignGuard.name: SignGuard,  # Xu et al., ICDCS 2022
+    MultiMetrics.name: MultiMetrics,  # Huang et al., ICCV 2023
+    RFLBAT.name: RFLBAT,  # Wang, Xu & Fan, arXiv 2201.03772 (2022)
+    AlignIns.name: AlignIns,  # Xu et al., CVPR 2025
 }
 
-__all__ = ["DEFENSES", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLTrust", "FedAvg",
+# Pre-aggregation wrappers around any defense (run config: pre-aggregation, bucket-size).
+PRE_AGGREGATIONS: dict[str, type[Defense]] = {
+    "bucketing": Bucketing,  # Karimireddy, He & Jaggi, ICLR 2022
+    "nnm": NNM,  # Allouah et al., AISTATS 2023
+}
+
+__all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "Bucketing", "CenteredClipping", "DnC", "MultiMetrics", "NNM",
+           "RFA", "RFLBAT", "RunKey", "SignGuard", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLTrust", "FedAvg",
            "Fedward", "FoolsGold", "Krum", "Median", "NormClipping", "RLR", "SDFC", "SignSGD", "TrimmedMean"]

@@ -8,7 +8,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import sign_sum
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .parallel import parallel_map, split_evenly, workers
 
 DIRECTIONS = ("global", "mean")
@@ -70,6 +70,13 @@ class AlignIns(Defense):
     name = "alignins"
     paper = "Xu et al., CVPR 2025"
     detects = True
+    run_config = {
+        "lambda_s": RunKey("AlignIns: MPSA filtering radius lambda_s (MZ-score)", check=lambda v: v > 0),
+        "lambda_c": RunKey("AlignIns: TDA filtering radius lambda_c (MZ-score)", check=lambda v: v > 0),
+        "sparsity": RunKey("AlignIns: share k/d of top coordinates MPSA inspects", check=lambda v: 0 < v <= 1),
+        "direction": RunKey("AlignIns: TDA's cosine with the global model (paper) or the mean update",
+                            choices=("global", "mean")),
+    }
 
     def __init__(self, lambda_s: float = 1.0, lambda_c: float = 1.0, sparsity: float = 0.3,
                  direction: str = "global") -> None:

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..updates import RoundUpdates
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """How one of a defense's ``__init__`` parameters appears in the run config: its help text,
+    and optionally its key (default ``<defense name>-<parameter>``, hyphens for underscores), the
+    accepted values, a range check and a run-config default other than ``__init__``'s."""
+
+    doc: str
+    key: str | None = None
+    choices: tuple | Callable[[], tuple] | None = None
+    check: Callable[[object], bool] | None = None
+    default: object = None
+
+
+# Parameters several defenses share keep one run-config key each (and the run's seed).
+SHARED_KEYS = {"server_lr": "server-lr", "clip_norm": "clip-norm", "noise": "noise", "seed": "seed",
+               "num_malicious": "num-malicious"}
 
 
 @dataclass
@@ -44,6 +63,11 @@ class Defense:
     # median, ...): then the reference point does not matter and a round can be aggregated
     # without knowing the current global model (Flower's own strategies never need it).
     reference_free: bool = False
+    # The run config: each ``__init__`` parameter is a shared key (SHARED_KEYS), provided by the
+    # server app (``server_provided``: SDFC's validation Fisher, FLTrust's root update), or
+    # declared here with its help (``RunKey``); config.py builds every key from these.
+    run_config: dict[str, RunKey] = {}
+    server_provided: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the parameter when the configuration is unusable."""
@@ -67,6 +91,26 @@ class Defense:
         """The constructor's named parameters (none for a class without its own ``__init__``)."""
         params = inspect.signature(cls.__init__).parameters.values()
         return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    @classmethod
+    def run_config_keys(cls) -> list[tuple[str, str, object, RunKey | None]]:
+        """(parameter, run-config key, default, declaration) for every parameter the run config
+        sets; shared parameters come with ``None`` as declaration."""
+        out = []
+        defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()}
+        for name in cls.param_names():
+            if name in cls.server_provided:
+                continue
+            spec = cls.run_config.get(name)
+            if spec is None and name not in SHARED_KEYS:
+                raise TypeError(f"{cls.__name__}.{name}: declare it in run_config (a RunKey), in "
+                                f"server_provided, or use a shared name ({', '.join(SHARED_KEYS)})")
+            if spec is None:
+                out.append((name, SHARED_KEYS[name], defaults[name], None))
+                continue
+            key = spec.key or f"{cls.name}-{name}".replace("_", "-")
+            out.append((name, key, defaults[name] if spec.default is None else spec.default, spec))
+        return out
 
     def get_params(self) -> dict:
         return {p: getattr(self, p) for p in self.param_names()}

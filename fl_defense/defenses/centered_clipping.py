@@ -8,7 +8,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import column_block_sums
-from .base import Defense, DefenseResult, no_flags
+from .base import Defense, DefenseResult, no_flags, RunKey
 
 
 def squared_distances_to(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,11 @@ class CenteredClipping(Defense):
 
     name = "centered_clipping"
     paper = "Karimireddy et al., ICML 2021"
+    run_config = {
+        "tau": RunKey("centered clipping: radius tau around the previous aggregate (units of the updates)",
+                      check=lambda v: v > 0),
+        "iterations": RunKey("centered clipping: clipping iterations l per round", check=lambda v: v >= 1),
+    }
 
     def __init__(self, tau: float = 10.0, iterations: int = 1) -> None:
         self.tau = tau

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .sampling import SeededGenerator, sample_columns
 
 
@@ -38,6 +38,11 @@ class DnC(SeededGenerator, Defense):
     name = "dnc"
     paper = "Shejwalkar and Houmansadr, NDSS 2021"
     detects = True
+    run_config = {
+        "filter_frac": RunKey("DnC: filtering fraction c (removes c * num-malicious per iteration)", check=lambda v: v > 0),
+        "iterations": RunKey("DnC: iterations niters", check=lambda v: v >= 1),
+        "subsample_dim": RunKey("DnC: coordinates b sampled per iteration", check=lambda v: v >= 1),
+    }
 
     def __init__(self, num_malicious: int = 0, filter_frac: float = 1.0, iterations: int = 5,
                  subsample_dim: int = 10_000, seed: int = 0) -> None:

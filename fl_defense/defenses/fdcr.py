@@ -9,7 +9,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import column_block_sums, row_min_max
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 
 CLUSTERINGS = ("finch", "kmeans", "dbscan")
 
@@ -74,6 +74,10 @@ class FDCR(Defense):
     paper = "Huang et al., NeurIPS 2024"
     detects = True
     needs_fisher = True
+    run_config = {
+        "clustering": RunKey("FDCR: clustering of the Fisher discrepancies", choices=("finch", "kmeans", "dbscan")),
+        "rescale": RunKey("FDCR: rescale the kept updates by 2 sigmoid(I_k) (eq. 11)"),
+    }
 
     def __init__(self, clustering: str = "finch", rescale: bool = True, server_lr: float = 1.0) -> None:
         self.clustering = clustering

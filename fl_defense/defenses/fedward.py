@@ -11,7 +11,7 @@ import torch
 from ..updates import RoundUpdates
 from . import cpu_kernels
 from .aggregators import column_blocks, row_max_abs, signed_combination, uses_numpy
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .krum import distances_from_gram, gram_matrix, squared_distances
 from .parallel import parallel_map, split_evenly, workers
 
@@ -217,6 +217,11 @@ class Fedward(Defense):
     name = "fedward"
     paper = "Chen et al., arXiv 2307.00356"
     detects = True
+    run_config = {
+        "clip_reference": RunKey("Fedward: clipping bound from the admitted group's or all clients' median magnitude",
+                                 choices=("admitted", "all")),
+        "combine": RunKey("Fedward: sum (authors' code) or mean of the clipped sign updates", choices=("sum", "mean")),
+    }
 
     def __init__(self, clip_reference: str = "admitted", combine: str = "sum", server_lr: float = 1.0) -> None:
         self.clip_reference = clip_reference

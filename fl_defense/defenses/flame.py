@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult, SeededNoise
+from .base import Defense, DefenseResult, SeededNoise, RunKey
 from .krum import gram_matrix
 
 
@@ -26,6 +26,11 @@ class FLAME(SeededNoise, Defense):
     name = "flame"
     paper = "Nguyen et al., USENIX Security 2022"
     detects = True
+    run_config = {
+        "noise_lambda": RunKey("FLAME: noise lambda (std = lambda * median norm)", key="flame-noise", check=lambda v: v >= 0),
+        "cluster_on": RunKey("FLAME: cosine distances between updates or local models", choices=("updates", "models")),
+        "layers": RunKey("FLAME: cluster on all layers or the last layer only", choices=("all", "last")),
+    }
 
     def __init__(self, noise_lambda: float = 0.001, cluster_on: str = "updates", layers: str = "all",
                  seed: int = 0) -> None:

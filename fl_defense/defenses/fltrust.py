@@ -28,6 +28,7 @@ class FLTrust(Defense):
     name = "fltrust"
     paper = "Cao et al., NDSS 2021"
     detects = True
+    server_provided = ("server_update",)
 
     def __init__(self, server_update: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  server_lr: float = 1.0) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import column_blocks
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .krum import gram_matrix
 
 
@@ -65,6 +65,7 @@ class FoolsGold(Defense):
     name = "foolsgold"
     paper = "Fung et al., RAID 2020"
     detects = True
+    run_config = {"kappa": RunKey("FoolsGold: confidence kappa of the logit", check=lambda v: v > 0)}
 
     def __init__(self, kappa: float = 1.0, server_lr: float = 1.0) -> None:
         self.kappa = kappa

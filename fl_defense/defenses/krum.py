@@ -9,7 +9,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import reduce_sorted_columns, uses_numpy
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .parallel import column_chunks, parallel_map
 
 
@@ -126,6 +126,8 @@ class Krum(Defense):
     reference_free = True
     paper = "Blanchard et al., NeurIPS 2017"
     detects = True
+    run_config = {"to_keep": RunKey("Krum: 0 for Krum, m > 0 for Multi-Krum averaging the m best", key="krum-keep",
+                                    check=lambda v: v >= 0)}
 
     def __init__(self, num_malicious: int = 0, to_keep: int = 0) -> None:
         self.num_malicious = num_malicious
@@ -179,6 +181,8 @@ class Bulyan(Defense):
     paper = "El Mhamdi et al., ICML 2018"
     detects = True
     SELECTIONS = ("repeated_krum", "multi_krum")
+    run_config = {"selection": RunKey("Bulyan: repeated Krum (the paper's) or one Multi-Krum pass (Flower's Message API)",
+                                      choices=("repeated_krum", "multi_krum"))}
 
     def __init__(self, num_malicious: int = 0, selection: str = "repeated_krum") -> None:
         self.num_malicious = num_malicious

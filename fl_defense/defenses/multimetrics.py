@@ -8,7 +8,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import column_block_sums
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .krum import gram_matrix
 
 
@@ -78,6 +78,8 @@ class MultiMetrics(Defense):
     name = "multi_metrics"
     paper = "Huang et al., ICCV 2023"
     detects = True
+    run_config = {"keep_fraction": RunKey("MultiMetrics: share p of clients kept (lowest scores)",
+                                          check=lambda v: 0 < v <= 1)}
 
     def __init__(self, keep_fraction: float = 0.3) -> None:
         self.keep_fraction = keep_fraction

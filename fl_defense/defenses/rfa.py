@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult, no_flags
+from .base import Defense, DefenseResult, no_flags, RunKey
 from .krum import gram_matrix
 
 
@@ -54,6 +54,11 @@ class RFA(Defense):
 
     name = "rfa"
     paper = "Pillutla et al., IEEE TSP 2022"
+    run_config = {
+        "nu": RunKey("RFA: smoothing nu of the Weiszfeld weights", check=lambda v: v > 0),
+        "max_iter": RunKey("RFA: Weiszfeld iterations at most", check=lambda v: v >= 1),
+        "tol": RunKey("RFA: stop when the objective improves by less than this (relative)", check=lambda v: v >= 0),
+    }
 
     def __init__(self, nu: float = 1e-5, max_iter: int = 4, tol: float = 1e-6) -> None:
         self.nu = nu

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .krum import gram_matrix
 
 
@@ -89,6 +89,11 @@ class RFLBAT(Defense):
     name = "rflbat"
     paper = "Wang et al., arXiv 2201.03772, 2022"
     detects = True
+    run_config = {
+        "eps1": RunKey("RFLBAT: first outlier threshold eps1", check=lambda v: v > 0),
+        "eps2": RunKey("RFLBAT: second outlier threshold eps2", check=lambda v: v > 0),
+        "k_max": RunKey("RFLBAT: largest number of K-means clusters tried", check=lambda v: v >= 2),
+    }
 
     def __init__(self, eps1: float = 10.0, eps2: float = 4.0, k_max: int = 10, seed: int = 0) -> None:
         self.eps1 = eps1

@@ -6,7 +6,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import AGGREGATORS, clip_rows, clip_scale, sign_sum
-from .base import Defense, DefenseResult, SeededNoise, no_flags
+from .base import Defense, DefenseResult, SeededNoise, no_flags, RunKey
 
 
 class RLR(SeededNoise, Defense):
@@ -46,6 +46,11 @@ class RLR(SeededNoise, Defense):
 
     name = "rlr"
     paper = "Ozdayi et al., AAAI 2021"
+    run_config = {
+        "theta": RunKey("RLR sign-vote threshold theta, an integer in [1, clients per round]", check=lambda v: v >= 1),
+        "aggregator": RunKey("RLR base aggregator, or any other defense to run RLR on top of",
+                             choices=lambda: _aggregator_choices()),
+    }
 
     def __init__(
         self,
@@ -164,3 +169,10 @@ class RLR(SeededNoise, Defense):
         base = self._base()
         if base is not None and "base" in state:
             base.load_state_dict(state["base"])
+
+
+def _aggregator_choices() -> tuple[str, ...]:
+    """RLR's base rules: the plain aggregators, or any other registered defense."""
+    from . import DEFENSES
+
+    return tuple(AGGREGATORS) + tuple(d for d in DEFENSES if d != "rlr")

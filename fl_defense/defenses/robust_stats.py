@@ -6,7 +6,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import coordinate_median, reduce_sorted_columns
-from .base import Defense, DefenseResult, no_flags
+from .base import Defense, DefenseResult, no_flags, RunKey
 
 
 class Median(Defense):
@@ -28,6 +28,8 @@ class TrimmedMean(Defense):
     name = "trimmed_mean"
     reference_free = True
     paper = "Yin et al., ICML 2018"
+    run_config = {"beta": RunKey("trimmed_mean: share cut at each end per coordinate", key="trim-beta",
+                                 check=lambda v: 0 <= v < 0.5)}
 
     def __init__(self, beta: float = 0.2) -> None:
         self.beta = beta

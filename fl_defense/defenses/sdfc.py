@@ -8,7 +8,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import column_block_sums, map_column_blocks
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 
 REFERENCES = ("client", "global")
 
@@ -55,6 +55,15 @@ class SDFC(Defense):
     paper = "Huang et al., ECCV 2024"
     detects = True
     needs_fisher = True
+    server_provided = ("validation_fisher",)
+    run_config = {
+        "reference": RunKey("SDFC: validation Fisher of each uploaded model (client) or of the global model once (global)",
+                            choices=("client", "global")),
+        "calibration": RunKey("SDFC: calibration strength lambda (0: off)", check=lambda v: v >= 0),
+        "temperature": RunKey("SDFC: softmax temperature of the client weights (the paper: 1)", check=lambda v: v > 0),
+        "flag_ratio": RunKey("SDFC: report a client as flagged when its discrepancy exceeds this times the round's median",
+                             check=lambda v: v > 0),
+    }
 
     def __init__(self, validation_fisher: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  reference: str = "client", calibration: float = 1.0, temperature: float = 1.0,

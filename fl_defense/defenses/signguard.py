@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, RunKey
 from .rflbat import one_thread
 from .sampling import SeededGenerator, sample_columns
 
@@ -67,6 +67,12 @@ class SignGuard(SeededGenerator, Defense):
     name = "signguard"
     paper = "Xu et al., ICDCS 2022"
     detects = True
+    run_config = {
+        "lower": RunKey("SignGuard: lower bound L of the norm filter (times the median norm)", check=lambda v: v >= 0),
+        "upper": RunKey("SignGuard: upper bound R of the norm filter (times the median norm)", check=lambda v: v > 0),
+        "coordinate_fraction": RunKey("SignGuard: share of coordinates the sign statistics use",
+                                      check=lambda v: 0 < v <= 1),
+    }
 
     def __init__(self, lower: float = 0.1, upper: float = 3.0, coordinate_fraction: float = 0.1,
                  seed: int = 0) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import sign_vote
-from .base import Defense, DefenseResult, no_flags
+from .base import Defense, DefenseResult, no_flags, RunKey
 
 
 class SignSGD(Defense):
@@ -15,6 +15,7 @@ class SignSGD(Defense):
 
     name = "signsgd"
     paper = "Bernstein et al., ICLR 2019"
+    run_config = {"server_lr": RunKey("signsgd: server step per coordinate", key="sign-lr", check=lambda v: v > 0)}
 
     def __init__(self, server_lr: float = 0.001) -> None:
         self.server_lr = server_lr

@@ -1,0 +1,101 @@
+"""One module plus one registry line: the strategies, the run-config keys (with their help and
+checks) and pyproject's keys all follow from a defense's own declaration."""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_defense import config as config_module
+from fl_defense.config import ConfigError, ExperimentConfig
+from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, Bucketing, ClipNoise, Defense, DefenseResult, NNM, RunKey
+from fl_defense.defenses.base import no_flags
+from fl_defense.strategies import legacy, message
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_every_parameter_of_every_defense_reaches_the_run_config(name):
+    cls = DEFENSES[name]
+    declared = {param for param, *_ in cls.run_config_keys()}
+    assert declared | set(cls.server_provided) == set(cls.param_names())
+    cfg = ExperimentConfig.from_run_config({"defense": name, "server-fraction": 0.05, "clip-norm": 1.0})
+    kwargs = cfg.defense_kwargs()
+    assert set(kwargs) == declared
+    if not cls.server_provided:  # the run config's values make a valid defense
+        cls(**kwargs).validate()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert {key for _, key, _, _ in cls.run_config_keys()} <= set(pyproject)
+    assert name in legacy.STRATEGIES and name in message.STRATEGIES
+
+
+@pytest.mark.parametrize("overrides, attr, value", [
+    ({"defense": "dnc", "dnc-iterations": 3}, "iterations", 3),
+    ({"defense": "krum", "krum-keep": 4, "num-malicious": 2}, "to_keep", 4),
+    ({"defense": "alignins", "alignins-direction": "mean"}, "direction", "mean"),
+    ({"defense": "bulyan", "bulyan-selection": "multi_krum"}, "selection", "multi_krum"),
+    ({"defense": "signsgd", "sign-lr": 0.01}, "server_lr", 0.01),
+])
+def test_a_run_config_value_reaches_its_defense(overrides, attr, value):
+    cfg = ExperimentConfig.from_run_config(overrides)
+    defense = DEFENSES[cfg.defense](**cfg.defense_kwargs())
+    assert getattr(defense, attr) == value
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"rfa-max-iter": 0}, "rfa-max-iter"),
+    ({"alignins-direction": "up"}, "alignins-direction"),
+    ({"multi-metrics-keep-fraction": 1.5}, "multi-metrics-keep-fraction"),
+    ({"pre-aggregation": "median"}, "pre-aggregation"),
+    ({"fdcr-rescale": "yes"}, "fdcr-rescale"),
+])
+def test_bad_values_of_declared_keys_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        ExperimentConfig.from_run_config(overrides)
+
+
+class Tiny(Defense):
+    """A defense a contributor adds: one module and one registry line."""
+
+    name = "tiny"
+    paper = "nobody, 2026"
+    run_config = {"scale": RunKey("Tiny: step scale", check=lambda v: v > 0)}
+
+    def __init__(self, scale: float = 0.5, server_lr: float = 1.0) -> None:
+        self.scale, self.server_lr = scale, server_lr
+
+    def aggregate(self, global_params, round_updates):
+        ru = round_updates
+        return DefenseResult(params=global_params + self.scale * ru.updates.mean(0),
+                             weights=torch.full((ru.n,), 1.0 / ru.n), flagged=no_flags(ru.n, ru.device))
+
+
+def test_a_new_defense_needs_only_its_module_and_a_registry_line(monkeypatch):
+    monkeypatch.setitem(DEFENSES, "tiny", Tiny)
+    keys = config_module._defense_keys()
+    assert keys["tiny-scale"].default == 0.5 and keys["tiny-scale"].doc == "Tiny: step scale"
+    cls = legacy.make_strategy(legacy.DefenseStrategy, "tiny", Tiny, {}, None, "legacy", legacy.__name__)
+    sig = inspect.signature(cls)
+    assert {"scale", "server_lr", "fraction_fit", "trainable"} <= set(sig.parameters)
+    assert cls(scale=2.0).defense.scale == 2.0
+
+    class Undeclared(Tiny):
+        def __init__(self, scale: float = 0.5, mystery: int = 3) -> None:
+            super().__init__(scale)
+
+    with pytest.raises(TypeError, match="Undeclared.mystery: declare it in run_config"):
+        Undeclared.run_config_keys()
+
+
+@pytest.mark.parametrize("pre, cls", [("bucketing", Bucketing), ("nnm", NNM)])
+def test_pre_aggregation_wraps_the_configured_defense(pre, cls):
+    from server_app.app import build_defense
+    cfg = ExperimentConfig.from_run_config({"defense": "median", "pre-aggregation": pre, "clip-norm": 1.0})
+    defense = build_defense(cfg, torch.nn.Linear(2, 2))
+    assert isinstance(defense, ClipNoise) and isinstance(defense.inner, cls) and defense.inner.inner.name == "median"
+    assert set(PRE_AGGREGATIONS) == {"bucketing", "nnm"}
