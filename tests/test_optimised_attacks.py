@@ -311,3 +311,18 @@ def test_a_colluding_attack_runs_end_to_end_and_the_defense_never_sees_the_reser
         assert r["collusion"]["knowledge"] == knowledge and r["collusion"]["colluders"] == 2
         assert r["collusion"]["known_updates"] == (2 if knowledge == "partial" else 6)
         assert r["collusion"]["gamma"] >= 0 and sum(bool(c["malicious"]) for c in r["clients"]) == 2
+
+
+@pytest.mark.parametrize("name, target", [("alie", "agnostic"), ("fang", "trimmed_mean")])
+def test_colluders_keep_their_own_buffers(name, target):
+    """One crafted model for all (ALIE) or one each (Fang's sampling): the trainable arrays are
+    crafted, each attacker's BatchNorm statistics and counters stay its own."""
+    g, layout, results = _round()
+    g = g + [np.zeros(3, dtype=np.float32), np.array(0, dtype=np.int64)]
+    layout = ParamLayout.from_arrays(g, [True, True, False, False])
+    results = [ClientResult(r.client_id, r.arrays + [np.full(3, k, dtype=np.float32), np.array(k)],
+                            r.num_examples, r.metrics) for k, r in enumerate(results)]
+    out, _, _ = collude(results, g, layout, make_colluding(name, target=target), "full", 1, seed=0)
+    for k in (6, 7, 8):
+        assert np.array_equal(out[k].arrays[2], np.full(3, k, dtype=np.float32)) and int(out[k].arrays[3]) == k
+        assert out[k].arrays[3].shape == () and not np.array_equal(out[k].arrays[0], results[k].arrays[0])

@@ -112,27 +112,33 @@ def collude(results: list[ClientResult], global_arrays: list[np.ndarray], layout
     record["known_updates"] = k
 
     poisoned = None
-    if attack.uses_poisoned:
+    if attack.uses_poisoned:  # what each trained on its poisoned data, as an update
         poisoned = torch.empty((m, dim), dtype=torch.float32)
-        for row, i in enumerate(colluders):
-            layout.flatten_into(results[i].arrays, poisoned[row], minus=global_vec)
+        map_in_groups(lambda r: layout.flatten_into(results[colluders[r]].arrays, poisoned[r], minus=global_vec),
+                      range(m), workers())
     rnd = AttackRound(num_clients=len(results), num_attackers=m, knowledge=knowledge, poisoned=poisoned,
                       seed=int(np.random.SeedSequence([seed, 0xC011D, server_round]).generate_state(1)[0]))
     crafted = attack.craft(known, rnd)
     for key in ("last_gamma", "last_lambda"):
         if getattr(attack, key, None) is not None:
             record[key.removeprefix("last_")] = float(getattr(attack, key))
-    first_buffers = [results[colluders[0]].arrays[j] for j in layout.buffer_indices]
-    shared = layout.unflatten(crafted.add_(global_vec), first_buffers) if crafted.dim() == 1 else None
+    crafted = crafted.add_(global_vec).cpu()  # the models they send (one for all, or m x d)
     for row, i in enumerate(colluders):
         res = results[i]
-        buffers = iter([res.arrays[j] for j in layout.buffer_indices])  # an attacker keeps its own buffers
-        if shared is not None:  # one model for all: its trainable arrays are shared (read-only downstream)
-            arrays = [a if t else next(buffers) for a, t in zip(shared, layout.trainable)]
-        else:
-            arrays = layout.unflatten(crafted[row].add_(global_vec), list(buffers))
+        vec = crafted if crafted.dim() == 1 else crafted[row]
+        arrays = _arrays(layout, vec, [res.arrays[j] for j in layout.buffer_indices])  # own buffers kept
         out[i] = ClientResult(res.client_id, arrays, res.num_examples, strip(res.metrics))
     return out, record, workspace
+
+
+def _arrays(layout: ParamLayout, vec: torch.Tensor, buffers: list) -> list[np.ndarray]:
+    """The arrays of a crafted model: its trainable arrays are views of ``vec`` (fresh from the
+    attack, never written again; copied only for another dtype), the buffers the attacker's own."""
+    flat, buf = vec.numpy(), iter(buffers)
+    out, slices = [], iter(layout.layer_slices)
+    for shape, dtype, trainable in zip(layout.shapes, layout.dtypes, layout.trainable):
+        out.append(flat[next(slices)].reshape(shape).astype(dtype, copy=False) if trainable else next(buf))
+    return out
 
 
 def _partition(res: ClientResult) -> tuple[int, int]:

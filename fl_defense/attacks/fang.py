@@ -92,6 +92,7 @@ class Fang(ColludingAttack):
             b = self.b
             lo = torch.where(up, w_max, torch.where(w_min > 0, w_min / b, b * w_min))
             hi = torch.where(up, torch.where(w_max > 0, b * w_max, w_max / b), w_min)
-        gen = torch.Generator(device=known.device).manual_seed(rnd.seed)
-        u = torch.rand((rnd.num_attackers, known.shape[1]), generator=gen, device=known.device, dtype=known.dtype)
+        # numpy's generator: twice torch's seeded one on the CPU for the m x d draws
+        u = np.random.default_rng(rnd.seed).random((rnd.num_attackers, known.shape[1]), dtype=np.float32)
+        u = torch.from_numpy(u).to(known.device, known.dtype)
         return u.mul_(hi - lo).add_(lo)
