@@ -40,7 +40,7 @@ from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
 
-FAILED = "[fl-defense] FAILED: "
+FAILED, DONE = "[fl-defense] FAILED: ", "[fl-defense] done: "
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,12 +101,15 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
     (out / "grid.json").write_text(json.dumps({"name": grid.name, "cells": grid.cells}, indent=2))
     folders = [out / cell_id(c) for c in grid.cells]
     total_rounds = sum(int(c.get("num-server-rounds", ExperimentConfig().num_server_rounds)) for c in grid.cells)
+    tqdm.write(f"[fl-defense] grid {grid.name}: {len(grid.cells)} cells of {grid.num_supernodes} simulated clients; "
+               f"results in {out}, each cell's Flower output in <cell>.log there", file=sys.stdout)
     bar = tqdm(total=total_rounds, unit="round", disable=not progress, dynamic_ncols=True)
     for i, (cell, folder) in enumerate(zip(grid.cells, folders), start=1):
         rounds = int(cell.get("num-server-rounds", ExperimentConfig().num_server_rounds))
         state = cell_state(folder)
         if state == "done":
             bar.update(rounds)
+            tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: done earlier", file=sys.stdout)
             continue
         overrides = {**cell, "results-dir": str(out), "run-name": folder.name, "resume": state == "partial"}
         if state == "new" and folder.exists():
@@ -117,11 +120,13 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         done_before = bar.n
-        log_lines, reason = [], None
+        log_lines, reason, result = [], None, ""
         for line in proc.stdout:
             log_lines.append(line)
             if line.startswith(FAILED):
                 reason = line[len(FAILED):].strip()
+            if line.startswith(DONE):
+                result = line[len(DONE):].split("; results in")[0].strip()
             m = re.match(r"\[fl-defense\] round\s+(\d+)", line)
             if m and int(m.group(1)) > 0:
                 bar.n = done_before + int(m.group(1))
@@ -135,6 +140,7 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
                              f"{folder}.log; run the grid again to resume)")
         bar.n = done_before + rounds
         bar.refresh()
+        tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: {result}", file=sys.stdout)
     bar.close()
     return folders
 
@@ -181,4 +187,5 @@ def main(argv: list[str]) -> None:
     folders = run_grid(grid, out, progress=not args.no_progress)
     table = tidy_table(folders)
     table.to_csv(out / "table.csv", index=False)
-    print(f"{len(folders)} cells, {len(table)} rows -> {out / 'table.csv'} ({time.time() - t0:.0f} s)")
+    print(f"[fl-defense] done: {len(folders)} cells, {len(table)} rows -> {out / 'table.csv'} "
+          f"({time.time() - t0:.0f} s); tables and plots: fl-defense report {out}")
