@@ -12,7 +12,7 @@ import copy
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import Context, RecordDict
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -20,6 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from fl_defense.attacks import (COLLUDING_ATTACKS, AttackSchedule, boost, gaussian_update, neurotoxin_mask, poison_data,
                                 project_to_ball, scale_to_bound, sign_flip)
 from fl_defense.attacks.collusion import HONEST_UPDATE_KEY, encode_update
+from fl_defense.client import SDFCCalibration, instructions
 from fl_defense.config import ExperimentConfig
 from fl_defense.data import load_partition
 from fl_defense.fisher import empirical_fisher, encode_fisher
@@ -42,8 +43,11 @@ def attack_schedule(cfg: ExperimentConfig, num_partitions: int) -> AttackSchedul
 class DefenseClient(NumPyClient):
     """Trains locally; when the schedule says so, attacks as configured."""
 
-    def __init__(self, cfg: ExperimentConfig, partition_id: int, num_partitions: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, partition_id: int, num_partitions: int,
+                 state: RecordDict | None = None) -> None:
         self.cfg = cfg
+        self.state = state  # the node's persistent Flower state (SDFC's previous local model)
+        self.calibration: SDFCCalibration | None = None
         self.partition_id = partition_id
         data_cfg = cfg.data_config(num_partitions)
         self.shape = data_cfg.spec.shape
@@ -58,14 +62,17 @@ class DefenseClient(NumPyClient):
 
     def _train(self, images, labels, seed, before_step=None, after_step=None) -> float:
         torch.manual_seed(seed)  # dropout masks
+        penalty = self.calibration.penalty if self.calibration is not None and self.calibration.active else None
         loss = train(self.model, images, labels, self.cfg.local_epochs, self.cfg.batch_size, self.cfg.learning_rate,
-                     self.cfg.momentum, self.device, seed, before_step=before_step, after_step=after_step)
+                     self.cfg.momentum, self.device, seed, before_step=before_step, after_step=after_step,
+                     penalty=penalty)
         self.model.to("cpu")
         return loss
 
     def fit(self, parameters, config):
         cfg = self.cfg
         set_arrays(self.model, parameters)  # copies: the global arrays are never aliased
+        self.calibration = SDFCCalibration(instructions(config), self.state, self.model)
         server_round = int(config.get("server-round", 0))
         seed = _seed(cfg.seed, self.partition_id, server_round)
         rank = self.schedule.rank(self.partition_id, server_round)
@@ -80,6 +87,8 @@ class DefenseClient(NumPyClient):
                 rank=rank, dba_pieces=cfg.dba_pieces, dba_trigger=cfg.dba_trigger, blend_ratio=cfg.blend_ratio,
                 trigger_file=cfg.trigger_file, trigger_seed=cfg.seed, num_classes=self.num_classes)
         loss = self._fit_model(parameters, images, labels, seed, rank is not None and colluding is None)
+        if "sdfc" in (cfg.defense, cfg.rlr_aggregator) and cfg.sdfc_calibration_mode == "client":
+            self.calibration.remember(self.model, self.state)  # theta_prev of this node's next round
         metrics = {PARTITION_KEY: self.partition_id, "train-loss": loss, "num-poisoned": len(poisoned),
                    GROUND_TRUTH_KEY: int(rank is not None)}
         if colluding is not None:
@@ -166,15 +175,16 @@ class DefenseClient(NumPyClient):
 
 
 def client_fn(context: Context):
-    return build_client(dict(context.run_config), context.node_config)
+    return build_client(dict(context.run_config), context.node_config, context.state)
 
 
-def build_client(run_config: dict, node_config: dict):
-    """The client for one node: ``node_config`` names its partition (``partition-id``, ``num-partitions``)."""
+def build_client(run_config: dict, node_config: dict, state: RecordDict | None = None):
+    """The client for one node: ``node_config`` names its partition (``partition-id``, ``num-partitions``);
+    ``state`` is the node's persistent Flower state."""
     cfg = ExperimentConfig.from_run_config(run_config)
     partition_id = int(node_config["partition-id"])
     num_partitions = int(node_config["num-partitions"])
-    return DefenseClient(cfg, partition_id, num_partitions).to_client()
+    return DefenseClient(cfg, partition_id, num_partitions, state).to_client()
 
 
 app = ClientApp(client_fn=client_fn)

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from .fisher import empirical_fisher, encode_fisher
-from .rounds import FISHER_KEY, FISHER_REQUEST_KEY
+from .fisher import FisherDecodeError, decode_fisher, empirical_fisher, encode_fisher
+from .rounds import FISHER_KEY, FISHER_REQUEST_KEY, INSTRUCTION_PREFIX, INSTRUCTIONS_KEY
 
-__all__ = ["fisher_metrics", "add_fisher", "collect_samples", "wants_fisher"]
+__all__ = ["fisher_metrics", "add_fisher", "collect_samples", "wants_fisher", "instructions", "SDFCCalibration"]
 
 
 def wants_fisher(config: Mapping | None) -> bool:
@@ -102,3 +102,70 @@ def _only_other_tensor(batch: Mapping, label_key: str) -> str:
     if len(others) != 1:
         raise ValueError(f"cannot tell the inputs among batch keys {sorted(batch)}: pass input_key=")
     return others[0]
+
+
+def instructions(received) -> dict[str, np.ndarray]:
+    """The per-client instructions the server sent this client (SDFC's D_k in its authors' mode):
+    from a legacy fit config (bytes under ``fl-defense.instruction.<name>``) or a Message-API
+    train message's content (the ``fl-defense.instructions`` ArrayRecord). ``{}`` when none."""
+    if isinstance(received, RecordDict):
+        if INSTRUCTIONS_KEY not in received.array_records:
+            return {}
+        return {k: v.numpy() for k, v in received.array_records[INSTRUCTIONS_KEY].items()}
+    out = {}
+    for key, value in dict(received or {}).items():
+        if key.startswith(INSTRUCTION_PREFIX) and isinstance(value, (bytes, bytearray)):
+            try:
+                length = int.from_bytes(bytes(value[8:16]), "little")
+                out[key[len(INSTRUCTION_PREFIX):]] = decode_fisher(value, length)
+            except FisherDecodeError as err:
+                raise ValueError(f"instruction {key!r} from the server is malformed: {err}") from None
+    return out
+
+
+class SDFCCalibration:
+    """SDFC's calibration where the authors' code puts it, on the client: local training minimises
+    cross-entropy + lambda * sum_i D_i (theta_i - theta_prev,i)^2, with D this client's discrepancy
+    from the server (sent with the round when ``SDFC(calibration_mode="client")``) and theta_prev
+    this client's own local model of its previous round, kept in its persistent Flower state
+    (``context.state``). Without D (the client's first round, or another defense) or without
+    theta_prev (first round, lost state), the penalty is zero: training is plain.
+
+        calib = SDFCCalibration(instructions(config), context.state, model)
+        loss = cross_entropy(...) + calib.penalty(model)     # every batch
+        ...
+        calib.remember(model, context.state)                 # after training
+    """
+
+    STATE_KEY = "fl-defense.sdfc-previous-model"
+
+    def __init__(self, received: dict, state: RecordDict | None, model: torch.nn.Module) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        dim = sum(p.numel() for p in params)
+        d, lam = received.get("sdfc-discrepancy"), received.get("sdfc-lambda")
+        self.discrepancy = None if d is None or len(d) != dim else torch.as_tensor(np.asarray(d, np.float32))
+        self.lam = float(np.asarray(lam).reshape(-1)[0]) if lam is not None else 0.0
+        self.previous = None
+        if state is not None and self.STATE_KEY in state.array_records:
+            prev = state.array_records[self.STATE_KEY]["theta"].numpy()
+            self.previous = torch.as_tensor(prev) if prev.size == dim else None
+
+    @property
+    def active(self) -> bool:
+        return self.discrepancy is not None and self.previous is not None and self.lam > 0
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        """lambda * sum D (theta - theta_prev)^2 over the trainable parameters (0 when inactive)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not self.active:
+            return params[0].new_zeros(())
+        theta = torch.cat([p.reshape(-1) for p in params])
+        diff = theta - self.previous.to(theta)
+        return self.lam * (self.discrepancy.to(theta) * diff * diff).sum()
+
+    def remember(self, model: torch.nn.Module, state: RecordDict | None) -> None:
+        """Keep this round's local model as the next round's theta_prev."""
+        if state is None:
+            return
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).cpu().numpy()
+        state[self.STATE_KEY] = ArrayRecord({"theta": Array(np.ascontiguousarray(theta, dtype=np.float32))})

@@ -34,6 +34,11 @@ METRICS_ERROR_KEY = "fl-defense.metrics-error"
 # The round's own metrics (num-valid, num-rejected, ...) sit beside Flower's under this prefix.
 METRICS_PREFIX = "fl-defense."
 RESERVED_METRICS = (GROUND_TRUTH_KEY, FISHER_KEY, METRICS_ERROR_KEY)
+# Per-client instructions (SDFC's D_k) travel to that client only: as config bytes under
+# INSTRUCTION_PREFIX + name (legacy API) or as arrays of one ArrayRecord under INSTRUCTIONS_KEY
+# (Message API).
+INSTRUCTION_PREFIX = "fl-defense.instruction."
+INSTRUCTIONS_KEY = "fl-defense.instructions"
 
 
 class MissingReferenceError(RuntimeError):
@@ -151,6 +156,9 @@ class DefendedAggregation:
         # The results of the last round that passed validation, in aggregation order (their
         # weights are records[-1].weights): the adapters aggregate client metrics over them.
         self.last_valid: list[ClientResult] = []
+        # node id -> the stable identity its results carried (partition id in simulation): how
+        # per-client instructions find a node before it replies
+        self.identities: dict[str, str] = {}
         self._workspace: dict[str, torch.Tensor] = {}
 
     def layout_for(self, global_arrays: list[np.ndarray]) -> ParamLayout:
@@ -195,6 +203,7 @@ class DefendedAggregation:
                                                                         fishers, record)
 
         self.last_valid = valid
+        self.identities.update({str(r.client_id): stable_identity(r) for r in valid})
         record.client_ids = [r.client_id for r in valid]
         record.partition_ids = [_as_int(r.metrics.get(PARTITION_KEY)) for r in valid]
         record.num_examples = [int(r.num_examples) for r in valid]
@@ -239,6 +248,10 @@ class DefendedAggregation:
         record.aggregation_seconds = time.perf_counter() - t0
         self.records.append(record)
         return new_arrays, self._metrics(record)
+
+    def instructions_for(self, node_id: str) -> dict:
+        """What the defense sends this node with its next training round (``{}`` for most)."""
+        return self.defense.client_instructions(self.identities.get(str(node_id), str(node_id)))
 
     def skip_round(self, server_round: int, reason: str, failures: int = 0, had_replies: bool = False) -> dict:
         """Record a round that is not aggregated at all (no results, or failures Flower's

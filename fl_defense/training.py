@@ -8,10 +8,11 @@ from torch import nn
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int,
           lr: float, momentum: float = 0.0, device: str = "cpu", seed: int = 0,
-          before_step=None, after_step=None) -> float:
+          before_step=None, after_step=None, penalty=None) -> float:
     """SGD on cross-entropy for ``epochs`` epochs with seeded shuffling; returns the mean loss of the
-    last epoch. ``before_step(model)`` runs after backward (e.g. to mask gradients) and
-    ``after_step(model)`` after each optimiser step (e.g. to project the weights)."""
+    last epoch. ``before_step(model)`` runs after backward (e.g. to mask gradients),
+    ``after_step(model)`` after each optimiser step (e.g. to project the weights), and
+    ``penalty(model)``, a scalar tensor, is added to every batch's loss (SDFC's calibration)."""
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
@@ -24,6 +25,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
             x, y = images[idx].to(device), labels[idx].to(device)
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
+            if penalty is not None:
+                loss = loss + penalty(model)
             loss.backward()
             if before_step is not None:
                 before_step(model)

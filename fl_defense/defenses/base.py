@@ -78,6 +78,12 @@ class Defense:
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         raise NotImplementedError
 
+    def client_instructions(self, client_id: str) -> dict:
+        """Per-client instructions to send with the client's next training round (name -> 1-d
+        float array), by the client's stable identity; SDFC's authors' mode sends each client its
+        own discrepancy D_k. Empty for every other defense."""
+        return {}
+
     # State kept across rounds (none by default); saved with checkpoints.
     def state_dict(self) -> dict:
         return {}

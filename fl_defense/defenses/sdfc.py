@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..updates import RoundUpdates
@@ -11,6 +12,7 @@ from .aggregators import column_block_sums, map_column_blocks
 from .base import Defense, DefenseResult, RunKey
 
 REFERENCES = ("client", "global")
+CALIBRATION_MODES = ("server", "client")
 
 
 class SDFC(Defense):
@@ -25,11 +27,25 @@ class SDFC(Defense):
         d_k = mean over layers of sum(D_k[layer]),  d~ = min-max(d) over clients
         weight_k = softmax(-d~ / temperature)_k                (client weights; no one is dropped)
 
-    Calibration: the paper regularises local training with lambda * sum D_k (theta - theta_prev)^2;
-    under the diagonal-Fisher quadratic model of the local loss, that penalty shrinks coordinate i
-    of the step by F_k,i / (F_k,i + 2 lambda D_k,i). The server applies exactly that factor to each
-    update, so coordinates whose importance disagrees with the validation set (a trigger's neurons,
-    important only on poisoned data) are down-weighted while agreeing ones pass unchanged.
+    Calibration, two ways (``calibration_mode``):
+
+    - ``"client"``, where the authors' released code puts it: client k trains with cross-entropy
+      plus lambda * sum_i D_k,i (theta_i - theta_prev,i)^2, theta_prev its own local model of its
+      previous round, D_k the discrepancy the server computed from that round. The server keeps
+      each client's D_k (float16, 2 bytes per parameter per client seen) and sends it with the
+      client's next training round (``client_instructions``); aggregation is then the plain
+      softmax-weighted mean. A client's first round, or a client whose state was lost, trains
+      without the penalty (no D_k or no theta_prev yet), as the authors' first round does. With
+      plain SGD at learning rate eta, a coordinate with 2 eta lambda D_k,i >= 2 oscillates instead
+      of settling (the penalty's own curvature); Fisher discrepancies are usually far below that.
+    - ``"server"`` (default), a closed form on the server: under the diagonal-Fisher quadratic
+      model of the local loss the penalty shrinks coordinate i of the step by F_k,i / (F_k,i +
+      2 lambda D_k,i), and the server applies that factor to each update. Its anchor is the round's
+      global model rather than theta_prev, it cannot push a coordinate the client finds important
+      below 1 / (1 + 2 lambda) of its step (a third at lambda 1), and it nearly zeroes coordinates
+      the validation set finds important and the client does not, which benign label skew
+      produces. The paper's summary calls calibration server-side and free for clients; the
+      released code does it on the client.
 
     SDFC never drops a client. ``flagged`` is a report only: clients whose discrepancy d_k exceeds
     ``flag_ratio`` times the round's median discrepancy.
@@ -49,6 +65,8 @@ class SDFC(Defense):
         lambda of the calibration term (the paper's default 1.0; 0 disables calibration).
     temperature : float
         Softmax temperature of the client weights (the paper uses 1).
+    calibration_mode : {"server", "client"}
+        Where calibration happens (above).
     """
 
     name = "sdfc"
@@ -63,11 +81,17 @@ class SDFC(Defense):
         "temperature": RunKey("SDFC: softmax temperature of the client weights (the paper: 1)", check=lambda v: v > 0),
         "flag_ratio": RunKey("SDFC: report a client as flagged when its discrepancy exceeds this times the round's median",
                              check=lambda v: v > 0),
+        "calibration_mode": RunKey("SDFC: calibrate on the server (closed form) or on the client (the authors' code: "
+                                   "each client trains with the penalty lambda * sum D_k (theta - theta_prev)^2)",
+                                   choices=("server", "client")),
     }
 
     def __init__(self, validation_fisher: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  reference: str = "client", calibration: float = 1.0, temperature: float = 1.0,
-                 server_lr: float = 1.0, flag_ratio: float = 2.0) -> None:
+                 server_lr: float = 1.0, flag_ratio: float = 2.0, calibration_mode: str = "server") -> None:
+        self.calibration_mode = calibration_mode
+        # client id -> D_k of its last round (calibration_mode="client"), sent with its next one
+        self._discrepancies: dict[str, np.ndarray] = {}
         self.validation_fisher = validation_fisher
         self.reference = reference
         self.calibration = calibration
@@ -82,6 +106,32 @@ class SDFC(Defense):
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if self.calibration < 0 or not self.temperature > 0 or not self.server_lr > 0:
             raise ValueError("calibration must be >= 0, temperature and server_lr > 0")
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {self.calibration_mode!r}")
+
+    def client_instructions(self, client_id: str) -> dict:
+        """Client mode: the client's own D_k and lambda for its local penalty."""
+        if self.calibration_mode != "client" or self.calibration == 0 or client_id not in self._discrepancies:
+            return {}
+        return {"sdfc-discrepancy": self._discrepancies[client_id],
+                "sdfc-lambda": np.array([self.calibration], dtype=np.float32)}
+
+    def state_dict(self) -> dict:
+        return {"discrepancies": dict(self._discrepancies)} if self._discrepancies else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._discrepancies = dict(state.get("discrepancies", {}))
+
+    def _keep_discrepancies(self, ru: RoundUpdates, fisher: torch.Tensor, ref: torch.Tensor) -> None:
+        """D_k = |F_k - F_val,k| of every client of the round, kept (float16) by client identity."""
+        rows = np.empty((ru.n, ru.d), dtype=np.float16)
+
+        def block(cols: slice) -> None:
+            rows[:, cols] = (fisher[:, cols] - ref[:, cols]).abs().clamp_max(65504.0).cpu().numpy()
+
+        map_column_blocks(block, fisher)
+        for k, cid in enumerate(ru.client_ids):
+            self._discrepancies[cid] = rows[k].copy()
 
     def reference_fisher(self, global_params: torch.Tensor, ru: RoundUpdates) -> torch.Tensor:
         if self.reference == "global":
@@ -103,7 +153,9 @@ class SDFC(Defense):
         d_norm = (d - d.min()) / span if span > 0 else torch.zeros_like(d)
         weights = torch.softmax(-d_norm / self.temperature, dim=0)
         weights32 = weights.to(ru.updates.dtype)
-        if self.calibration > 0:  # weights @ (delta * F / (F + 2 lambda D)), block by block
+        if self.calibration_mode == "client" and self.calibration > 0:  # D_k goes back to client k
+            self._keep_discrepancies(ru, fisher, ref)
+        if self.calibration > 0 and self.calibration_mode == "server":  # weights @ (delta * F / (F + 2 lambda D))
             step = torch.empty(ru.d, device=ru.device)
 
             def calibrated(cols: slice) -> None:

@@ -19,7 +19,8 @@ from flwr.server.strategy.aggregate import aggregate_krum
 from ..checkpoint import save_checkpoint
 from ..defenses import DEFENSES
 from ..defenses.base import Defense
-from ..rounds import FISHER_REQUEST_KEY, ClientResult, split_ground_truth
+from ..fisher import encode_fisher
+from ..rounds import FISHER_REQUEST_KEY, INSTRUCTION_PREFIX, ClientResult, split_ground_truth
 from ._common import DefenseAdapter, FlowerName, FlowerOnly, build_signature, client_metrics, strategy_doc
 
 # Flower's legacy names for our defenses' parameters, per defense.
@@ -80,9 +81,12 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
         extra = {"server-round": server_round}
         if self.defense.needs_fisher:
             extra[FISHER_REQUEST_KEY] = True
-        for _, ins in pairs:
-            ins.config = {**ins.config, **extra}
-        return pairs
+        out = []
+        for proxy, ins in pairs:  # Flower shares one FitIns among all clients: each gets its own
+            own = {INSTRUCTION_PREFIX + name: encode_fisher(value)
+                   for name, value in self.aggregation.instructions_for(str(proxy.cid)).items()}
+            out.append((proxy, FitIns(ins.parameters, {**ins.config, **extra, **own})))
+        return out
 
     def _reference(self) -> list[np.ndarray] | None:
         """The global model the updates are taken against: the last one seen (configure_fit or

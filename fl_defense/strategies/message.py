@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from ..defenses import DEFENSES
-from ..rounds import FISHER_KEY, FISHER_REQUEST_KEY, ClientResult, split_ground_truth
+from ..rounds import FISHER_KEY, FISHER_REQUEST_KEY, INSTRUCTIONS_KEY, ClientResult, split_ground_truth
 from ._common import DefenseAdapter, FlowerName, FlowerOnly, build_signature, client_metrics
 from .legacy import FLOWER_EQUIVALENT, make_strategy
 
@@ -66,7 +66,17 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
             config[FISHER_REQUEST_KEY] = True
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._check_sample_size(len(messages))
-        return messages
+        return [self._with_instructions(msg) for msg in messages]
+
+    def _with_instructions(self, msg: Message) -> Message:
+        """The message itself, or (when the defense has instructions for its node) a copy whose
+        content adds them: Flower's messages share one RecordDict."""
+        own = self.aggregation.instructions_for(str(msg.metadata.dst_node_id))
+        if not own:
+            return msg
+        content = RecordDict(dict(msg.content.items()))
+        content[INSTRUCTIONS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in own.items()})
+        return Message(content=content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

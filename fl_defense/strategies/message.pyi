@@ -41,7 +41,7 @@ class FDCR(DefenseStrategy):
 
 class SDFC(DefenseStrategy):
     """SDFC: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.SDFC`` (Huang et al., ECCV 2024)."""
-    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, validation_fisher: Any = None, reference: str = 'client', calibration: float = 1.0, temperature: float = 1.0, server_lr: float = 1.0, flag_ratio: float = 2.0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
+    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, validation_fisher: Any = None, reference: str = 'client', calibration: float = 1.0, temperature: float = 1.0, server_lr: float = 1.0, flag_ratio: float = 2.0, calibration_mode: str = 'server', trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
 
 
 class Krum(DefenseStrategy):
