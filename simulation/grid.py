@@ -165,6 +165,7 @@ def tidy_table(folders: list[Path]):
                 "model_poisoning": cfg["model-poisoning"], "malicious_fraction": cfg["malicious-fraction"],
                 "defense": cfg["defense"], "seed": cfg["seed"], "round": r["round"],
                 "accuracy": r["accuracy"], "attack_success_rate": r.get("attack_success_rate"),
+                "clean_target_rate": r.get("clean_target_rate"),
                 "base_class_accuracy": r.get("base_class_accuracy"), "tpr": r.get("tpr"), "fpr": r.get("fpr"),
                 "num_flagged": r.get("num_flagged"), "aggregation_seconds": t.get("aggregation_seconds"),
                 "round_seconds": t.get("round_seconds"),

@@ -51,9 +51,9 @@ def weight_plot_runs(table, folders: list[Path]) -> list[Path]:
 def final_table(table) -> str:
     """Final-round figures, mean ± standard deviation over seeds, one row per setting and defense."""
     last = table[table["round"] == table.groupby("cell")["round"].transform("max")]
-    lines = ["| dataset | partition | attack | malicious | defense | seeds | accuracy | attack success | TPR | FPR "
-             "| round (s) | aggregation (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | partition | attack | malicious | defense | seeds | accuracy | attack success "
+             "| without trigger | TPR | FPR | round (s) | aggregation (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     later = table[table["round"] > 0]
     per_cell = later.groupby("cell")[["round_seconds", "aggregation_seconds"]].mean()
     for key, g in last.groupby(SETTING + ["defense"], dropna=False, sort=True):
@@ -63,6 +63,7 @@ def final_table(table) -> str:
         attack = d["attack"] + ("" if d["model_poisoning"] == "none" else f"+{d['model_poisoning']}")
         lines.append(f"| {d['dataset']} | {part} | {attack} | {d['malicious_fraction']} | {d['defense']} | "
                      f"{g['seed'].nunique()} | {_mean_std(g['accuracy'])} | {_mean_std(g['attack_success_rate'])} | "
+                     f"{_mean_std(g['clean_target_rate'])} | "
                      f"{_mean_std(g['tpr'])} | {_mean_std(g['fpr'])} | {_seconds(times['round_seconds'])} | "
                      f"{_seconds(times['aggregation_seconds'])} |")
     return "\n".join(lines)
@@ -189,7 +190,9 @@ def write_report(root: Path, out: Path, title: str | None = None, note: str | No
     except ValueError:
         shown = root
     lines = [f"# {title or root.name}", ""] + ([note, ""] if note else []) + [
-        f"{len(folders)} runs from `{shown}`. Final round, mean ± std over seeds.",
+        f"{len(folders)} runs from `{shown}`. Final round, mean ± std over seeds. Attack success: triggered test "
+        "images of other classes classified as the target; without trigger: the same images as they are (the floor "
+        "it stands on).",
         "", final_table(table), "", "## Accuracy and attack success over rounds", ""]
     lines += [f"![curves]({p.name})" for p in curves]
     if fraction:
