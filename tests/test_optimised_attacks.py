@@ -326,3 +326,23 @@ def test_colluders_keep_their_own_buffers(name, target):
     for k in (6, 7, 8):
         assert np.array_equal(out[k].arrays[2], np.full(3, k, dtype=np.float32)) and int(out[k].arrays[3]) == k
         assert out[k].arrays[3].shape == () and not np.array_equal(out[k].arrays[0], results[k].arrays[0])
+
+
+def test_the_fused_pass_equals_its_definitions_on_both_paths():
+    from fl_defense.attacks.base import column_pass
+
+    x = _known(12, 40000, dtype=torch.float32)
+    x64 = x.double()
+    rows = slice(3, None)
+    for backend in (None, "torch"):  # numpy on the CPU; torch is what other devices run
+        out = column_pass(x, std=True, extremes=True, direction=lambda st: -st["std"], gram=True, rows=rows,
+                          norms=True, backend=backend)
+        torch.testing.assert_close(out["mean"], x.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["std"], x.std(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["min"], x.min(0).values)
+        torch.testing.assert_close(out["max"], x.max(0).values)
+        torch.testing.assert_close(out["p"], -x.std(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["bp"], x64[rows] @ -x64.std(0), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(out["gram"], x64[rows] @ x64[rows].T, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(out["sq"], (x64[rows] ** 2).sum(1), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(out["bmu"], x64[rows] @ x64.mean(0), rtol=1e-4, atol=1e-3)

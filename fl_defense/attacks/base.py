@@ -77,20 +77,23 @@ PASS_CHUNK = 1 << 14  # columns per piece of the fused pass: fixed, so sums do n
 
 
 def column_pass(x: torch.Tensor, std: bool = False, extremes: bool = False, direction=None,
-                gram: bool = False, rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+                gram: bool = False, rows: slice = slice(None), norms: bool = False,
+                backend: str | None = None) -> dict[str, torch.Tensor]:
     """One pass over the known updates ``x`` (n x d) for what an attack needs from it: the
     per-coordinate ``mean``, sample ``std``, ``min`` and ``max``; a direction ``p`` computed piece
-    by piece from those (``direction(stats) -> piece of p``) with ``bp`` = x[rows] @ p; and the
-    Gram matrix x[rows] x[rows]^T (float64). Min-Max would otherwise read the 480 MB matrix
+    by piece from those (``direction(stats) -> piece of p``) with ``bp`` = x[rows] @ p; the
+    Gram matrix x[rows] x[rows]^T; with ``norms`` the squared row norms ``sq`` and ``bmu`` =
+    x[rows] @ mean (sums and products in float64). Min-Max would otherwise read the 480 MB matrix
     three times (statistics, Gram, B p); here each piece of ``PASS_CHUNK`` columns is read once
     while in cache. On the CPU in numpy, pieces shared out among the threads, partial products
-    summed in column order (the same result for any thread count); torch elsewhere."""
+    summed in column order (the same result for any thread count); torch elsewhere
+    (``backend="torch"`` forces that path)."""
     n, d = x.shape
     ddof = 1 if n > 1 else 0
     k = len(range(n)[rows])
     names = ["mean"] + (["std"] if std else []) + (["min", "max"] if extremes else []) + (["p"] if direction else [])
     out = {name: torch.empty(d, dtype=x.dtype, device=x.device) for name in names}
-    numpy = uses_numpy(x)
+    numpy = uses_numpy(x, backend)
     src = x.detach().numpy() if numpy else x
     dst = {name: v.numpy() for name, v in out.items()} if numpy else out
     pieces = column_chunks(d, PASS_CHUNK)
@@ -112,12 +115,16 @@ def column_pass(x: torch.Tensor, std: bool = False, extremes: bool = False, dire
         if gram:
             br = b[rows]
             part["gram"] = br @ br.T
+        if norms:
+            br = b[rows]
+            part["sq"] = np.einsum("ij,ij->i", br, br) if numpy else (br * br).sum(dim=1)
+            part["bmu"] = br @ mean
         for name, v in stats.items():
             dst[name][cols] = v
         return part
 
     parts = parallel_map(piece, pieces) if numpy else [piece(c) for c in pieces]
-    for name, shape in (("bp", (k,)), ("gram", (k, k))):
+    for name, shape in (("bp", (k,)), ("gram", (k, k)), ("sq", (k,)), ("bmu", (k,))):
         if parts and name in parts[0]:
             total = np.zeros(shape) if numpy else torch.zeros(shape, dtype=torch.float64, device=x.device)
             for part in parts:

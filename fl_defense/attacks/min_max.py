@@ -34,9 +34,10 @@ def _piecewise(kind: str):
     raise ValueError(f"unknown perturbation {kind!r}; choose one of {DIRECTIONS}")
 
 
-def pass_with_direction(known: torch.Tensor, kind: str, gram: bool) -> tuple[dict, float]:
-    """``column_pass`` for mu, p (of ``kind``), B p and optionally the Gram; returns it and ||p||^2."""
-    out = column_pass(known, std=kind == "std", direction=_piecewise(kind), gram=gram)
+def pass_with_direction(known: torch.Tensor, kind: str, gram: bool = False, norms: bool = False) -> tuple[dict, float]:
+    """``column_pass`` for mu, p (of ``kind``), B p and the Gram or the row norms and B mu;
+    returns it and ||p||^2."""
+    out = column_pass(known, std=kind == "std", direction=_piecewise(kind), gram=gram, norms=norms)
     if kind == "unit":
         norm = float(torch.linalg.vector_norm(out["mean"].double()))
         if norm > 0:
@@ -89,20 +90,17 @@ class MinMax(ColludingAttack):
 class MinSum(MinMax):
     """Min-Sum (Shejwalkar & Houmansadr, NDSS 2021, eq. 7): as Min-Max, but the sum of squared
     distances from mu + gamma p to the benign updates must stay within the largest such sum of
-    a benign update. Both sums need only the row norms, B mu and B p: no Gram."""
+    a benign update. Both sums need only the row norms, B mu and B p (the same single pass): no
+    Gram."""
 
     name = "min_sum"
     targets = ("agnostic",)
 
     def _setup(self, known: torch.Tensor):
-        out, pp = pass_with_direction(known, self.direction, gram=False)
+        out, pp = pass_with_direction(known, self.direction, norms=True)
         mean = out["mean"]
-        # ||b_i||^2 and mu.b_i: one more product each, over the matrix already in memory
-        xn = known.detach().cpu().numpy() if known.device.type == "cpu" else None
-        sq = (torch.from_numpy(np.einsum("ij,ij->i", xn, xn)) if xn is not None
-              else torch.linalg.vector_norm(known, dim=1).square()).double().cpu()
-        mu_b = (known @ mean).double().cpu()
-        return mean, out["p"], _SumDistances(sq, mu_b, float(mean.double().square().sum()), out["bp"], pp)
+        mu_sq = float(mean.double().square().sum())
+        return mean, out["p"], _SumDistances(out["sq"].double(), out["bmu"].double(), mu_sq, out["bp"], pp)
 
     def feasible(self, dist: "_SumDistances", rnd: AttackRound, known: torch.Tensor):
         bound = dist.max_benign_sum()
