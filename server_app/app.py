@@ -25,7 +25,7 @@ from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mas
 from fl_defense.strategies import DefenseStrategy
 
 from .collusion import with_collusion
-from .recorder import RunFailed, RunRecorder, failure_line, failure_reason, run_failure
+from .recorder import RunFailed, RunRecorder, done_line, failure_line, failure_reason, run_failure
 
 
 def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
@@ -143,9 +143,11 @@ def main(grid: Grid, context: Context) -> None:
         run_config["run-name"] = results_folder(cfg).name  # the timestamped default, fixed once
         components = build_components(run_config, connected_nodes(grid))
         start_grid(grid=grid, strategy=components.strategy, config=components.config)
-        reason = run_failure(results_folder(ExperimentConfig.from_run_config(run_config)), cfg.num_server_rounds)
+        out_dir = results_folder(ExperimentConfig.from_run_config(run_config))
+        reason = run_failure(out_dir, cfg.num_server_rounds)
         if reason:
             raise RunFailed(reason)
+        print(done_line(out_dir), flush=True)
     except Exception as exc:
         _report_failure(exc, context.run_id)
         raise  # Flower marks the run failed (flwr ls) and exits its process non-zero

@@ -72,6 +72,19 @@ def failure_line(reason: str) -> str:
     return f"[fl-defense] FAILED: {reason}"
 
 
+def done_line(out_dir: Path) -> str:
+    """The closing line of a run that did not fail, from its summary."""
+    s = json.loads((out_dir / "summary.json").read_text())
+    f = s["final"]
+    floor = f" ({_fmt(f['clean_target_rate'])} without the trigger)" if f.get("clean_target_rate") is not None else ""
+    try:
+        shown = out_dir.relative_to(Path.cwd())
+    except ValueError:
+        shown = out_dir
+    return (f"[fl-defense] done: {s['rounds_completed']} rounds, accuracy {_fmt(f['accuracy'])}, attack success "
+            f"{_fmt(f['attack_success_rate'])}{floor}; results in {shown}")
+
+
 class RunRecorder:
     """Evaluates the global model each round (Flower's ``evaluate_fn``) and writes results."""
 

@@ -90,18 +90,6 @@ def run(overrides: dict, num_supernodes: int = 10, num_cpus: float = 1, num_gpus
     return folder
 
 
-def done_line(folder: Path) -> str:
-    s = json.loads((folder / "summary.json").read_text())
-    f = s["final"]
-
-    def fmt(v):
-        return "-" if v is None else f"{v:.3f}"
-
-    floor = f" ({fmt(f['clean_target_rate'])} without the trigger)" if f.get("clean_target_rate") is not None else ""
-    return (f"{PREFIX} done: {s['rounds_completed']} rounds, accuracy {fmt(f['accuracy'])}, attack success "
-            f"{fmt(f['attack_success_rate'])}{floor}; results in {_shown(folder)}")
-
-
 def _shown(path: Path) -> str:
     try:
         return str(path.relative_to(Path.cwd()))
@@ -111,7 +99,7 @@ def _shown(path: Path) -> str:
 
 def _in_process(overrides: dict, args) -> int:
     """The federation here; our lines, Flower's output and, at the end, one line saying how it went."""
-    from server_app.recorder import RunFailed, failure_line, failure_reason
+    from server_app.recorder import RunFailed, done_line, failure_line, failure_reason
 
     try:
         folder = run(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
@@ -152,8 +140,10 @@ def supervise(cfg: ExperimentConfig, overrides: dict, args) -> int:
     with log_path.open("a") as log:
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         log.flush()
+        # its own session: a Ctrl-C reaches us alone, and we stop it once, with what it started
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                bufsize=1)
+                                bufsize=1, start_new_session=True)
+        previous_term = signal.signal(signal.SIGTERM, _interrupt)
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -175,13 +165,11 @@ def supervise(cfg: ExperimentConfig, overrides: dict, args) -> int:
                     bar.n = int(m.group(1))
                     bar.refresh()
             rc = proc.wait()
-        except KeyboardInterrupt:  # the terminal sent it to the child too; give it time to stop
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _stop(proc)
+            log.write(f"==== interrupted: the federation's process ended with status {proc.returncode}\n")
             if bar is not None:
                 bar.close()
             resume = f"resume=true run-name='{cfg.run_name}'"
@@ -190,6 +178,9 @@ def supervise(cfg: ExperimentConfig, overrides: dict, args) -> int:
             print(f"{FAILED}interrupted; Flower's output is in {_shown(log_path)}; to continue from the last "
                   f"checkpoint add: {resume}", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
+        finally:
+            if signal.getsignal(signal.SIGTERM) is _interrupt:
+                signal.signal(signal.SIGTERM, previous_term)
     if bar is not None:
         bar.close()
     if rc == 0 and verdict and not verdict.startswith(FAILED):
@@ -199,6 +190,23 @@ def supervise(cfg: ExperimentConfig, overrides: dict, args) -> int:
         f"the federation's process exited with status {rc} before saying why"
     print(f"{FAILED}{reason} (Flower's output: {_shown(log_path)})", file=sys.stderr, flush=True)
     return EXIT_CONFIG if rc == EXIT_CONFIG else EXIT_FAILED
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Ask the federation's process to stop (SIGINT, as a Ctrl-C would); after ``grace`` seconds
+    end its whole session (Ray's workers with it)."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
