@@ -37,7 +37,7 @@ def _seed(*parts: int) -> int:
 def attack_schedule(cfg: ExperimentConfig, num_partitions: int) -> AttackSchedule:
     fraction = cfg.malicious_fraction if (cfg.attack != "none" or cfg.model_poisoning != "none") else 0.0
     return AttackSchedule(num_partitions, fraction, cfg.seed, cfg.attacker_pool, cfg.attack_start_round,
-                          cfg.attack_every)
+                          cfg.attack_every, cfg.attack_stop_round)
 
 
 class DefenseClient(NumPyClient):

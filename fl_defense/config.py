@@ -77,6 +77,7 @@ class ExperimentConfig:
     fisher_forgery: str = field(default="none", metadata=_key("attackers' Fisher: honest (none) or computed on their clean samples only (clean)", ("none", "clean")))
     attack_start_round: int = field(default=1, metadata=_key("first round in which attackers attack", check=_positive))
     attack_every: int = field(default=1, metadata=_key("attack every k-th round from the start round", check=_positive))
+    attack_stop_round: int = field(default=0, metadata=_key("last round in which attackers attack; the rounds after it measure the backdoor's lifespan (0: attackers never stop)", check=_non_negative))
     attacker_pool: str = field(default="fixed", metadata=_key("the same attackers every round, or a fresh seeded pool per round", POOLS))
     malicious_fraction: float = field(default=0.1, metadata=_key("share of partitions that attack (seeded, fixed for the run)", check=_fraction))
     poison_rate: float = field(default=0.5, metadata=_key("share of an attacker's eligible samples it poisons", check=_fraction))
@@ -147,6 +148,9 @@ class ExperimentConfig:
             raise ConfigError("run-config key 'clip-norm': norm_clipping needs a bound > 0")
         if self.resume and not self.run_name:
             raise ConfigError("run-config key 'run-name': resume needs the name of the run to continue")
+        if self.attack_stop_round and self.attack_stop_round < self.attack_start_round:
+            raise ConfigError(f"run-config key 'attack-stop-round': {self.attack_stop_round} is before "
+                              f"attack-start-round {self.attack_start_round} (0: attackers never stop)")
         if self.attack == "semantic" and self.base_label < 0:
             raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
         if self.attack == "mask" and not self.trigger_file:

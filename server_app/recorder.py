@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fl_defense.config import ExperimentConfig
+from fl_defense.durability import window_metrics
 from fl_defense.metrics import accuracy, attack_probes, attack_success_rate
 from fl_defense.models import set_arrays
 
@@ -33,6 +34,11 @@ DEFINITIONS = {
     "clean_target_rate": "the same images without the trigger, classified as the target: the floor attack success "
                          "stands on (an untrained or biased model scores high on both); absent for attack=semantic",
     "round 0": "the initial global model, before any training",
+    "num_attackers_sampled": "clients among the round's sampled ones that attacked in it",
+    "attack_window": "attackers attack in rounds start_round..stop_round (0: no end); attack success at the "
+                     "window's end and its worst round in it; lifespan_50/_10: rounds after the window until attack "
+                     "success is below 0.5/0.1 (0: already at the window's end; null: never within the run, or the "
+                     "window still open at its end)",
     "tpr, fpr": "flagged attackers / all attackers, flagged benign clients / all benign clients, per round; "
                 "null for defenses that flag no one",
 }
@@ -141,7 +147,9 @@ class RunRecorder:
             rec = records[-1]
             det = rec.detection()
             row.update({
-                "num_clients": len(rec.client_ids), "num_flagged": int(sum(rec.flagged)),
+                "num_clients": len(rec.client_ids),
+                "num_attackers_sampled": sum(bool(rec.ground_truth.get(cid)) for cid in rec.client_ids),
+                "num_flagged": int(sum(rec.flagged)),
                 "tpr": det["tpr"], "fpr": det["fpr"], "detection": det,
                 "num_rejected": len(rec.rejected), "rejected": rec.rejected, "num_failures": rec.failures,
                 "kept_global": rec.kept_global, "reason": rec.reason,
@@ -203,6 +211,8 @@ class RunRecorder:
             "final": {k: final.get(k) for k in (*figures, "tpr", "fpr", "num_flagged",
                                                  *sorted(k for k in final if k.startswith("asr_piece")))},
             "mean_over_rounds": {"tpr": mean_of("tpr"), "fpr": mean_of("fpr")},
+            "attack_window": window_metrics({r["round"]: r.get("attack_success_rate") for r in self.rows},
+                                            self.cfg.attack_start_round, self.cfg.attack_stop_round),
             "attacker_partitions_seen": attackers,
             "definitions": DEFINITIONS,
         }

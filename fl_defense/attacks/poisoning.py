@@ -28,7 +28,7 @@ def select_attackers(num_partitions: int, fraction: float, seed: int, server_rou
 @dataclass(frozen=True)
 class AttackSchedule:
     """Which partitions attack in which round: a fixed or fresh seeded pool, from ``start_round``
-    on, every ``every`` rounds."""
+    on, every ``every`` rounds, up to ``stop_round`` (0: no end)."""
 
     num_partitions: int
     fraction: float
@@ -36,9 +36,12 @@ class AttackSchedule:
     pool: str = "fixed"
     start_round: int = 1
     every: int = 1
+    stop_round: int = 0
 
     def attackers(self, server_round: int) -> list[int]:
         if server_round < self.start_round or (server_round - self.start_round) % self.every:
+            return []
+        if self.stop_round and server_round > self.stop_round:
             return []
         return select_attackers(self.num_partitions, self.fraction, self.seed,
                                 server_round if self.pool == "fresh" else None)
