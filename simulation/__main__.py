@@ -1,7 +1,7 @@
 """fl-defense: experiments on simulated federations (also python -m simulation).
 
-    fl-defense run <grid.toml> [--out DIR]       run a grid, resumable (also: fl-defense <grid.toml>)
-    fl-defense report <runs folder> [--out DIR]  tables and plots from a folder of runs
+    fl-defense run <grid.toml> [--out DIR] [--shard i/k]  run a grid (or shard i of k), resumable
+    fl-defense report <runs folder> [--out DIR]  tables and plots from a folder of runs (several: merged)
     fl-defense stop-superlink                    stop the SuperLink `flwr run .` started (this FLWR_HOME's)
 
 One run: python -m simulation.run --run-config "defense='rlr' num-server-rounds=5".

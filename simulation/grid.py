@@ -21,6 +21,10 @@ Grid file::
 A cell's folder is named by a hash of its run config, so reruns find it: a cell with a
 summary.json is done; one with only a checkpoint resumes from it (the checkpoint and results are
 the run's own, so it continues exactly where it stopped); one with neither starts afresh.
+
+Shards: ``--shard i/k`` (1 <= i <= k) runs cells i, i+k, i+2k, ... of the grid's cell order, so k
+machines or the k tasks of a job array run every cell exactly once; each shard resumes like a whole
+grid. ``fl-defense report DIR1 DIR2 ...`` reports over several results folders.
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ class Grid:
     name: str
     num_supernodes: int
     cells: list[dict]
+    shard: tuple[int, int] | None = None  # (i, k): this grid is shard i of k of the file's cells
+
+    def sharded(self, i: int, k: int) -> "Grid":
+        """Shard ``i`` of ``k`` (1-based): cells i, i+k, i+2k, ... in the grid's order."""
+        return Grid(self.name, self.num_supernodes, shard_cells(self.cells, i, k), shard=(i, k))
+
+    @property
+    def suffix(self) -> str:
+        """'' for a whole grid, '.shard-2-of-4' for a shard: its grid.json and table.csv carry it, so
+        shards writing into one results folder never overwrite each other's."""
+        return "" if self.shard is None else f".shard-{self.shard[0]}-of-{self.shard[1]}"
 
     @classmethod
     def load(cls, path: str | Path) -> "Grid":
@@ -75,6 +90,24 @@ class Grid:
         return cls(name=meta.get("name", Path(path).stem), num_supernodes=num_supernodes, cells=cells)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/k' with 1 <= i <= k."""
+    try:
+        i, k = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: {text!r} is not i/k (e.g. 2/4: the second of four shards)") from None
+    if not 1 <= i <= k:
+        raise ConfigError(f"--shard: {text!r} needs 1 <= i <= k")
+    return i, k
+
+
+def shard_cells(cells: list, i: int, k: int) -> list:
+    """Shard ``i`` of ``k`` (1-based), round-robin over the cells' order: every cell in exactly one shard."""
+    if not 1 <= i <= k:
+        raise ConfigError(f"--shard: {i}/{k} needs 1 <= i <= k")
+    return cells[i - 1::k]
+
+
 def cell_id(cell: dict) -> str:
     key = json.dumps(cell, sort_keys=True)
     label = "-".join(str(cell.get(k, "")) for k in ("defense", "dataset", "attack") if k in cell)
@@ -98,10 +131,12 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.json").write_text(json.dumps({"name": grid.name, "cells": grid.cells}, indent=2))
+    (out / f"grid{grid.suffix}.json").write_text(json.dumps({"name": grid.name, "shard": grid.shard,
+                                                             "cells": grid.cells}, indent=2))
     folders = [out / cell_id(c) for c in grid.cells]
     total_rounds = sum(int(c.get("num-server-rounds", ExperimentConfig().num_server_rounds)) for c in grid.cells)
-    tqdm.write(f"[fl-defense] grid {grid.name}: {len(grid.cells)} cells of {grid.num_supernodes} simulated clients; "
+    shard = f" (shard {grid.shard[0]} of {grid.shard[1]})" if grid.shard else ""
+    tqdm.write(f"[fl-defense] grid {grid.name}{shard}: {len(grid.cells)} cells of {grid.num_supernodes} simulated clients; "
                f"results in {out}, each cell's Flower output in <cell>.log there", file=sys.stdout)
     bar = tqdm(total=total_rounds, unit="round", disable=not progress, dynamic_ncols=True)
     for i, (cell, folder) in enumerate(zip(grid.cells, folders), start=1):
@@ -167,7 +202,8 @@ def tidy_table(folders: list[Path]):
                 "accuracy": r["accuracy"], "attack_success_rate": r.get("attack_success_rate"),
                 "clean_target_rate": r.get("clean_target_rate"),
                 "base_class_accuracy": r.get("base_class_accuracy"), "tpr": r.get("tpr"), "fpr": r.get("fpr"),
-                "num_flagged": r.get("num_flagged"), "aggregation_seconds": t.get("aggregation_seconds"),
+                "num_flagged": r.get("num_flagged"), "num_attackers_sampled": r.get("num_attackers_sampled"),
+                "aggregation_seconds": t.get("aggregation_seconds"),
                 "round_seconds": t.get("round_seconds"),
             })
     return pd.DataFrame(rows)
@@ -181,12 +217,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("grid", help="grid TOML file (see simulation/grids/)")
     parser.add_argument("--out", help="results folder (default: results/grids/<grid name>)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--shard", metavar="i/k", help="run only shard i of k (1 <= i <= k): cells i, i+k, i+2k, ... "
+                        "of the grid; then fl-defense report DIR [DIR ...] over every shard's results folder")
     args = parser.parse_args(argv)
     grid = Grid.load(args.grid)
+    if args.shard:
+        grid = grid.sharded(*parse_shard(args.shard))
     out = Path(args.out or ROOT / "results" / "grids" / grid.name).resolve()
     t0 = time.time()
     folders = run_grid(grid, out, progress=not args.no_progress)
     table = tidy_table(folders)
-    table.to_csv(out / "table.csv", index=False)
-    print(f"[fl-defense] done: {len(folders)} cells, {len(table)} rows -> {out / 'table.csv'} "
+    table.to_csv(out / f"table{grid.suffix}.csv", index=False)
+    print(f"[fl-defense] done: {len(folders)} cells, {len(table)} rows -> {out / f'table{grid.suffix}.csv'} "
           f"({time.time() - t0:.0f} s); tables and plots: fl-defense report {out}")

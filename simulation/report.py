@@ -3,7 +3,9 @@
     python -m simulation report results/grids/smoke --out results/reports/smoke
 
 Any folder whose sub-folders hold ``summary.json`` and ``rounds.jsonl`` works (a grid's output, or
-the runs of ``benchmarks/flwr_runs.py``). Writes ``report.md``, ``table.csv`` and PNGs:
+the runs of ``benchmarks/flwr_runs.py``); several folders (the shards of a grid run on several
+machines: ``fl-defense report DIR1 DIR2 ... --out DIR``) report as one, a run found in more than one
+of them (the same cell name) counted once. Writes ``report.md``, ``table.csv`` and PNGs:
 accuracy and attack-success curves per defense, per-client weights over rounds as a heatmap with
 attackers marked (the idea of the FDCR paper's figure 3), and attack success against the
 malicious fraction when the runs vary it.
@@ -17,8 +19,14 @@ from pathlib import Path
 SETTING = ["dataset", "partitioner", "dirichlet_alpha", "nir", "attack", "model_poisoning", "malicious_fraction"]
 
 
-def run_folders(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.glob("*/summary.json"))
+def run_folders(root: Path | list[Path]) -> list[Path]:
+    """The finished runs under one folder or several, ordered by run name; a name found under
+    several folders is taken from the first (shards of one grid name a cell alike everywhere)."""
+    found: dict[str, Path] = {}
+    for r in [root] if isinstance(root, Path) else root:
+        for p in sorted(r.glob("*/summary.json")):
+            found.setdefault(p.parent.name, p.parent)
+    return [found[name] for name in sorted(found)]
 
 
 def _mean_std(series) -> str:
@@ -171,12 +179,14 @@ def plot_fraction(table, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(root: Path, out: Path, title: str | None = None, note: str | None = None) -> Path:
+def write_report(root: Path | list[Path], out: Path, title: str | None = None, note: str | None = None) -> Path:
+    """The report over the runs under ``root`` (one folder, or several whose runs are merged)."""
     from .grid import tidy_table
 
-    folders = run_folders(root)
+    roots = [root] if isinstance(root, Path) else list(root)
+    folders = run_folders(roots)
     if not folders:
-        raise FileNotFoundError(f"no runs (sub-folders with summary.json) under {root}")
+        raise FileNotFoundError(f"no runs (sub-folders with summary.json) under {', '.join(map(str, roots))}")
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("curves_*.png"), *out.glob("weights_*.png"), *out.glob("asr_vs_fraction_*.png")]:
         old.unlink()  # plots of an earlier rendering that this one may not redraw
@@ -185,12 +195,14 @@ def write_report(root: Path, out: Path, title: str | None = None, note: str | No
     curves = plot_curves(table, out)
     weights = [p for p in (plot_weights(f, out) for f in weight_plot_runs(table, folders)) if p is not None]
     fraction = plot_fraction(table, out)
-    try:
-        shown = root.relative_to(Path.cwd())
-    except ValueError:
-        shown = root
-    lines = [f"# {title or root.name}", ""] + ([note, ""] if note else []) + [
-        f"{len(folders)} runs from `{shown}`. Final round, mean ± std over seeds. Attack success: triggered test "
+    def shown(path: Path) -> str:
+        try:
+            return f"`{path.relative_to(Path.cwd())}`"
+        except ValueError:
+            return f"`{path}`"
+
+    lines = [f"# {title or roots[0].name}", ""] + ([note, ""] if note else []) + [
+        f"{len(folders)} runs from {', '.join(map(shown, roots))}. Final round, mean ± std over seeds. Attack success: triggered test "
         "images of other classes classified as the target; without trigger: the same images as they are (the floor "
         "it stands on).",
         "", final_table(table), "", "## Accuracy and attack success over rounds", ""]
@@ -211,11 +223,14 @@ def main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m simulation report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", help="folder whose sub-folders are runs")
-    parser.add_argument("--out", help="report folder (default: <runs>/report)")
+    parser.add_argument("runs", nargs="+", help="folder whose sub-folders are runs; several (a grid's shards) merge")
+    parser.add_argument("--out", help="report folder (default: <runs>/report; needed with several folders)")
     parser.add_argument("--title")
     parser.add_argument("--note", help="text under the title (how the runs were made); @FILE reads it from FILE")
     args = parser.parse_args(argv)
-    root = Path(args.runs).resolve()
+    roots = [Path(r).resolve() for r in args.runs]
+    if len(roots) > 1 and not args.out:
+        parser.error("--out is needed when merging several folders of runs")
     note = Path(args.note[1:]).read_text().strip() if args.note and args.note.startswith("@") else args.note
-    print(write_report(root, Path(args.out).resolve() if args.out else root / "report", args.title, note))
+    out = Path(args.out).resolve() if args.out else roots[0] / "report"
+    print(write_report(roots if len(roots) > 1 else roots[0], out, args.title, note))

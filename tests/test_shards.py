@@ -1,0 +1,99 @@
+"""Grid shards cover every cell exactly once; a report merged over shards' folders equals one
+over a single folder holding the same runs (fake runs: no federation starts)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fl_defense.config import ConfigError, ExperimentConfig
+from simulation.grid import Grid, cell_id, parse_shard, shard_cells
+from simulation.report import write_report
+
+
+def _grid(tmp_path) -> Grid:
+    path = tmp_path / "g.toml"
+    path.write_text('[grid]\nname = "g"\n[vary]\ndefense = ["fedavg", "rlr", "flame"]\nseed = [1, 2, 3]\n'
+                    'malicious-fraction = [0.1, 0.2]\n')
+    return Grid.load(path)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7, 18, 25])
+def test_shards_cover_every_cell_exactly_once(tmp_path, k):
+    grid = _grid(tmp_path)
+    ids = [cell_id(c) for c in grid.cells]
+    shards = [[cell_id(c) for c in grid.sharded(i, k).cells] for i in range(1, k + 1)]
+    assert sorted(sum(shards, [])) == sorted(ids)  # each cell once, none lost
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced
+    assert [cell_id(c) for c in Grid.load(tmp_path / "g.toml").sharded(1, k).cells] == shards[0]  # deterministic
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "2", "a/b", "1/0"])
+def test_a_bad_shard_fails_naming_the_option(text):
+    with pytest.raises(ConfigError, match="--shard"):
+        parse_shard(text)
+
+
+def test_shard_cells_round_robin():
+    assert shard_cells(list(range(7)), 2, 3) == [1, 4]
+    assert parse_shard("2/3") == (2, 3)
+
+
+def _fake_run(folder: Path, cell: dict, rounds: int = 3) -> None:
+    """A finished run as the recorder writes it, with figures that depend on the cell."""
+    folder.mkdir(parents=True)
+    cfg = ExperimentConfig.from_run_config(cell).as_run_config()
+    h = sum(map(ord, folder.name)) % 97 / 97
+    rows = []
+    for r in range(rounds + 1):
+        row = {"round": r, "accuracy": min(1.0, 0.1 + 0.25 * r + 0.01 * h), "attack_success_rate": 0.5 * h + 0.1 * r / rounds,
+               "clean_target_rate": 0.05}
+        if r:
+            row.update({"num_clients": 4, "num_attackers_sampled": 1, "num_flagged": 1, "tpr": h, "fpr": 1 - h,
+                        "clients": [{"partition": p, "num_examples": 10, "weight": 0.25, "flagged": p == 0,
+                                     "malicious": p == 0} for p in range(4)]})
+        rows.append(row)
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "timings.jsonl").write_text("".join(json.dumps({"round": r, "round_seconds": 1.0 + r,
+                                                              "aggregation_seconds": 0.01 * r}) + "\n"
+                                                  for r in range(rounds + 1)))
+    (folder / "summary.json").write_text(json.dumps({"config": cfg, "rounds_completed": rounds}))
+
+
+def test_merged_report_equals_the_single_folder_report(tmp_path):
+    grid = _grid(tmp_path)
+    single = tmp_path / "single"
+    for cell in grid.cells:
+        _fake_run(single / cell_id(cell), cell)
+    shard_dirs = []
+    for i in (1, 2, 3):
+        d = tmp_path / f"shard{i}"
+        for cell in grid.sharded(i, 3).cells:
+            shutil.copytree(single / cell_id(cell), d / cell_id(cell))
+        shard_dirs.append(d)
+    (shard_dirs[1] / "unfinished").mkdir()  # a cell without summary.json is no run
+    # a cell that two shards both hold (a rerun elsewhere) counts once
+    first = cell_id(grid.sharded(1, 3).cells[0])
+    shutil.copytree(single / first, shard_dirs[2] / first)
+
+    one = write_report(single, tmp_path / "r_single")
+    merged = write_report(shard_dirs, tmp_path / "r_merged")
+    body = lambda p: [line for line in p.read_text().splitlines() if " runs from " not in line and not line.startswith("# ")]
+    assert body(one) == body(merged) and "| fedavg | 3 |" in one.read_text()
+    assert f"{len(grid.cells)} runs from" in merged.read_text()
+    assert (tmp_path / "r_single" / "table.csv").read_text() == (tmp_path / "r_merged" / "table.csv").read_text()
+    pngs = lambda d: sorted(p.name for p in d.glob("*.png"))
+    assert pngs(tmp_path / "r_single") == pngs(tmp_path / "r_merged") != []
+
+
+def test_the_report_command_takes_several_folders(tmp_path):
+    from simulation.report import main
+
+    grid = _grid(tmp_path)
+    for i, cell in enumerate(grid.cells[:4]):
+        _fake_run(tmp_path / f"s{i % 2}" / cell_id(cell), cell)
+    with pytest.raises(SystemExit):  # several folders need --out
+        main([str(tmp_path / "s0"), str(tmp_path / "s1")])
+    main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "rep")])
+    assert "4 runs from" in (tmp_path / "rep" / "report.md").read_text()
