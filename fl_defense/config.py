@@ -78,6 +78,8 @@ class ExperimentConfig:
     attack_start_round: int = field(default=1, metadata=_key("first round in which attackers attack", check=_positive))
     attack_every: int = field(default=1, metadata=_key("attack every k-th round from the start round", check=_positive))
     attack_stop_round: int = field(default=0, metadata=_key("last round in which attackers attack; the rounds after it measure the backdoor's lifespan (0: attackers never stop)", check=_non_negative))
+    pretrain_rounds: int = field(default=0, metadata=_key("rounds of clean FedAvg (no attackers) before the run, cached by a hash of the keys that shape them and shared by every run with the same; the run's round 0 is the pre-trained model and the attack rounds count from it (0: off; built by python -m simulation.run and grids, flwr run . only reuses a cache)", check=_non_negative))
+    pretrain_dir: str = field(default="", metadata=_key("folder of the pre-training cache (empty: <results-dir>/pretrain)"))
     attacker_pool: str = field(default="fixed", metadata=_key("the same attackers every round, or a fresh seeded pool per round", POOLS))
     malicious_fraction: float = field(default=0.1, metadata=_key("share of partitions that attack (seeded, fixed for the run)", check=_fraction))
     poison_rate: float = field(default=0.5, metadata=_key("share of an attacker's eligible samples it poisons", check=_fraction))

@@ -20,6 +20,7 @@ from fl_defense.config import ConfigError, ExperimentConfig
 from fl_defense.data import load_split
 from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, ClipNoise, Defense
 from fl_defense.fisher import ValidationFisher
+from fl_defense.pretrain import cache_folder, is_cached, pretrain_id
 from fl_defense.training import ServerUpdate
 from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
 from fl_defense.strategies import DefenseStrategy
@@ -107,6 +108,13 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
             raise ConfigError(f"run-config key 'resume': no checkpoint at {checkpoint_path}")
         state = load_checkpoint(checkpoint_path)  # also restores the RNGs (client sampling)
         set_arrays(model, state["arrays"])
+    pretrained = None
+    if cfg.pretrain_rounds > 0 and state is None:
+        pretrained = cache_folder(cfg, num_nodes)
+        if not is_cached(pretrained):
+            raise ConfigError(f"run-config key 'pretrain-rounds': no pre-trained model at {pretrained}; "
+                              "python -m simulation.run and grids build it first (flwr run . only reuses one)")
+        set_arrays(model, load_checkpoint(pretrained / "checkpoint.pkl", restore_rng=False)["arrays"])
     offset = state["round"] if state else 0
     recorder = RunRecorder(cfg, model, load_split(data_cfg, "test"), out_dir, resume_round=offset if state else None)
     server_data = load_split(data_cfg, "server") if cfg.server_fraction > 0 else None
@@ -117,6 +125,8 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     if state:
         strategy.aggregation.load_state_dict(state["defense"])
     recorder.strategy = strategy
+    if cfg.pretrain_rounds > 0:
+        recorder.pretrained_from = pretrain_id(cfg, num_nodes)
     print(f"[fl-defense] {strategy!r} on {cfg.dataset}; results in {recorder.out_dir}", flush=True)
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds - offset))
 

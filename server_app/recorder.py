@@ -103,6 +103,7 @@ class RunRecorder:
         self.out_dir = out_dir
         self.echo = echo or (lambda line: print(line, flush=True))
         self.strategy = None  # set once the strategy exists; records are read from it
+        self.pretrained_from: str | None = None  # the pre-training cache the run started from
         self.rows: list[dict] = []
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
@@ -214,6 +215,7 @@ class RunRecorder:
             "attack_window": window_metrics({r["round"]: r.get("attack_success_rate") for r in self.rows},
                                             self.cfg.attack_start_round, self.cfg.attack_stop_round),
             "attacker_partitions_seen": attackers,
+            "pretrained_from": self.pretrained_from,
             "definitions": DEFINITIONS,
         }
         path = self.out_dir / "summary.json"

@@ -62,10 +62,46 @@ def results_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.results_dir).expanduser().resolve() / cfg.run_name
 
 
+def ensure_pretrained(cfg: ExperimentConfig, num_supernodes: int, num_cpus: float = 1,
+                      num_gpus: float = 0.0) -> tuple[Path, bool] | None:
+    """With ``pretrain-rounds``: the pre-training cache folder this run starts from, built first
+    (clean FedAvg, a federation of its own) unless another run already did; returns (folder,
+    whether it was built now), or None without pre-training. A lock file makes concurrent runs
+    (the shards of a grid) wait for one build instead of repeating it."""
+    if cfg.pretrain_rounds <= 0:
+        return None
+    import fcntl
+
+    from fl_defense.pretrain import cache_folder, is_cached, pretrain_run_config
+
+    folder = cache_folder(cfg, num_supernodes)
+    if is_cached(folder):
+        print(f"{PREFIX} pre-trained model from the cache: {folder}", flush=True)
+        return folder, False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_cached(folder):  # built by another run while this one waited
+            print(f"{PREFIX} pre-trained model from the cache: {folder}", flush=True)
+            return folder, False
+        print(f"{PREFIX} pre-training: {cfg.pretrain_rounds} rounds of clean FedAvg, cached in {folder}", flush=True)
+        _federation(pretrain_run_config(cfg, num_supernodes), num_supernodes, num_cpus, num_gpus)
+    print(f"{PREFIX} pre-training done; the run starts from it", flush=True)
+    return folder, True
+
+
 def run(overrides: dict, num_supernodes: int = 10, num_cpus: float = 1, num_gpus: float = 0.0) -> Path:
     """The federation in this process, Flower's output as it comes; returns the results folder.
-    Raises ``ConfigError`` for a bad config and ``RunFailed`` for a run without a full result."""
+    Raises ``ConfigError`` for a bad config and ``RunFailed`` for a run without a full result.
+    With ``pretrain-rounds`` the pre-training cache is built first when missing."""
     cfg, overrides = prepare(overrides, num_supernodes)
+    ensure_pretrained(cfg, num_supernodes, num_cpus, num_gpus)
+    return _federation(overrides, num_supernodes, num_cpus, num_gpus)
+
+
+def _federation(overrides: dict, num_supernodes: int, num_cpus: float, num_gpus: float) -> Path:
+    """One federation through Flower's simulation engine; raises ``RunFailed`` without a full result."""
+    cfg = ExperimentConfig.from_run_config(overrides)
     from flwr.client import ClientApp
     from flwr.server import ServerApp
     from flwr.simulation import run_simulation
