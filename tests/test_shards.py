@@ -97,3 +97,44 @@ def test_the_report_command_takes_several_folders(tmp_path):
         main([str(tmp_path / "s0"), str(tmp_path / "s1")])
     main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "rep")])
     assert "4 runs from" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_shard_runs_only_its_cells_and_skips_finished_ones(tmp_path, monkeypatch):
+    import simulation.grid as g
+
+    grid = _grid(tmp_path)
+    out = tmp_path / "out"
+    mine = grid.sharded(2, 3).cells
+    for cell in mine:  # finished earlier: nothing may start
+        _fake_run(out / cell_id(cell), cell)
+    monkeypatch.setattr(g.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished cell was run again"))
+    g.main([str(tmp_path / "g.toml"), "--shard", "2/3", "--out", str(out), "--no-progress"])
+    assert json.loads((out / "grid.shard-2-of-3.json").read_text())["cells"] == mine
+    table = (out / "table.shard-2-of-3.csv").read_text().splitlines()
+    assert len(table) == 1 + len(mine) * 4 and not (out / "table.csv").exists()
+
+
+def test_a_shard_starts_exactly_its_unfinished_cells(tmp_path, monkeypatch):
+    import simulation.grid as g
+
+    grid = _grid(tmp_path)
+    out = tmp_path / "out"
+    mine = grid.sharded(1, 4).cells
+    _fake_run(out / cell_id(mine[0]), mine[0])  # done before: skipped
+    launched = []
+
+    class FakeCell:  # stands in for the cell's process: writes a finished run where it would
+        def __init__(self, cmd, **kwargs):
+            overrides = json.loads(cmd[cmd.index("--run-config-json") + 1])
+            launched.append(overrides["run-name"])
+            cell = {k: v for k, v in overrides.items() if k not in ("results-dir", "run-name", "resume")}
+            _fake_run(Path(overrides["results-dir"]) / overrides["run-name"], cell)
+            self.stdout, self.returncode = [], 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(g.subprocess, "Popen", FakeCell)
+    folders = g.run_grid(grid.sharded(1, 4), out, progress=False)
+    assert launched == [cell_id(c) for c in mine[1:]]
+    assert [f.name for f in folders] == [cell_id(c) for c in mine]
