@@ -77,6 +77,46 @@ def final_table(table) -> str:
     return "\n".join(lines)
 
 
+def window_table(folders: list[Path]) -> str | None:
+    """Per setting and defense, over the runs whose attack window closed before their last round
+    (``attack-stop-round``): attack success at the window's end and its worst round inside it
+    (mean ± std over seeds), and the lifespans after it, with how many runs never fell below."""
+    import pandas as pd
+
+    from fl_defense.config import ExperimentConfig
+
+    rows = []
+    for folder in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        w = summary.get("attack_window")
+        if not w or not w["window_closed"]:
+            continue
+        cfg = {**ExperimentConfig().as_run_config(), **summary["config"]}
+        rows.append({"dataset": cfg["dataset"], "partitioner": cfg["partitioner"],
+                     "dirichlet_alpha": cfg["dirichlet-alpha"], "nir": cfg["nir"], "attack": cfg["attack"],
+                     "model_poisoning": cfg["model-poisoning"], "malicious_fraction": cfg["malicious-fraction"],
+                     "defense": cfg["defense"], "window": f"{w['start_round']}-{w['stop_round']}",
+                     "tail": summary["rounds_completed"] - w["stop_round"], "seed": cfg["seed"], **w})
+    if not rows:
+        return None
+    table = pd.DataFrame(rows)
+
+    def life(series) -> str:
+        never = int(series.isna().sum())
+        return _mean_std(series.astype(float)) + (f" ({never} of {len(series)} never)" if never else "")
+
+    lines = ["| dataset | partition | attack | malicious | defense | window | tail | seeds | at window end "
+             "| worst in window | rounds to < 0.5 | rounds to < 0.1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, g in table.groupby(SETTING + ["defense", "window", "tail"], dropna=False, sort=True):
+        d = dict(zip(SETTING + ["defense", "window", "tail"], key))
+        attack = d["attack"] + ("" if d["model_poisoning"] == "none" else f"+{d['model_poisoning']}")
+        lines.append(f"| {d['dataset']} | {_partition(d)} | {attack} | {d['malicious_fraction']} | {d['defense']} | "
+                     f"{d['window']} | {d['tail']} | {g['seed'].nunique()} | {_mean_std(g['asr_window_end'])} | "
+                     f"{_mean_std(g['asr_window_worst'])} | {life(g['lifespan_50'])} | {life(g['lifespan_10'])} |")
+    return "\n".join(lines)
+
+
 def plot_curves(table, out: Path) -> list[Path]:
     import matplotlib
 
@@ -205,7 +245,15 @@ def write_report(root: Path | list[Path], out: Path, title: str | None = None, n
         f"{len(folders)} runs from {', '.join(map(shown, roots))}. Final round, mean ± std over seeds. Attack success: triggered test "
         "images of other classes classified as the target; without trigger: the same images as they are (the floor "
         "it stands on).",
-        "", final_table(table), "", "## Accuracy and attack success over rounds", ""]
+        "", final_table(table), ""]
+    durability = window_table(folders)
+    if durability:
+        lines += ["## Attack window and lifespan", "",
+                  "Runs whose attackers stop (attack-stop-round) before the last round. Attack success at the "
+                  "window's last round and its highest inside it; then the rounds after the window until attack "
+                  "success falls below 0.5 and 0.1 (0: already at the window's end), mean ± std over the runs "
+                  "where it did, and how many never did within the tail.", "", durability, ""]
+    lines += ["## Accuracy and attack success over rounds", ""]
     lines += [f"![curves]({p.name})" for p in curves]
     if fraction:
         lines += ["", "## Attack success against the malicious fraction", ""]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fl_defense.config import ConfigError, ExperimentConfig
+from fl_defense.durability import window_metrics
 from simulation.grid import Grid, cell_id, parse_shard, shard_cells
 from simulation.report import write_report
 
@@ -58,7 +59,10 @@ def _fake_run(folder: Path, cell: dict, rounds: int = 3) -> None:
     (folder / "timings.jsonl").write_text("".join(json.dumps({"round": r, "round_seconds": 1.0 + r,
                                                               "aggregation_seconds": 0.01 * r}) + "\n"
                                                   for r in range(rounds + 1)))
-    (folder / "summary.json").write_text(json.dumps({"config": cfg, "rounds_completed": rounds}))
+    summary = {"config": cfg, "rounds_completed": rounds}
+    if cell.get("malicious-fraction") == 0.2:  # these attack in rounds 1-2 only
+        summary["attack_window"] = window_metrics({r["round"]: r["attack_success_rate"] for r in rows}, 1, 2)
+    (folder / "summary.json").write_text(json.dumps(summary))
 
 
 def test_merged_report_equals_the_single_folder_report(tmp_path):
@@ -81,6 +85,7 @@ def test_merged_report_equals_the_single_folder_report(tmp_path):
     merged = write_report(shard_dirs, tmp_path / "r_merged")
     body = lambda p: [line for line in p.read_text().splitlines() if " runs from " not in line and not line.startswith("# ")]
     assert body(one) == body(merged) and "| fedavg | 3 |" in one.read_text()
+    assert "## Attack window and lifespan" in one.read_text()
     assert f"{len(grid.cells)} runs from" in merged.read_text()
     assert (tmp_path / "r_single" / "table.csv").read_text() == (tmp_path / "r_merged" / "table.csv").read_text()
     pngs = lambda d: sorted(p.name for p in d.glob("*.png"))
@@ -138,3 +143,22 @@ def test_a_shard_starts_exactly_its_unfinished_cells(tmp_path, monkeypatch):
     folders = g.run_grid(grid.sharded(1, 4), out, progress=False)
     assert launched == [cell_id(c) for c in mine[1:]]
     assert [f.name for f in folders] == [cell_id(c) for c in mine]
+
+
+def test_the_window_table_summarises_lifespans_over_seeds(tmp_path):
+    from simulation.report import window_table
+
+    folders = []
+    for seed, asr in ((1, [0.0, 0.9, 0.8, 0.4, 0.05]), (2, [0.0, 0.7, 0.6, 0.6, 0.3]), (3, [0.0, 0.5, 0.2, 0.05, 0.0])):
+        f = tmp_path / f"run{seed}"
+        f.mkdir()
+        cfg = ExperimentConfig.from_run_config({"defense": "flame", "seed": seed, "attack-stop-round": 2}).as_run_config()
+        w = window_metrics(dict(enumerate(asr)), 1, 2)
+        (f / "summary.json").write_text(json.dumps({"config": cfg, "rounds_completed": 4, "attack_window": w}))
+        folders.append(f)
+    (row,) = [line for line in window_table(folders).splitlines() if "| flame |" in line]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # window 1-2, 2 rounds of tail, 3 seeds; at the end 0.8, 0.6, 0.2; worst 0.9, 0.7, 0.5
+    assert cells[5:10] == ["1-2", "2", "3", "0.533 ± 0.306", "0.700 ± 0.200"]
+    assert cells[10] == "1.000 ± 1.000"  # lifespans below 0.5: 1, 2, 0
+    assert cells[11] == "1.500 ± 0.707 (1 of 3 never)"  # below 0.1: 2, never, 1
