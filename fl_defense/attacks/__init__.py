@@ -1,4 +1,5 @@
-"""Attacks: data poisoning (triggers, DBA, semantic), model poisoning, and who attacks when."""
+"""Attacks: data poisoning (triggers, DBA, semantic, label flipping), model poisoning (one attacker
+alone, or colluding attackers crafting from what they know: COLLUDING_ATTACKS), and who attacks when."""
 
 from .alie import ALIE, ALIEBackdoor, alie_z
 from .base import KNOWLEDGE, TARGETS, AttackRound, ColludingAttack
