@@ -168,8 +168,9 @@ class ExperimentConfig:
         """Check the config against a federation of ``num_nodes``; return the clients per round."""
         available = self.min_available_clients or num_nodes
         per_round = max(int(available * self.fraction_fit), self.min_fit_clients)
-        hint = (f"the federation has {num_nodes} SuperNodes; for a larger simulated one run "
-                f"flwr run . --federation-config \"num-supernodes=10\"")
+        hint = (f"the federation has {num_nodes} SuperNodes; simulate a larger one with "
+                f"--federation-config \"num-supernodes=N\" (flwr run) or --num-supernodes N "
+                f"(fl-defense, python -m simulation.run)")
         if per_round > max(num_nodes, available):
             raise ConfigError(f"run-config key 'min-fit-clients': {self.min_fit_clients} clients per round, but {hint}")
         if self.defense == "rlr" and self.rlr_theta > per_round:
