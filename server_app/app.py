@@ -115,6 +115,8 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
             raise ConfigError(f"run-config key 'pretrain-rounds': no pre-trained model at {pretrained}; "
                               "python -m simulation.run and grids build it first (flwr run . only reuses one)")
         set_arrays(model, load_checkpoint(pretrained / "checkpoint.pkl", restore_rng=False)["arrays"])
+        # client sampling that does not repeat the pre-training's sequence of sampled clients
+        random.seed(f"{cfg.seed}:after-pretraining:{cfg.pretrain_rounds}")
     offset = state["round"] if state else 0
     recorder = RunRecorder(cfg, model, load_split(data_cfg, "test"), out_dir, resume_round=offset if state else None)
     server_data = load_split(data_cfg, "server") if cfg.server_fraction > 0 else None
