@@ -13,7 +13,9 @@ strategy (lists of ndarrays). Timed, in the same process and run, on the same in
   rebuilding the arrays) through ``DefendedAggregation``, for every defense.
 Beside Bulyan, a reference row: Bulyan's round up to its per-coordinate window (flatten, Gram,
 repeated Krum, the sort of the selected values), what an exact Bulyan pays before its last step.
-Ratios are against Flower's FedAvg ``aggregate`` measured in the same run. Peak extra memory is
+Ratios are against Flower's FedAvg ``aggregate`` measured in the same run, by default timed again
+just before each row (``--single-reference``: once, at the start): on a shared machine the load
+changes within a run, and a ratio should compare two timings taken under the same load. Peak extra memory is
 the rise of the process's peak RSS during the first call over the RSS before it (Linux VmHWM,
 reset before the call; what an aggregator keeps between rounds counts), in
 units of the n x d float32 matrix. Server-side model work is stubbed: SDFC's validation Fisher and
@@ -71,23 +73,27 @@ def _reset_peak() -> None:
         fh.write("5")
 
 
-def measure(fn, repeats: int) -> tuple[float, int]:
-    """Best wall time over ``repeats`` calls after a first one, and the peak RSS of that first call
-    above the RSS before it: memory an aggregator allocates on first use and keeps between rounds
-    (our reused updates matrix) counts as extra memory."""
+def measure(fn, repeats: int) -> tuple[float, float, int]:
+    """Best wall time over ``repeats`` calls after a first one, the best CPU time of the process
+    (every thread) over the same calls, and the peak RSS of that first call above the RSS before
+    it: memory an aggregator allocates on first use and keeps between rounds (our reused updates
+    matrix) counts as extra memory. On one thread, CPU time is what the wall time would be on an
+    idle machine, within the memory traffic other processes cause: a ratio of CPU times survives
+    a busy machine better than one of wall times."""
     gc.collect()
     _trim()
     before = _status("VmRSS")
     _reset_peak()
     fn()
     peak = _status("VmHWM") - before
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         gc.collect()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times), max(0, peak)
+        cpu.append(time.process_time() - c)
+    return min(times), min(cpu), max(0, peak)
 
 
 def layer_shapes(d: int) -> list[tuple[int, ...]]:
@@ -139,7 +145,8 @@ def our_defenses(n: int) -> dict:
     }
 
 
-def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[str] | None = None) -> list[dict]:
+def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[str] | None = None,
+          paired: bool = True) -> list[dict]:
     from flwr.server.strategy.aggregate import aggregate, aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
     glob, results, fisher = make_inputs(n, d)
@@ -157,11 +164,23 @@ def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[
     if only:  # Flower's FedAvg stays: it is what every ratio is against
         flower = {k: v for i, (k, v) in enumerate(flower.items()) if i == 0 or any(o in k for o in only)}
         ours = {k: v for k, v in ours.items() if k in only}
+    reference = flower["flower aggregate (FedAvg)"]
+
+    def timed(name: str, fn) -> None:
+        """One row; with ``paired``, Flower's FedAvg is timed again just before it and the row's
+        ratio is against that (on a shared machine the load changes within a run)."""
+        ref, ref_cpu, _ = measure(reference, repeats) if paired and rows else (None, None, None)
+        t, cpu, peak = measure(fn, repeats)
+        if ref is None:
+            ref, ref_cpu = (rows[0]["seconds"], rows[0]["cpu_seconds"]) if rows else (t, cpu)
+        rows.append({"n": n, "d": d, "method": name, "seconds": t, "reference_seconds": ref,
+                     "ratio": t / ref, "cpu_seconds": cpu, "cpu_ratio": cpu / ref_cpu,
+                     "peak_extra": peak / matrix_bytes})
+
     for name, fn in flower.items():
-        t, peak = measure(fn, repeats)
-        rows.append({"n": n, "d": d, "method": name, "seconds": t, "peak_extra": peak / matrix_bytes})
-    # first use of each defense on a tiny input, so imports (scikit-learn's clustering) and
-    # allocator warm-up are not counted as the real call's memory
+        timed(name, fn)
+    # first use of each defense on a tiny input, so imports (scikit-learn's clustering), the
+    # kernel choices (cpu_kernels) and allocator warm-up are not counted in the real call
     tiny_glob, tiny_results, tiny_fisher = make_inputs(n, 1000, seed=1)
     for name, defense in our_defenses(n).items():
         if name not in ours:
@@ -173,11 +192,7 @@ def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[
         agg = DefendedAggregation(defense)
         client_results = [ClientResult(str(k), arrays, ne, {"partition-id": k, FISHER_KEY: fisher})
                           for k, (arrays, ne) in enumerate(results)]
-        t, peak = measure(lambda: agg.aggregate(1, glob, client_results), repeats)
-        rows.append({"n": n, "d": d, "method": name, "seconds": t, "peak_extra": peak / matrix_bytes})
-    base = rows[0]["seconds"]
-    for r in rows:
-        r["ratio"] = r["seconds"] / base
+        timed(name, lambda: agg.aggregate(1, glob, client_results))
     return rows
 
 
@@ -196,6 +211,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1,
                         help="repeat the whole measurement in this many fresh processes and print each "
                              "ratio's range (timings vary more between processes than within one)")
+    parser.add_argument("--single-reference", action="store_true",
+                        help="every ratio against the one Flower FedAvg timing at the start of the run "
+                             "(default: against Flower's FedAvg timed again just before each row)")
     parser.add_argument("--cpu", choices=["native", "avx2"], default="native",
                         help="avx2: run as on an AVX2 CPU without VNNI (emulated: benchmarks/cpu.py)")
     parser.add_argument("--json", help=argparse.SUPPRESS)  # where a --runs child writes its rows
@@ -210,18 +228,19 @@ def main() -> None:
     print(f"CPU: {describe()}")
     print(f"torch threads: {torch.get_num_threads()}, BLAS threads: "
           f"{max(p['num_threads'] for p in threadpoolctl_info())}, device: cpu\n")
-    print("| n | d | method | seconds | ratio to Flower FedAvg | peak extra memory (x n*d*4 bytes) |")
-    print("|---|---|---|---|---|---|")
+    print("| n | d | method | seconds | Flower FedAvg, its reference | ratio | CPU-time ratio | "
+          "peak extra memory (x n*d*4 bytes) |")
+    print("|---|---|---|---|---|---|---|---|")
     skipped, all_rows = [], []
     for n in args.n:
         for d in args.d:
             if n * d * 4 / 2**30 > args.max_gb:
                 skipped.append((n, d))
                 continue
-            for r in bench(n, d, args.repeats, args.skip_flower_krum_above, args.only):
+            for r in bench(n, d, args.repeats, args.skip_flower_krum_above, args.only, not args.single_reference):
                 all_rows.append(r)
-                print(f"| {r['n']} | {r['d']} | {r['method']} | {r['seconds']:.4f} | {r['ratio']:.3f} | "
-                      f"{r['peak_extra']:.2f} |", flush=True)
+                print(f"| {r['n']} | {r['d']} | {r['method']} | {r['seconds']:.4f} | {r['reference_seconds']:.4f} | "
+                      f"{r['ratio']:.3f} | {r['cpu_ratio']:.3f} | {r['peak_extra']:.2f} |", flush=True)
     print(f"\nkernels chosen: {cpu_kernels.summary()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": all_rows, "kernels": cpu_kernels.summary()}))
@@ -246,14 +265,18 @@ def run_processes(args: argparse.Namespace) -> None:
         print(f"kernels chosen in run {k + 1}: {run['kernels']}")
     per_run = [run["rows"] for run in per_run]
     print(f"{args.runs} runs, each in a fresh process; torch and BLAS threads: {args.threads or 'default'}\n")
-    print("| n | d | method | median seconds | ratio, lowest | ratio, median | ratio, highest | peak extra memory, highest |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| n | d | method | median seconds | its reference, median | ratio, lowest | ratio, median | ratio, highest "
+          "| CPU-time ratio, lowest-highest | peak extra memory, highest |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for j, row in enumerate(per_run[0]):
         same = [run[j] for run in per_run]
         ratios = sorted(r["ratio"] for r in same)
         secs = statistics.median(r["seconds"] for r in same)
-        print(f"| {row['n']} | {row['d']} | {row['method']} | {secs:.4f} | {ratios[0]:.3f} | "
-              f"{statistics.median(ratios):.3f} | {ratios[-1]:.3f} | {max(r['peak_extra'] for r in same):.2f} |")
+        ref = statistics.median(r["reference_seconds"] for r in same)
+        cpu = sorted(r["cpu_ratio"] for r in same)
+        print(f"| {row['n']} | {row['d']} | {row['method']} | {secs:.4f} | {ref:.4f} | {ratios[0]:.3f} | "
+              f"{statistics.median(ratios):.3f} | {ratios[-1]:.3f} | {cpu[0]:.3f}-{cpu[-1]:.3f} | "
+              f"{max(r['peak_extra'] for r in same):.2f} |")
 
 
 def threadpoolctl_info() -> list[dict]:

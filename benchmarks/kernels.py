@@ -9,6 +9,8 @@ Prints, for one n x d float32 matrix (best of three calls):
   torch threads) on one and two threads;
 - the coordinate sort behind median, trimmed mean and Bulyan: the block transposition alone, and
   ``aggregators.reduce_sorted_columns`` on one and two threads;
+- the candidates for a coordinate median on one 2 MB column block (numpy's sort, the one used;
+  numpy's partition; torch's sort and kthvalue over columns);
 - Fedward's ternary sign counts (its AmGrad Gram) over the same matrix, block by block on one
   thread, with each ``cpu_kernels`` candidate (torch's int8 GEMM, numpy's float32 product);
 - checking client values: ``isfinite`` over every client array (the check before this round of
@@ -73,6 +75,27 @@ def main() -> None:
     kept = list(range(n - 2 * max(1, n // 8)))  # Bulyan's selection at n = 100: 76 rows
     rows.append((f"sorted columns, {len(kept)} of the rows (Bulyan), 1 thread",
                  with_threads(1, lambda: reduce_sorted_columns(xt, lambda s: s[len(kept) // 2], rows=kept))))
+
+    # the candidates for a coordinate median, on one 2 MB block (the CPU path's block size)
+    width = (2 << 20) // (4 * n)
+    block = np.ascontiguousarray(x[:, :width])
+    buf = np.empty((width, n), np.float32)
+    mid = ((n - 1) // 2, n // 2)
+
+    def numpy_sort():
+        buf[...] = block.T
+        buf.sort(axis=1)
+
+    def numpy_partition():
+        buf[...] = block.T
+        buf.partition(mid, axis=1)
+
+    tb = torch.from_numpy(block)
+    rows.append((f"median of one {width}-column block: transpose + numpy sort (used), 1 thread", with_threads(1, numpy_sort)))
+    rows.append((f"median of one {width}-column block: transpose + numpy partition, 1 thread", with_threads(1, numpy_partition)))
+    rows.append((f"median of one {width}-column block: torch.sort over columns, 1 thread", with_threads(1, lambda: tb.sort(dim=0))))
+    rows.append((f"median of one {width}-column block: torch.kthvalue over columns, 1 thread",
+                 with_threads(1, lambda: tb.kthvalue(mid[1] + 1, dim=0))))
 
     # Fedward's ternary signs of Gaussian updates (about 1.4% nonzero), block by block as amgrad_gram
     half = np.abs(x).max(axis=1, keepdims=True) / 2

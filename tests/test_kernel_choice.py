@@ -14,7 +14,7 @@ from tests.helpers import round_updates
 
 
 class FakeClock:
-    """perf_counter for ``cpu_kernels``: candidates advance it by what they declare they cost,
+    """thread_time for ``cpu_kernels``: candidates advance it by what they declare they cost,
     so the measured choice is tested without depending on this machine's speed."""
 
     def __init__(self):
@@ -46,7 +46,7 @@ def task():
                              lambda: (3,))
         return calls
 
-    with mock.patch.object(cpu_kernels, "perf_counter", clock):
+    with mock.patch.object(cpu_kernels, "thread_time", clock):
         yield make
     cpu_kernels._tasks.pop("test-task", None)
     cpu_kernels._chosen.pop("test-task", None)

@@ -6,7 +6,8 @@ in the hardware (and oneDNN is on); elsewhere it is a plain loop ten times slowe
 product (docs/results/aggregation.md, issue 23). The capability torch and numpy report does not
 settle it (an AVX-512 CPU without VNNI, oneDNN switched off, a later torch), so the choice is
 measured where it is made: the first time a task runs, each of its candidates is timed on a small
-block on a worker thread (where the real blocks run: torch on one thread, BLAS held to one), and
+block on a worker thread (where the real blocks run: torch on one thread, BLAS held to one; in
+that thread's CPU time, so a busy machine does not decide it), and
 the plain candidate (the first) is kept unless another takes at most ``MARGIN`` of its time.
 The answer is kept for the process. Candidates of a task give identical results (tested), so the
 choice changes time, never numbers.
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from time import perf_counter
+from time import thread_time
 
 from .parallel import on_worker
 
@@ -67,11 +68,12 @@ def choice(name: str) -> str:
         if env not in task.candidates:
             raise ValueError(f"{ENV}: {name} must be one of {sorted(task.candidates)}, got {env!r}")
         return env
-    with _lock:
-        if name not in _chosen:
-            _timings[name] = on_worker(lambda: _time_candidates(task))
-            _chosen[name] = pick(_timings[name])
-        return _chosen[name]
+    if name not in _chosen:  # measured outside the lock (which a worker might otherwise wait on)
+        seconds = on_worker(lambda: _time_candidates(task))
+        with _lock:
+            if name not in _chosen:  # two first calls at once: the first answer stands
+                _timings[name], _chosen[name] = seconds, pick(seconds)
+    return _chosen[name]
 
 
 def pick(seconds: dict[str, float]) -> str:
@@ -121,17 +123,20 @@ def summary() -> dict[str, str]:
 
 def _time_candidates(task: Task, repeats: int = 3) -> dict[str, float]:
     """Best of ``repeats`` calls of each candidate on one probe, after a first call each (lazy
-    initialisation, code paths warmed); the calls alternate between candidates so that a burst
-    of load elsewhere falls on all of them."""
+    initialisation, code paths warmed), the calls alternating between candidates. Timed in the
+    thread's CPU time, not wall time: on a busy machine a call can wait for a core for longer
+    than it computes (a wall-clock probe there once kept float32 on a VNNI CPU, int8 measuring
+    1.48 ms against its idle 0.2 ms); the kernels run on the timing thread alone (torch and BLAS
+    held to one thread on the worker), so its CPU time is their cost."""
     args = task.probe()
     for fn in task.candidates.values():
         fn(*args)
     best = dict.fromkeys(task.candidates, float("inf"))
     for _ in range(repeats):
         for name, fn in task.candidates.items():
-            start = perf_counter()
+            start = thread_time()
             fn(*args)
-            best[name] = min(best[name], perf_counter() - start)
+            best[name] = min(best[name], thread_time() - start)
     return best
 
 
