@@ -10,10 +10,11 @@ its kernels by instruction set held to AVX2:
 None of these decides ``torch._int_mm`` on the CPU: torch sends it to oneDNN only when
 ``at::cpu::is_avx512_vnni_supported()`` (cpuinfo, the hardware) and oneDNN is enabled, and
 otherwise runs a plain triple loop (aten/src/ATen/native/LinearAlgebra.cpp, ``_int_mm_out_cpu``).
-Capped at AVX2, oneDNN's int8 product stays about as fast as float32 here, so capping it
-is not what a machine without VNNI does; the emulation switches oneDNN off in the process
+Capped at AVX2, oneDNN's int8 product stays faster than float32 here, so capping it is not
+what a machine without VNNI does; the emulation switches oneDNN off in the process
 (``torch.backends.mkldnn.enabled = False``), which takes torch down the same loop that machine
-takes (100 x 65,536 int8 block, one thread: 0.66 s here, 0.65 s in issue 23's measurement).
+takes (100 x 65,536 int8 block, one thread: 0.41-0.66 s here, 0.65 s in issue 23's measurement;
+``benchmarks/int8_gemm.py``).
 What cannot be emulated: clock, cache sizes and the number of vector units. The float32
 products still run on this machine's cores, so the int8 : float32 gap is wider here than there.
 """
