@@ -152,17 +152,17 @@ def make_strategy(base: type, name: str, defense_class: type[Defense] | None, fl
     return cls
 
 
-DefenseStrategy.__signature__ = build_signature(FlowerFedAvg.__init__, None, {},
-                                                {**DefenseStrategy.adapter_extras, "defense": None}, False)
-STRATEGIES: dict[str, type[DefenseStrategy]] = {
-    name: make_strategy(DefenseStrategy, name, cls, FLOWER_NAMES.get(name, {}), FLOWER_EQUIVALENT.get(name),
-                        "legacy", __name__)
-    for name, cls in DEFENSES.items()
-}
-globals().update({cls.__name__: cls for cls in STRATEGIES.values()})
-# Flower's class names for the same rules.
-FLOWER_ALIASES = {"FedMedian": STRATEGIES["median"], "FedTrimmedAvg": STRATEGIES["trimmed_mean"],
-                  "MultiKrum": STRATEGIES["krum"]}
-globals().update(FLOWER_ALIASES)
-__all__ = ["STRATEGIES", "DefenseStrategy", *sorted(cls.__name__ for cls in STRATEGIES.values()),
-           *sorted(FLOWER_ALIASES)]
+def strategy_classes(base: type, flower_names: dict, api: str, module: str) -> tuple[dict, dict, list]:
+    """Every registered defense's strategy class on ``base`` (and the generic ``base`` itself
+    given its signature), Flower's class names for the same rules, and the module's ``__all__``."""
+    extras = {**base.adapter_extras, "defense": None}
+    base.__signature__ = build_signature(base._flower_init(), None, {}, extras, positional_flower=(api == "message"))
+    classes = {name: make_strategy(base, name, cls, flower_names.get(name, {}), FLOWER_EQUIVALENT.get(name), api, module)
+               for name, cls in DEFENSES.items()}
+    aliases = {"FedMedian": classes["median"], "FedTrimmedAvg": classes["trimmed_mean"], "MultiKrum": classes["krum"]}
+    names = ["STRATEGIES", "DefenseStrategy", *sorted(c.__name__ for c in classes.values()), *sorted(aliases)]
+    return classes, aliases, names
+
+
+STRATEGIES, FLOWER_ALIASES, __all__ = strategy_classes(DefenseStrategy, FLOWER_NAMES, "legacy", __name__)
+globals().update({cls.__name__: cls for cls in STRATEGIES.values()}, **FLOWER_ALIASES)

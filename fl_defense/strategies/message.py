@@ -22,8 +22,8 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from ..defenses import DEFENSES
 from ..rounds import FISHER_KEY, FISHER_REQUEST_KEY, INSTRUCTIONS_KEY, ClientResult, split_ground_truth
-from ._common import DefenseAdapter, FlowerName, FlowerOnly, build_signature, client_metrics
-from .legacy import FLOWER_EQUIVALENT, make_strategy
+from ._common import DefenseAdapter, FlowerName, FlowerOnly, client_metrics
+from .legacy import strategy_classes
 
 # Flower's Message-API names for our defenses' parameters, per defense.
 FLOWER_NAMES: dict[str, dict] = {
@@ -166,15 +166,5 @@ def _array(v: np.ndarray) -> Array:
     return Array(np.require(v, requirements="C"))
 
 
-DefenseStrategy.__signature__ = build_signature(FlowerFedAvg.__init__, None, {}, {"defense": None}, True)
-STRATEGIES = {
-    name: make_strategy(DefenseStrategy, name, cls, FLOWER_NAMES.get(name, {}), FLOWER_EQUIVALENT.get(name),
-                        "message", __name__)
-    for name, cls in DEFENSES.items()
-}
-globals().update({cls.__name__: cls for cls in STRATEGIES.values()})
-FLOWER_ALIASES = {"FedMedian": STRATEGIES["median"], "FedTrimmedAvg": STRATEGIES["trimmed_mean"],
-                  "MultiKrum": STRATEGIES["krum"]}
-globals().update(FLOWER_ALIASES)
-__all__ = ["STRATEGIES", "DefenseStrategy", *sorted(cls.__name__ for cls in STRATEGIES.values()),
-           *sorted(FLOWER_ALIASES)]
+STRATEGIES, FLOWER_ALIASES, __all__ = strategy_classes(DefenseStrategy, FLOWER_NAMES, "message", __name__)
+globals().update({cls.__name__: cls for cls in STRATEGIES.values()}, **FLOWER_ALIASES)
