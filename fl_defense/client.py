@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from .fisher import FisherDecodeError, decode_fisher, empirical_fisher, encode_fisher
+from .fisher import FisherDecodeError, decode_fisher, empirical_fisher, encode_fisher, payload_length
 from .rounds import FISHER_KEY, FISHER_REQUEST_KEY, INSTRUCTION_PREFIX, INSTRUCTIONS_KEY
 
 __all__ = ["fisher_metrics", "add_fisher", "collect_samples", "wants_fisher", "instructions", "SDFCCalibration"]
@@ -116,8 +116,7 @@ def instructions(received) -> dict[str, np.ndarray]:
     for key, value in dict(received or {}).items():
         if key.startswith(INSTRUCTION_PREFIX) and isinstance(value, (bytes, bytearray)):
             try:
-                length = int.from_bytes(bytes(value[8:16]), "little")
-                out[key[len(INSTRUCTION_PREFIX):]] = decode_fisher(value, length)
+                out[key[len(INSTRUCTION_PREFIX):]] = decode_fisher(value, payload_length(value))
             except FisherDecodeError as err:
                 raise ValueError(f"instruction {key!r} from the server is malformed: {err}") from None
     return out

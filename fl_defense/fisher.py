@@ -29,6 +29,13 @@ def encode_fisher(fisher: np.ndarray, half: bool = False) -> bytes:
     return _HEADER.pack(MAGIC, _CODES[dtype], arr.size) + arr.tobytes()
 
 
+def payload_length(payload: bytes) -> int:
+    """The number of entries a payload's header declares (decode_fisher still checks it all)."""
+    if len(payload) < _HEADER.size:
+        raise FisherDecodeError("Fisher payload shorter than its header")
+    return _HEADER.unpack_from(payload)[2]
+
+
 def decode_fisher(payload: object, expected_len: int) -> np.ndarray:
     """Decode and check a Fisher payload; raise FisherDecodeError with the reason otherwise.
 

@@ -67,6 +67,7 @@ class ClientResult:
     arrays: list
     num_examples: object
     metrics: dict = field(default_factory=dict)
+    source: object = None  # the adapter's own reply object (the Message API's Message), for its metrics
 
 
 @dataclass
@@ -282,7 +283,8 @@ class DefendedAggregation:
         stop the run after ``max_rounds_without_valid`` of them."""
         if record.client_ids:  # some valid results, too few to aggregate: the clients can do it
             self.rounds_without_valid = 0
-        if record.client_ids or not had_replies:
+            return
+        if not had_replies:
             return
         self.rounds_without_valid += 1
         reasons = Counter(r["reason"] for r in record.rejected)

@@ -84,22 +84,20 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
         if not replies:  # as Flower's FedAvg
             self.aggregation.skip_round(server_round, "no replies")
             return None, None
-        client_results, ground_truth, failures, sources = [], {}, 0, {}
+        client_results, ground_truth, failures = [], {}, 0
         for msg in replies:
             cid = str(msg.metadata.src_node_id)
             if msg.has_error():
                 failures += 1
                 log(WARNING, "round %d: node %s failed: %s", server_round, cid, msg.error.reason)
                 continue
-            result = self._to_client_result(cid, msg, ground_truth)
-            sources[id(result)] = msg
-            client_results.append(result)
+            client_results.append(self._to_client_result(cid, msg, ground_truth))
         if not client_results:
             self.aggregation.skip_round(server_round, f"every reply ({failures}) is an error", failures=failures,
                                         had_replies=True)
             return None, None
         if self._keys is None:  # a direct call: the first reply's keys, as Flower's strategies take them
-            first = sources[id(client_results[0])].content.array_records
+            first = client_results[0].source.content.array_records
             self._keys = list(first[self.arrayrecord_key].keys()) if self.arrayrecord_key in first else None
         new_arrays, ours = self.aggregation.aggregate(
             server_round, self._global, client_results, failures=failures, ground_truth=ground_truth)
@@ -111,7 +109,7 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
         # Client metrics as Flower aggregates them: over the replies that went into the model (all of
         # them for FedAvg, the selected ones for Krum and Bulyan, as Flower's MultiKrum and Bulyan).
         weights = self.records[-1].weights
-        contributing = [self._metrics_view(sources[id(r)]) for r, w in zip(self.aggregation.last_valid, weights)
+        contributing = [self._metrics_view(r.source) for r, w in zip(self.aggregation.last_valid, weights)
                         if w > 0]
         metrics = self.train_metrics_aggr_fn(contributing, self.weighted_by_key) if contributing else None
         metrics = MetricRecord() if metrics is None else metrics
@@ -140,7 +138,7 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
         if FISHER_KEY in content.array_records:
             fisher_arrays = content.array_records[FISHER_KEY].to_numpy_ndarrays()
             metrics[FISHER_KEY] = fisher_arrays[0] if len(fisher_arrays) == 1 else None
-        return ClientResult(cid, arrays, _maybe_int(num_examples), metrics)
+        return ClientResult(cid, arrays, _maybe_int(num_examples), metrics, source=msg)
 
     @staticmethod
     def _metrics_view(msg: Message) -> RecordDict:
