@@ -176,3 +176,38 @@ def test_fedward_is_identical_with_either_kernel(threads):
     assert torch.equal(r1.params, r2.params) and torch.equal(r1.weights, r2.weights)
     assert torch.equal(r1.flagged, r2.flagged) and r1.info == r2.info
     assert r1.flagged[15:].all() and not r1.flagged[:15].any()  # and the rule did its job
+
+
+@pytest.mark.parametrize("n", [5, 100, 130])
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.02, 0.3, 1.0])
+def test_ternary_block_gram_skips_only_columns_without_shared_signs(n, density):
+    """The compressed product (columns with two or more nonzero signs, the diagonal from each
+    row's count) gives the plain product's integers at every density, through either kernel."""
+    from fl_defense.defenses.fedward import ternary_block_gram, ternary_gram_float32
+
+    rng = np.random.default_rng(n)
+    t = (rng.choice([-1, 1], size=(n, 3000)) * (rng.random((n, 3000)) < density)).astype(np.int8)
+    expected = (t.astype(np.int64) @ t.T.astype(np.int64))
+    for name in ("float32", "int8"):
+        with cpu_kernels.forced("ternary_gram", name):
+            np.testing.assert_array_equal(ternary_block_gram(t), expected)
+    np.testing.assert_array_equal(ternary_gram_float32(t), expected)
+
+
+def test_sparse_signs_take_the_compressed_product(monkeypatch):
+    """At the density of trained models' AmGrad (well under 1%) the kernel sees only the
+    columns two rows share; at Gaussian density (2%) the whole block."""
+    from fl_defense.defenses import fedward
+
+    seen = []
+
+    def spy(t):
+        seen.append(t.shape[1])
+        return fedward.ternary_gram_float32(t)
+
+    rng = np.random.default_rng(0)
+    sparse = (rng.choice([-1, 1], size=(100, 4096)) * (rng.random((100, 4096)) < 0.002)).astype(np.int8)
+    dense = (rng.choice([-1, 1], size=(100, 4096)) * (rng.random((100, 4096)) < 0.02)).astype(np.int8)
+    fedward.ternary_block_gram(sparse, spy)
+    fedward.ternary_block_gram(dense, spy)
+    assert seen[0] < 0.05 * 4096 and seen[1] == 4096

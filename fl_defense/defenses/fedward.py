@@ -94,6 +94,32 @@ def ternary_signs(x: np.ndarray, half: np.ndarray) -> np.ndarray:
     return np.subtract(pos.view(np.int8), neg.view(np.int8), out=scratch("signs", x.shape, np.int8))
 
 
+SPARSE_COLUMNS = 0.5  # below this share of columns with two or more nonzero signs, product the compressed block
+
+
+def ternary_block_gram(t: np.ndarray, counted=None) -> np.ndarray:
+    """t t^T for an n x B block of ternary signs (int8 -1/0/1), exactly, through ``counted`` (the
+    kernel ``cpu_kernels`` chose; default its choice), skipping the columns that cannot add to an
+    off-diagonal entry.
+
+    A column with at most one nonzero sign adds only to the diagonal, and the diagonal is each
+    row's count of nonzero signs. In trained models' updates few entries reach half their layer's
+    largest magnitude (0.18% of cnn_small's after an epoch on Fashion-MNIST), so most columns hold
+    one nonzero or none, and the product over the columns with two or more costs a fraction of the
+    whole block's. Where those columns are at least ``SPARSE_COLUMNS`` of the block (dense signs,
+    or Gaussian updates: about 60%), the block is multiplied whole. Same integers either way."""
+    counted = counted or cpu_kernels.kernel("ternary_gram")
+    n = t.shape[0]
+    magnitude = np.abs(t, out=scratch("abs_signs", t.shape, np.int8))
+    per_column = magnitude.sum(axis=0, dtype=np.int8 if n < 128 else np.int32)
+    shared = per_column >= 2
+    if np.count_nonzero(shared) >= SPARSE_COLUMNS * t.shape[1]:
+        return counted(t)
+    gram = counted(np.compress(shared, t, axis=1)).astype(np.int32, copy=False)
+    gram[np.diag_indices(n)] = magnitude.sum(axis=1, dtype=np.int32)
+    return gram
+
+
 def _ternary_probe() -> tuple[np.ndarray]:
     """64 x 4096 ternary signs, a third of each kind (the plain int8 loop takes about 20 ms)."""
     return (np.random.default_rng(0).integers(-1, 2, size=(64, 4096), dtype=np.int8),)
@@ -136,7 +162,7 @@ def amgrad_gram(updates: torch.Tensor, layer_slices: list[slice], l1: torch.Tens
             total = np.zeros((n, n), dtype=np.int64)
             for i in group:
                 x = u[:, blocks[i]]
-                total += counted(ternary_signs(x, half))
+                total += ternary_block_gram(ternary_signs(x, half), counted)
                 if l1 is not None:  # torch's float32 sum (faster than numpy's float64 one)
                     mag = torch.from_numpy(scratch("magnitudes", x.shape, x.dtype))
                     l1_blocks[i] = torch.abs(updates[:, blocks[i]], out=mag).sum(dim=1).numpy()
