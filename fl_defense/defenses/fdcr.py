@@ -49,25 +49,29 @@ def cluster_1d(values: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
 
 class FDCR(Defense):
-    """Fisher Discrepancy Cluster and Rescale, Huang et al., NeurIPS 2024 (sec. 3.2-3.3, eqs. 5-11).
+    """Fisher Discrepancy Cluster and Rescale, Huang et al., NeurIPS 2024 (sec. 3.2-3.3, eqs. (5)-(12),
+    Algorithm 1).
 
     Clients ship the diagonal empirical Fisher F_k of their trained model on their own data.
 
-    1. I_k = min-max normalisation of F_k over the whole trainable vector (parameter importance).
-    2. Importance-weighted update g_k = delta_k (.) I_k; aggregate g = sum_k alpha_k g_k with
-       sample weights alpha_k = n_k / n.
+    1. I_k = min-max normalisation of F_k (eq. 5) over the whole trainable vector (eq. 6).
+    2. Importance-weighted update g_k = delta_k (.) I_k (eqs. 7-8; the paper divides delta_k by the
+       local learning rate, which scales every V_k alike); aggregate g = sum_k alpha_k g_k with
+       sample weights alpha_k = n_k / n (eq. 9a).
     3. Discrepancy V_k = ||g_k - g||_2 (the L2 distance of the authors' code; the paper's eq. 9b
        writes the mean squared difference, a monotone transform of it).
-    4. FINCH on the scalars V_k, first (finest) partition; the cluster with the largest mean V is
-       malicious: weight 0, flagged. A single cluster flags nobody.
+    4. FINCH on the scalars V_k, first (finest) partition (eq. 10); the cluster with the largest
+       mean V is malicious: weight 0, flagged, the others' weights renormalised (eq. 11). A single
+       cluster flags nobody.
     5. Fisher parameter rescaling: each benign update is scaled per coordinate by 2*sigmoid(I_k)
-       (in [1, 1.46]: important coordinates count more) and the benign ones are averaged with
-       renormalised sample weights.
+       (eq. 12; in [1, 1.46]: important coordinates count more) and the benign ones are averaged
+       with the renormalised sample weights of eq. 11.
 
     When nobody is flagged (one cluster) the round is plain sample-weighted averaging, as in the
     authors' code. The authors' released server replaces attackers' Fisher with noise using the
     ground-truth attacker list; this implementation never sees ground truth and uses only what the
-    clients reported. ``clustering`` ("finch", "kmeans", "dbscan") reruns the paper's ablation.
+    clients reported. ``clustering`` ("finch", "kmeans", "dbscan") reruns the paper's ablation
+    (table 1).
     """
 
     name = "fdcr"
@@ -76,7 +80,7 @@ class FDCR(Defense):
     needs_fisher = True
     run_config = {
         "clustering": RunKey("FDCR: clustering of the Fisher discrepancies", choices=("finch", "kmeans", "dbscan")),
-        "rescale": RunKey("FDCR: rescale the kept updates by 2 sigmoid(I_k) (eq. 11)"),
+        "rescale": RunKey("FDCR: rescale the kept updates by 2 sigmoid(I_k) (eq. 12)"),
     }
 
     def __init__(self, clustering: str = "finch", rescale: bool = True, server_lr: float = 1.0) -> None:
@@ -97,7 +101,7 @@ class FDCR(Defense):
         block (no second n x d matrix; blocks shared out among the threads, the per-block squared
         norms added in block order).
 
-        ``keep_rescaled`` also writes sigmoid(I_k) * delta_k, the rescaled update of eq. 11 up to
+        ``keep_rescaled`` also writes sigmoid(I_k) * delta_k, the rescaled update of eq. 12 up to
         its factor 2, over ``ru.fisher`` (the round's workspace, read here for the last time), so
         the rescaled average is one product later instead of a second pass over both matrices."""
         lo, hi = row_min_max(ru.fisher)

@@ -1,5 +1,6 @@
 """Norm clipping with Gaussian noise (Sun et al., "Can you really backdoor FL?", 2019), and the
-same clipping + noise as a wrapper around any other defense (how the RLR paper combines them)."""
+same clipping + noise as a wrapper around any other defense (how the RLR paper, Ozdayi et al.,
+AAAI 2021, combines them with its robust learning rate: its eq. (2))."""
 
 from __future__ import annotations
 
