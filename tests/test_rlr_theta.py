@@ -91,6 +91,9 @@ def test_command_prints_the_table(capsys):
     assert "0: 0.330" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--clients", "10"])
+    with pytest.raises(SystemExit):  # more attackers than clients: a usage error, not a traceback
+        main(["--clients", "10", "--attackers", "11"])
+    assert "num_attackers must be in [0, 10]" in capsys.readouterr().err
 
 
 def test_the_docs_table_is_what_the_command_prints(capsys):

@@ -270,8 +270,8 @@ def theta_tradeoff(
 def choose_theta(num_clients: int, attackers: int | Mapping[int, float], max_attack_keep: float = 0.25) -> int:
     """The smallest theta (so the one that flips fewest benign coordinates) at which a coordinate
     only the attackers push keeps +eta with probability at most ``max_attack_keep``, written as the
-    threshold it acts as (``effective_theta``). The default 0.25 is about where the authors' own
-    thresholds for partial participation sit (their FEMNIST runs: 50 of 3383 agents per round,
+    threshold it acts as (``effective_theta``). The default 0.25 sits just above where the authors'
+    own thresholds for several attackers a round put it (their FEMNIST runs: 50 of 3383 agents a round,
     theta 17, 22, 27 for 20, 30, 40% attackers keep such a coordinate with probability 0.16, 0.19,
     0.14); 10 clients with 2 or 3 attackers give 6."""
     for row in theta_tradeoff(num_clients, attackers, consensus=()):

@@ -28,15 +28,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.attackers is None) == (args.population is None or args.malicious is None):
         parser.error("give either --attackers, or --population and --malicious")
-    if args.attackers is not None:
-        attackers: int | dict[int, float] = args.attackers
-        what = f"{args.clients} clients per round, {args.attackers} of them attackers"
-    else:
-        attackers = attackers_per_round(args.population, args.malicious, args.clients)
-        what = (f"{args.clients} of {args.population} clients per round, {args.malicious} attackers in the "
-                f"federation (per round: " + ", ".join(f"{a}: {p:.3f}" for a, p in attackers.items()) + ")")
+    try:
+        if args.attackers is not None:
+            attackers: int | dict[int, float] = args.attackers
+            what = f"{args.clients} clients per round, {args.attackers} of them attackers"
+        else:
+            attackers = attackers_per_round(args.population, args.malicious, args.clients)
+            what = (f"{args.clients} of {args.population} clients per round, {args.malicious} attackers in "
+                    f"the federation (per round: " + ", ".join(f"{a}: {p:.3f}" for a, p in attackers.items()) + ")")
+        table = format_tradeoff(theta_tradeoff(args.clients, attackers, consensus=args.consensus))
+    except ValueError as err:
+        parser.error(str(err))
     print(what)
-    print(format_tradeoff(theta_tradeoff(args.clients, attackers, consensus=args.consensus)))
+    print(table)
 
 
 if __name__ == "__main__":
