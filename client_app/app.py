@@ -19,6 +19,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from fl_defense.attacks import (COLLUDING_ATTACKS, AttackSchedule, boost, gaussian_update, neurotoxin_mask, poison_data,
                                 project_to_ball, scale_to_bound, sign_flip)
+from fl_defense.attacks.adaptive import ADAPTIVE_LOCAL_ATTACKS, HonestShadow, adaptive_fit, mimic_fisher, noise_fisher
 from fl_defense.attacks.collusion import HONEST_UPDATE_KEY, encode_update
 from fl_defense.client import SDFCCalibration, instructions
 from fl_defense.config import ExperimentConfig
@@ -79,6 +80,9 @@ class DefenseClient(NumPyClient):
         # A colluding attacker trains honestly and reports that update under a reserved key; the
         # server's simulation-only collusion step crafts what it sends (fl_defense.attacks.collusion).
         colluding = COLLUDING_ATTACKS.get(cfg.model_poisoning) if rank is not None else None
+        # what it would have sent honestly, trained on first use (fl_defense.attacks.adaptive)
+        self.shadow = HonestShadow(self.model, self.images, self.labels, cfg, seed, self.device) if rank is not None and (
+            cfg.model_poisoning in ADAPTIVE_LOCAL_ATTACKS or cfg.fisher_forgery == "mimic") else None
         images, labels, poisoned = self.images, self.labels, torch.empty(0, dtype=torch.long)
         if rank is not None and (colluding is None or colluding.uses_poisoned):
             images, labels, poisoned = poison_data(
@@ -96,11 +100,18 @@ class DefenseClient(NumPyClient):
             metrics[HONEST_UPDATE_KEY] = encode_update(honest)
         if config.get(FISHER_REQUEST_KEY):
             fx, fy = images, labels
-            if rank is not None and cfg.fisher_forgery == "clean":  # report a benign-looking Fisher
+            forgery = cfg.fisher_forgery if rank is not None else "none"
+            if forgery in ("clean", "mimic"):  # report a benign-looking Fisher
                 clean = torch.ones(len(self.labels), dtype=torch.bool)
                 clean[poisoned] = False
                 fx, fy = self.images[clean], self.labels[clean]
-            fisher = empirical_fisher(self.model, fx, fy, max_samples=cfg.fisher_samples)
+            if forgery == "noise":
+                dim = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                fisher = noise_fisher(dim, _seed(cfg.seed, self.partition_id, server_round, 0xF15))
+            else:
+                fisher = empirical_fisher(self.model, fx, fy, max_samples=cfg.fisher_samples)
+            if forgery == "mimic":
+                fisher = mimic_fisher(fisher, self.shadow.fisher)
             metrics[FISHER_KEY] = encode_fisher(fisher, half=cfg.fisher_half)
         return get_arrays(self.model), len(self.images), metrics
 
@@ -125,6 +136,9 @@ class DefenseClient(NumPyClient):
                     if p.grad is not None:
                         p.grad.mul_(allowed[offset:offset + n].view_as(p).to(p.grad))
                     offset += n
+        if mode in ADAPTIVE_LOCAL_ATTACKS:  # trains and leaves in the model what the attacker sends
+            penalty = self.calibration.penalty if self.calibration is not None and self.calibration.active else None
+            return adaptive_fit(mode, self.model, images, labels, cfg, seed, self.shadow, self.device, penalty)
         loss = self._train(images, labels, seed, before, after)
         trained = parameters_to_vector(params).detach().clone()
         reported = {

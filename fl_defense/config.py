@@ -11,6 +11,7 @@ import difflib
 from dataclasses import MISSING, dataclass, field, fields
 
 from .attacks import COLLUDING_ATTACKS, DATA_ATTACKS, DIRECTIONS, KNOWLEDGE, MODEL_ATTACKS, POOLS, TARGETS
+from .attacks.adaptive import EVASION_DISTANCES, FISHER_FORGERIES
 from .data import DATASETS, PARTITIONERS, DataConfig
 from .defenses import DEFENSES, PRE_AGGREGATIONS
 from .models import MODELS
@@ -74,7 +75,13 @@ class ExperimentConfig:
     ipm_epsilon: float = field(default=0.5, metadata=_key("ipm: attackers send -epsilon times the benign mean", check=_positive))
     minmax_direction: str = field(default="std", metadata=_key("min_max, min_sum: perturbation direction (inverse unit vector, std or sign)", DIRECTIONS))
     # --
-    fisher_forgery: str = field(default="none", metadata=_key("attackers' Fisher: honest (none) or computed on their clean samples only (clean)", ("none", "clean")))
+    fisher_forgery: str = field(default="none", metadata=_key("attackers' Fisher: honest (none), computed on their clean samples only (clean), that one quantile-matched to their honest model's Fisher (mimic), or i.i.d. uniform [0, 1) noise (noise)", FISHER_FORGERIES))
+    # -- adaptive attacks (fl_defense.attacks.adaptive); rlr_adaptive reads rlr-theta --
+    fisher_penalty_lambda: float = field(default=1.0, metadata=_key("model-poisoning=fisher_penalty: lambda in loss + lambda * sum_i I_i (theta_i - theta_ref_i)^2", check=_positive))
+    evasion_alpha: float = field(default=0.7, metadata=_key("model-poisoning=evasion: alpha in alpha * L_class + (1 - alpha) * L_ano, in (0, 1] (1: no evasion term)", check=lambda v: 0 < v <= 1))
+    evasion_distance: str = field(default="l2", metadata=_key("model-poisoning=evasion: L_ano, the local model's L2 or cosine distance to the global model", EVASION_DISTANCES))
+    evasion_norm_match: bool = field(default=True, metadata=_key("model-poisoning=evasion: rescale the update to the norm of the attacker's honest update"))
+    # --
     attack_start_round: int = field(default=1, metadata=_key("first round in which attackers attack", check=_positive))
     attack_every: int = field(default=1, metadata=_key("attack every k-th round from the start round", check=_positive))
     attack_stop_round: int = field(default=0, metadata=_key("last round in which attackers attack; the rounds after it measure the backdoor's lifespan (0: attackers never stop)", check=_non_negative))
@@ -157,6 +164,10 @@ class ExperimentConfig:
             raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
         if self.attack == "mask" and not self.trigger_file:
             raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
+        if self.model_poisoning == "fisher_penalty" and self.fisher_penalty_lambda * self.learning_rate >= 1:
+            raise ConfigError(f"run-config key 'fisher-penalty-lambda': {self.fisher_penalty_lambda} times "
+                              f"learning-rate {self.learning_rate} must be < 1 (SGD on the quadratic penalty "
+                              f"diverges where 2 lr lambda I_i >= 2)")
         attack = COLLUDING_ATTACKS.get(self.model_poisoning)
         if attack is not None and self.attack_target not in attack.targets:
             raise ConfigError(f"run-config key 'attack-target': model-poisoning={self.model_poisoning} targets "
@@ -205,7 +216,7 @@ class ExperimentConfig:
     def colluding_params(self) -> dict:
         """Parameters of the colluding attacks (each takes those its constructor names)."""
         return {"z": self.alie_z, "epsilon": self.ipm_epsilon, "direction": self.minmax_direction,
-                "target": self.attack_target}
+                "target": self.attack_target, "theta": self.rlr_theta}
 
     @property
     def wraps_clip_noise(self) -> bool:

@@ -1,6 +1,7 @@
 """Attacks: data poisoning (triggers, DBA, semantic, label flipping), model poisoning (one attacker
 alone, or colluding attackers crafting from what they know: COLLUDING_ATTACKS), and who attacks when."""
 
+from .adaptive import ADAPTIVE_LOCAL_ATTACKS, EVASION_DISTANCES, FISHER_FORGERIES, RLRAdaptive
 from .alie import ALIE, ALIEBackdoor, alie_z
 from .base import KNOWLEDGE, TARGETS, AttackRound, ColludingAttack
 from .fang import Fang
@@ -23,8 +24,9 @@ COLLUDING_ATTACKS: dict[str, type[ColludingAttack]] = {
     "min_max": MinMax,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 6; target krum: sec. IV-B)
     "min_sum": MinSum,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 7)
     "fang": Fang,                    # Fang et al., USENIX Security 2020 (Krum: sec. 3.3; trim/median: sec. 3.4)
+    "rlr_adaptive": RLRAdaptive,     # adaptive to RLR, Ozdayi et al., AAAI 2021 (eq. 4): push where the vote clears theta
 }
-MODEL_ATTACKS = LOCAL_MODEL_ATTACKS + tuple(COLLUDING_ATTACKS)
+MODEL_ATTACKS = LOCAL_MODEL_ATTACKS + ADAPTIVE_LOCAL_ATTACKS + tuple(COLLUDING_ATTACKS)
 
 
 def make_colluding(name: str, **params) -> ColludingAttack:
@@ -32,7 +34,7 @@ def make_colluding(name: str, **params) -> ColludingAttack:
     cls = COLLUDING_ATTACKS[name]
     return cls(**{k: v for k, v in params.items() if k in cls.param_names()})
 
-__all__ = ["ALIE", "ATTACKS", "COLLUDING_ATTACKS", "DATA_ATTACKS", "DIRECTIONS", "IPM", "KNOWLEDGE",
+__all__ = ["ADAPTIVE_LOCAL_ATTACKS", "EVASION_DISTANCES", "FISHER_FORGERIES", "RLRAdaptive", "ALIE", "ATTACKS", "COLLUDING_ATTACKS", "DATA_ATTACKS", "DIRECTIONS", "IPM", "KNOWLEDGE",
            "LOCAL_MODEL_ATTACKS", "MODEL_ATTACKS", "TARGETS", "ALIEBackdoor", "AttackRound", "ColludingAttack",
            "Fang", "MinMax", "MinSum", "alie_z", "flip_labels", "label_flip", "make_colluding", "POOLS", "TRIGGERS", "AttackSchedule", "Trigger",
            "apply_trigger", "boost", "eligible", "gaussian_update", "make_trigger", "neurotoxin_mask",

@@ -119,7 +119,7 @@ def collude(results: list[ClientResult], global_arrays: list[np.ndarray], layout
     rnd = AttackRound(num_clients=len(results), num_attackers=m, knowledge=knowledge, poisoned=poisoned,
                       seed=int(np.random.SeedSequence([seed, 0xC011D, server_round]).generate_state(1)[0]))
     crafted = attack.craft(known, rnd)
-    for key in ("last_gamma", "last_lambda"):
+    for key in ("last_gamma", "last_lambda", "last_targeted"):
         if getattr(attack, key, None) is not None:
             record[key.removeprefix("last_")] = float(getattr(attack, key))
     crafted = crafted.add_(global_vec).cpu()  # the models they send (one for all, or m x d)
