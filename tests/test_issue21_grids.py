@@ -27,7 +27,8 @@ def test_rlr_theta_sweeps_distinct_effective_thetas_in_the_seed_setting():
 
 def test_seed_grids_theta():
     _, cfgs = _configs("fdcr_dirichlet")
-    assert {c.rlr_theta for c in cfgs} == {6}
+    assert {c.rlr_theta for c in cfgs if c.defense == "rlr"} == {6}  # 2-3 attackers of 10 every round
+    assert sum(c.defense == "rlr" for c in cfgs) == 8
     for name in ("rlr_fmnist_iid", "rlr_fmnist_iid_allclass"):
         _, cfgs = _configs(name)
         assert {c.rlr_theta for c in cfgs} == {4}  # the RLR paper's own setting: 1 attacker of 10
