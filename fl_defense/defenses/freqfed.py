@@ -1,0 +1,132 @@
+"""FreqFed (Fereidooni, Pegoraro, Rieger, Dmitrienko and Sadeghi, "FreqFed: A Frequency
+Analysis-Based Approach for Mitigating Poisoning Attacks in Federated Learning", NDSS 2024)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..updates import RoundUpdates
+from .base import Defense, DefenseResult, RunKey
+from .parallel import parallel_map, split_evenly, workers
+
+TRANSFORM_ON = ("models", "updates")
+LAYERS = ("all", "last")
+
+
+def low_frequency_count(length: int) -> int:
+    """How many leading DCT coefficients of a layer of ``length`` values are low-frequency: the
+    paper's filter keeps V[i, j] with i + j <= floor(M / 2); a flattened layer is an M x 1 matrix
+    (j = 0), so that is coefficients 0..floor(M / 2)."""
+    return length // 2 + 1
+
+
+def low_frequency_gram(u: torch.Tensor, reference: torch.Tensor | None, slices: list[slice]) -> np.ndarray:
+    """The Gram matrix of the clients' low-frequency vectors F_k (float64, n x n).
+
+    F_k is, layer by layer, the first ``low_frequency_count`` coefficients of the orthonormal
+    DCT-II of the layer's values, concatenated. With ``reference`` (the global vector) the vectors
+    are those of the local models W_k = G + delta_k; the DCT is linear, so F(W_k) = F(G) +
+    F(delta_k) and their Gram follows from the updates' (FLAME's trick): no model is built. Layer by
+    layer, so at most one n x (largest layer / 2) block is alive; rows are shared out among threads.
+    """
+    from scipy.fft import dct
+
+    x = u.detach().cpu().numpy()
+    n = x.shape[0]
+    gram = np.zeros((n, n))
+    cross = np.zeros(n)
+    ref_sq = 0.0
+    g = None if reference is None else reference.detach().cpu().numpy().astype(x.dtype, copy=False)
+    for sl in slices:
+        k = low_frequency_count(sl.stop - sl.start)
+        block = np.empty((n, k), dtype=x.dtype)
+
+        def rows(group: list[int]) -> None:
+            for i in group:
+                block[i] = dct(x[i, sl], norm="ortho")[:k]
+
+        parallel_map(rows, split_evenly(list(range(n)), workers()))
+        gram += (block @ block.T).astype(np.float64)
+        if g is not None:
+            fg = dct(g[sl], norm="ortho")[:k]
+            cross += (block @ fg).astype(np.float64)
+            ref_sq += float(fg.astype(np.float64) @ fg.astype(np.float64))
+    gram = (gram + gram.T) / 2
+    if g is not None:
+        gram = gram + cross[:, None] + cross[None, :] + ref_sq
+    return gram
+
+
+def cosine_distances_from_gram(gram: np.ndarray) -> np.ndarray:
+    norms = np.sqrt(np.clip(np.diag(gram), 1e-300, None))
+    dist = np.clip(1.0 - gram / norms[:, None] / norms[None, :], 0.0, 2.0)
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+class FreqFed(Defense):
+    """FreqFed, Fereidooni et al., NDSS 2024 (sec. IV, Algorithm 1).
+
+    1. Frequency analysis: each local model W_k (``transform_on="models"``, the paper: it
+       transforms the weights; ``"updates"`` uses delta_k) is transformed layer by layer with the
+       orthonormal DCT-II.
+    2. Filtering: the low-frequency components are kept, the top-left triangle i + j <=
+       floor(M / 2) of each layer's coefficient matrix V (M rows), concatenated into F_k. The updates
+       here carry each layer as a flat slice (``RoundUpdates.layer_slices``, no shapes), so a layer
+       is its flattened M x 1 vector and the triangle is its first floor(M / 2) + 1 coefficients
+       (the flattened variant; public reimplementations also flatten). ``layers="last"`` uses only
+       the output layer's weight and bias (as some reimplementations do).
+    3. Clustering: c_kl = 1 - cos(F_k, F_l); HDBSCAN (scikit-learn, precomputed distances) with
+       min_cluster_size = n/2 + 1, min_samples = 1, one cluster allowed. The cluster with the most
+       members is accepted, everyone else is flagged.
+    4. Aggregation: FedAvg of the accepted models, weights n_k / sum n_k over the cluster.
+
+    Left open by the paper and chosen here: when HDBSCAN finds no cluster (every model is noise)
+    all clients are averaged, as FLAME here does; with fewer than 3 clients there is nothing to
+    cluster and all are averaged. Memory: the n x n Gram and one n x (largest layer / 2) block of
+    coefficients, float32; no d x d anything and no second n x d matrix.
+    """
+
+    name = "freqfed"
+    paper = "Fereidooni et al., NDSS 2024"
+    detects = True
+    run_config = {
+        "transform_on": RunKey("FreqFed: DCT of the local models (paper) or of the updates", choices=TRANSFORM_ON),
+        "layers": RunKey("FreqFed: DCT of every layer (paper) or the output layer only", choices=LAYERS),
+    }
+
+    def __init__(self, transform_on: str = "models", layers: str = "all") -> None:
+        self.transform_on = transform_on
+        self.layers = layers
+
+    def validate(self) -> None:
+        if self.transform_on not in TRANSFORM_ON:
+            raise ValueError(f"transform_on must be one of {TRANSFORM_ON}, got {self.transform_on!r}")
+        if self.layers not in LAYERS:
+            raise ValueError(f"layers must be one of {LAYERS}, got {self.layers!r}")
+
+    def cluster(self, global_params: torch.Tensor, ru: RoundUpdates) -> np.ndarray:
+        """HDBSCAN labels over the cosine distances of the low-frequency vectors (-1: noise)."""
+        from sklearn.cluster import HDBSCAN
+
+        slices = ru.layer_slices
+        if self.layers == "last" and len(slices) > 1:
+            slices = slices[-2:]
+        ref = global_params if self.transform_on == "models" else None
+        dist = cosine_distances_from_gram(low_frequency_gram(ru.updates, ref, slices))
+        if ru.n < 3:
+            return np.zeros(ru.n, dtype=int)
+        return HDBSCAN(min_cluster_size=ru.n // 2 + 1, min_samples=1, metric="precomputed", copy=True,
+                       allow_single_cluster=True).fit(dist).labels_
+
+    def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
+        ru = round_updates
+        labels = self.cluster(global_params, ru)
+        clusters, counts = np.unique(labels[labels >= 0], return_counts=True)
+        accepted = labels == clusters[np.argmax(counts)] if len(clusters) else np.ones(ru.n, dtype=bool)
+        adm = torch.as_tensor(accepted, device=ru.device)
+        w = torch.where(adm, ru.sample_weights, 0.0)
+        w = w / w.sum()
+        return DefenseResult(params=global_params + w @ ru.updates, weights=w, flagged=~adm,
+                             info={"clusters": labels.tolist(), "no-cluster": not len(clusters)})
