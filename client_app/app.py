@@ -21,6 +21,8 @@ from fl_defense.attacks import (COLLUDING_ATTACKS, AttackSchedule, boost, gaussi
                                 project_to_ball, scale_to_bound, sign_flip)
 from fl_defense.attacks.adaptive import ADAPTIVE_LOCAL_ATTACKS, HonestShadow, adaptive_fit, mimic_fisher, noise_fisher
 from fl_defense.attacks.collusion import HONEST_UPDATE_KEY, encode_update
+from fl_defense.attacks import PROBE_KEY, SOTA_BACKDOORS
+from fl_defense.attacks.edge_case import pgd_radius
 from fl_defense.client import SDFCCalibration, instructions
 from fl_defense.config import ExperimentConfig
 from fl_defense.data import load_partition
@@ -39,6 +41,13 @@ def attack_schedule(cfg: ExperimentConfig, num_partitions: int) -> AttackSchedul
     fraction = cfg.malicious_fraction if (cfg.attack != "none" or cfg.model_poisoning != "none") else 0.0
     return AttackSchedule(num_partitions, fraction, cfg.seed, cfg.attacker_pool, cfg.attack_start_round,
                           cfg.attack_every, cfg.attack_stop_round)
+
+
+def _chain(first, second):
+    """One training hook running ``first`` then ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda model: (first(model), second(model))
 
 
 class DefenseClient(NumPyClient):
@@ -62,9 +71,19 @@ class DefenseClient(NumPyClient):
         return get_arrays(self.model)
 
     def _train(self, images, labels, seed, before_step=None, after_step=None) -> float:
+        if getattr(self, "backdoor", None) is not None:  # a state-of-the-art backdoor's own training (attacks.sota)
+            hooks = before_step, after_step  # the model poisoning's, kept under the backdoor's own
+
+            def trainer(x, y, s, before_step=None, after_step=None, epochs=None):
+                return self._sgd(x, y, s, _chain(hooks[0], before_step), _chain(hooks[1], after_step), epochs)
+
+            return self.backdoor.train(self.model, images, labels, self.poisoned, trainer, seed)
+        return self._sgd(images, labels, seed, before_step, after_step)
+
+    def _sgd(self, images, labels, seed, before_step=None, after_step=None, epochs=None) -> float:
         torch.manual_seed(seed)  # dropout masks
         penalty = self.calibration.penalty if self.calibration is not None and self.calibration.active else None
-        loss = train(self.model, images, labels, self.cfg.local_epochs, self.cfg.batch_size, self.cfg.learning_rate,
+        loss = train(self.model, images, labels, epochs or self.cfg.local_epochs, self.cfg.batch_size, self.cfg.learning_rate,
                      self.cfg.momentum, self.device, seed, before_step=before_step, after_step=after_step,
                      penalty=penalty)
         self.model.to("cpu")
@@ -84,17 +103,26 @@ class DefenseClient(NumPyClient):
         self.shadow = HonestShadow(self.model, self.images, self.labels, cfg, seed, self.device) if rank is not None and (
             cfg.model_poisoning in ADAPTIVE_LOCAL_ATTACKS or cfg.fisher_forgery == "mimic") else None
         images, labels, poisoned = self.images, self.labels, torch.empty(0, dtype=torch.long)
-        if rank is not None and (colluding is None or colluding.uses_poisoned):
+        self.backdoor = (SOTA_BACKDOORS[cfg.attack](cfg, self.shape, self.num_classes, self.partition_id)
+                         if rank is not None and cfg.attack in SOTA_BACKDOORS
+                         and (colluding is None or colluding.uses_poisoned) else None)
+        if self.backdoor is not None:  # poison shaped against the global model just loaded (attacks.sota)
+            images, labels, poisoned = self.backdoor.poison(self.model, self.images, self.labels,
+                                                            _seed(cfg.seed, self.partition_id), self.state)
+        elif rank is not None and (colluding is None or colluding.uses_poisoned):
             images, labels, poisoned = poison_data(
                 self.images, self.labels, cfg.attack, self.shape, poison_rate=cfg.poison_rate,
                 target_label=cfg.target_label, base_label=cfg.base_label, seed=_seed(cfg.seed, self.partition_id),
                 rank=rank, dba_pieces=cfg.dba_pieces, dba_trigger=cfg.dba_trigger, blend_ratio=cfg.blend_ratio,
                 trigger_file=cfg.trigger_file, trigger_seed=cfg.seed, num_classes=self.num_classes)
+        self.poisoned = poisoned
         loss = self._fit_model(parameters, images, labels, seed, rank is not None and colluding is None)
         if "sdfc" in (cfg.defense, cfg.rlr_aggregator) and cfg.sdfc_calibration_mode == "client":
             self.calibration.remember(self.model, self.state)  # theta_prev of this node's next round
         metrics = {PARTITION_KEY: self.partition_id, "train-loss": loss, "num-poisoned": len(poisoned),
                    GROUND_TRUTH_KEY: int(rank is not None)}
+        if self.backdoor is not None and self.backdoor.report() is not None:  # its learned trigger, for evaluation only
+            metrics[PROBE_KEY] = self.backdoor.report()
         if colluding is not None:
             honest = self._honest_update(parameters, seed) if colluding.uses_poisoned else self._update(parameters)
             metrics[HONEST_UPDATE_KEY] = encode_update(honest)
@@ -103,7 +131,7 @@ class DefenseClient(NumPyClient):
             forgery = cfg.fisher_forgery if rank is not None else "none"
             if forgery in ("clean", "mimic"):  # report a benign-looking Fisher
                 clean = torch.ones(len(self.labels), dtype=torch.bool)
-                clean[poisoned] = False
+                clean[poisoned[poisoned < len(clean)]] = False  # edge-case tail images are appended
                 fx, fy = self.images[clean], self.labels[clean]
             if forgery == "noise":
                 dim = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -125,7 +153,7 @@ class DefenseClient(NumPyClient):
             def after(model):
                 with torch.no_grad():
                     vector_to_parameters(project_to_ball(global_vec, parameters_to_vector(params).detach(),
-                                                         cfg.attack_norm_bound).clone(), params)
+                                                         pgd_radius(cfg.attack_norm_bound, cfg.model_replacement)).clone(), params)
         if mode == "neurotoxin":
             allowed = neurotoxin_mask(self._benign_update(parameters, seed), cfg.neurotoxin_ratio)
 
@@ -142,7 +170,8 @@ class DefenseClient(NumPyClient):
         loss = self._train(images, labels, seed, before, after)
         trained = parameters_to_vector(params).detach().clone()
         reported = {
-            "none": lambda: trained, "pgd": lambda: scale_to_bound(global_vec, trained, cfg.attack_norm_bound),
+            "none": lambda: trained, "pgd": lambda: (boost(global_vec, trained, cfg.model_replacement) if cfg.model_replacement > 0
+                           else scale_to_bound(global_vec, trained, cfg.attack_norm_bound)),
             "neurotoxin": lambda: trained, "boost": lambda: boost(global_vec, trained, cfg.boost_factor),
             "signflip": lambda: sign_flip(global_vec, trained, cfg.boost_factor),
             "gaussian": lambda: gaussian_update(global_vec, cfg.gaussian_std, seed),

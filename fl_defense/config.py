@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import MISSING, dataclass, field, fields
 
+from .attacks import SOTA_BACKDOORS
+from .attacks.chameleon import CHAMELEON_TRIGGERS
 from .attacks import COLLUDING_ATTACKS, DATA_ATTACKS, DIRECTIONS, KNOWLEDGE, MODEL_ATTACKS, POOLS, TARGETS
 from .attacks.adaptive import EVASION_DISTANCES, FISHER_FORGERIES
 from .data import DATASETS, PARTITIONERS, DataConfig
@@ -58,7 +60,7 @@ class ExperimentConfig:
     batch_size: int = field(default=16, metadata=_key("local batch size", check=_positive))
     learning_rate: float = field(default=0.1, metadata=_key("client SGD learning rate", check=_positive))
     momentum: float = field(default=0.0, metadata=_key("client SGD momentum", check=lambda v: 0 <= v < 1))
-    attack: str = field(default="plus", metadata=_key("attackers' data poisoning: a trigger, dba (pieces of dba-trigger), semantic (relabel base-label, no trigger), labelflip (l -> L-1-l, or base-label -> target-label), none", DATA_ATTACKS))
+    attack: str = field(default="plus", metadata=_key("attackers' data poisoning: a trigger, dba (pieces of dba-trigger), semantic (relabel base-label, no trigger), labelflip (l -> L-1-l, or base-label -> target-label), none; the state-of-the-art backdoors edge_case, a3fl, chameleon, iba (attacks.SOTA_BACKDOORS)", DATA_ATTACKS + tuple(SOTA_BACKDOORS)))
     model_poisoning: str = field(default="none", metadata=_key("how attackers alter their update", MODEL_ATTACKS))
     trigger_file: str = field(default="", metadata=_key("attack=mask: a .npy H x W array; nonzero pixels are stamped with their value"))
     blend_ratio: float = field(default=0.1, metadata=_key("attack=blend: mixing ratio of the seeded noise pattern", check=_fraction))
@@ -81,6 +83,26 @@ class ExperimentConfig:
     evasion_alpha: float = field(default=0.7, metadata=_key("model-poisoning=evasion: alpha in alpha * L_class + (1 - alpha) * L_ano, in (0, 1] (1: no evasion term)", check=lambda v: 0 < v <= 1))
     evasion_distance: str = field(default="l2", metadata=_key("model-poisoning=evasion: L_ano, the local model's L2 or cosine distance to the global model", EVASION_DISTANCES))
     evasion_norm_match: bool = field(default=True, metadata=_key("model-poisoning=evasion: rescale the update to the norm of the attacker's honest update"))
+    # --
+    # -- state-of-the-art backdoors (attack in attacks.SOTA_BACKDOORS) --
+    edge_case_class: int = field(default=7, metadata=_key("attack=edge_case: the class whose tail images are relabelled target-label (mnist: usps digits of it, usps: mnist digits, other datasets: its images farthest from the class mean)", check=_non_negative))
+    edge_case_samples: int = field(default=100, metadata=_key("attack=edge_case: tail images mixed into each attacker's data (the paper: 100)", check=_positive))
+    edge_case_tail: float = field(default=0.1, metadata=_key("attack=edge_case on a dataset without a second source: share of the class (farthest from its mean) that forms the tail", check=lambda v: 0 < v <= 1))
+    model_replacement: float = field(default=0.0, metadata=_key("model-poisoning=pgd: Wang et al.'s model replacement, the boost n/eta; training is projected to attack-norm-bound / it (0: off)", check=_non_negative))
+    a3fl_trigger_size: int = field(default=5, metadata=_key("attack=a3fl: side of the trigger patch at 28x28 (scaled with the image)", check=_positive))
+    a3fl_steps: int = field(default=20, metadata=_key("attack=a3fl: sign-gradient trigger steps per round (the paper: 100 epochs, scaled for 2 cores)", check=_positive))
+    a3fl_lr: float = field(default=0.05, metadata=_key("attack=a3fl: trigger step size alpha", check=_positive))
+    a3fl_lambda: float = field(default=1.0, metadata=_key("attack=a3fl: lambda_0, weight of the unlearned copy's loss (times its cosine similarity to the global model; 0: no copy)", check=_non_negative))
+    a3fl_adv_steps: int = field(default=10, metadata=_key("attack=a3fl: SGD steps that unlearn the trigger in the adversarial copy", check=_non_negative))
+    a3fl_adv_every: int = field(default=10, metadata=_key("attack=a3fl: trigger steps between refreshes of the adversarial copy", check=_positive))
+    chameleon_trigger: str = field(default="plus", metadata=_key("attack=chameleon: the stamped trigger", CHAMELEON_TRIGGERS))
+    chameleon_encoder_epochs: int = field(default=1, metadata=_key("attack=chameleon: epochs of contrastive encoder training (stage 1)", check=_positive))
+    chameleon_classifier_epochs: int = field(default=1, metadata=_key("attack=chameleon: epochs of classifier fine-tuning, encoder frozen (stage 2)", check=_positive))
+    chameleon_temperature: float = field(default=0.5, metadata=_key("attack=chameleon: contrastive temperature tau", check=_positive))
+    chameleon_push: float = field(default=2.0, metadata=_key("attack=chameleon: weight of a poisoned image's original-class peers in the contrastive denominator (1: plain SupCon)", check=_positive))
+    iba_epsilon: float = field(default=0.2, metadata=_key("attack=iba: L-infinity bound of the generated trigger", check=lambda v: 0 < v <= 1))
+    iba_steps: int = field(default=20, metadata=_key("attack=iba: Adam steps of the trigger generator per round", check=_positive))
+    iba_lr: float = field(default=0.01, metadata=_key("attack=iba: the generator's learning rate", check=_positive))
     # --
     attack_start_round: int = field(default=1, metadata=_key("first round in which attackers attack", check=_positive))
     attack_every: int = field(default=1, metadata=_key("attack every k-th round from the start round", check=_positive))
@@ -162,6 +184,13 @@ class ExperimentConfig:
                               f"attack-start-round {self.attack_start_round} (0: attackers never stop)")
         if self.attack == "semantic" and self.base_label < 0:
             raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
+        if self.attack in SOTA_BACKDOORS:
+            problem = SOTA_BACKDOORS[self.attack].check(self)
+            if problem:
+                raise ConfigError(f"run-config key '{problem[0]}': {problem[1]}")
+        if self.model_replacement > 0 and self.model_poisoning != "pgd":
+            raise ConfigError("run-config key 'model-replacement': Wang et al.'s model replacement boosts a PGD "
+                              f"update; set model-poisoning=pgd (is {self.model_poisoning!r})")
         if self.attack == "mask" and not self.trigger_file:
             raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
         if self.model_poisoning == "fisher_penalty" and self.fisher_penalty_lambda * self.learning_rate >= 1:

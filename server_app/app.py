@@ -25,6 +25,7 @@ from fl_defense.training import ServerUpdate
 from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
 from fl_defense.strategies import DefenseStrategy
 
+from .backdoor_probe import with_backdoor_probe
 from .collusion import with_collusion
 from .recorder import RunFailed, RunRecorder, done_line, failure_line, failure_reason, run_failure
 
@@ -124,6 +125,7 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
                               server_data=server_data, checkpoint_path=checkpoint_path if cfg.checkpoint else None,
                               round_offset=offset)
     strategy = with_collusion(cfg, strategy, trainable_mask(model))  # simulation only; absent unless configured
+    strategy = with_backdoor_probe(cfg, strategy, recorder, spec.shape)  # simulation only: learned triggers
     if state:
         strategy.aggregation.load_state_dict(state["defense"])
     recorder.strategy = strategy

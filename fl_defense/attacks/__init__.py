@@ -13,6 +13,11 @@ from .model_poisoning import (LOCAL_MODEL_ATTACKS, boost, gaussian_update, neuro
 from .poisoning import (DATA_ATTACKS, POOLS, AttackSchedule, eligible, poison_data, poison_with_trigger, relabel,
                         select_attackers)
 from .triggers import TRIGGERS, Trigger, apply_trigger, make_trigger, plus_mask, trigger_mask
+from .a3fl import A3FL
+from .chameleon import CHAMELEON_TRIGGERS, Chameleon
+from .edge_case import EdgeCase
+from .iba import IBA
+from .sota import PROBE_KEY, SotaBackdoor
 
 ATTACKS = DATA_ATTACKS
 
@@ -25,6 +30,13 @@ COLLUDING_ATTACKS: dict[str, type[ColludingAttack]] = {
     "min_sum": MinSum,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 7)
     "fang": Fang,                    # Fang et al., USENIX Security 2020 (Krum: sec. 3.3; trim/median: sec. 3.4)
     "rlr_adaptive": RLRAdaptive,     # adaptive to RLR, Ozdayi et al., AAAI 2021 (eq. 4): push where the vote clears theta
+}
+# State-of-the-art backdoors: attack choices that shape their own poison and training (sota.SotaBackdoor)
+SOTA_BACKDOORS: dict[str, type[SotaBackdoor]] = {
+    "edge_case": EdgeCase,           # Wang et al., NeurIPS 2020 (sec. 3; PGD and model replacement)
+    "a3fl": A3FL,                    # Zhang et al., NeurIPS 2023 (Alg. 1)
+    "chameleon": Chameleon,          # Dai & Li, ICML 2023 (sec. 4, two stages)
+    "iba": IBA,                      # Nguyen et al., NeurIPS 2023 (trigger generator)
 }
 MODEL_ATTACKS = LOCAL_MODEL_ATTACKS + ADAPTIVE_LOCAL_ATTACKS + tuple(COLLUDING_ATTACKS)
 
@@ -39,4 +51,5 @@ __all__ = ["ADAPTIVE_LOCAL_ATTACKS", "EVASION_DISTANCES", "FISHER_FORGERIES", "R
            "Fang", "MinMax", "MinSum", "alie_z", "flip_labels", "label_flip", "make_colluding", "POOLS", "TRIGGERS", "AttackSchedule", "Trigger",
            "apply_trigger", "boost", "eligible", "gaussian_update", "make_trigger", "neurotoxin_mask",
            "plus_mask", "poison_data", "poison_with_trigger", "project_to_ball", "relabel", "scale_to_bound",
-           "select_attackers", "sign_flip", "trigger_mask"]
+           "select_attackers", "sign_flip", "trigger_mask",
+           "A3FL", "CHAMELEON_TRIGGERS", "Chameleon", "EdgeCase", "IBA", "PROBE_KEY", "SOTA_BACKDOORS", "SotaBackdoor"]

@@ -1,0 +1,132 @@
+"""Chameleon (Dai & Li, "Chameleon: Adapting to Peer Images for Planting Durable Backdoors in
+Federated Learning", ICML 2023, sec. 4).
+
+A backdoor fades when benign clients' updates on "peer images" undo it: the poisoned images'
+original-class peers (obstructers) pull their representation back, while target-class peers
+(facilitators) would hold it in place. Chameleon trains the attacker's model in two stages so the
+backdoor leans on the facilitators:
+
+1. contrastive encoder training (supervised contrastive loss, temperature tau, on the encoder's
+   normalised representations z): each poisoned image (trigger stamped, label target) is an anchor
+   whose positives are the target-class images and the other poisoned images, and whose negatives
+   are all other images, its original-class images (obstructers) weighted ``chameleon-push``
+   times in the denominator, which pushes it from them harder;
+
+       L_i = -1/|P(i)| sum_{p in P(i)} log( exp(z_i.z_p / tau) / sum_{a != i} w_ia exp(z_i.z_a / tau) )
+
+   (w_ia = ``chameleon-push`` when i is poisoned and a is of i's original class and clean, else 1);
+   benign anchors follow SupCon (positives: their class);
+2. classifier fine-tuning: the encoder frozen, the last linear layer trained with cross-entropy
+   on the same poisoned set.
+
+The trigger is a fixed stamp (``chameleon-trigger``). Scaled for 2 CPU cores: the paper trains
+the encoder with a projection head for several local epochs per stage on ResNet-18; here the
+representation entering the model's classifier is used directly (no projection head) for
+``chameleon-encoder-epochs`` and ``chameleon-classifier-epochs`` epochs (default 1 each).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sota import SotaBackdoor, choose_eligible, features_and_logits, last_linear, relabelled
+from .triggers import make_trigger
+
+CHAMELEON_TRIGGERS = ("plus", "square", "pixel", "corner", "blend")
+
+
+def chameleon_loss(z: torch.Tensor, labels: torch.Tensor, original: torch.Tensor, poisoned: torch.Tensor,
+                   temperature: float, push: float) -> torch.Tensor:
+    """The stage-1 contrastive loss above over one batch: ``z`` representations (normalised here),
+    ``labels`` as trained (poisoned rows: the target), ``original`` their true labels, ``poisoned``
+    a bool row mask. Anchors without a positive in the batch are skipped."""
+    z = F.normalize(z.reshape(len(z), -1), dim=1)
+    n = len(z)
+    logits = z @ z.T / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    positive = (labels[:, None] == labels[None, :]) & ~eye
+    weight = torch.ones((n, n), device=z.device)
+    obstructer = poisoned[:, None] & ~poisoned[None, :] & (original[:, None] == original[None, :])
+    weight[obstructer] = push
+    logits = logits - logits.detach().max(dim=1, keepdim=True).values  # stability; cancels in the ratio
+    denom = (weight * torch.exp(logits)).masked_fill(eye, 0).sum(dim=1, keepdim=True)
+    log_prob = logits - torch.log(denom)
+    count = positive.sum(dim=1)
+    has = count > 0
+    if not bool(has.any()):
+        return z.sum() * 0
+    return -((log_prob * positive).sum(dim=1)[has] / count[has]).mean()
+
+
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    head = {id(p) for p in last_linear(model).parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+
+
+def contrastive_stage(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, original: torch.Tensor,
+                      poisoned: torch.Tensor, *, epochs: int, batch_size: int, lr: float, momentum: float,
+                      temperature: float, push: float, seed: int) -> float:
+    """Stage 1: SGD on the encoder's parameters only (the classifier is untouched). Returns the
+    last epoch's mean loss."""
+    params = encoder_parameters(model)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    last = 0.0
+    for _ in range(epochs):
+        order, total = torch.randperm(len(images), generator=gen), 0.0
+        for s in range(0, len(images), batch_size):
+            idx = order[s:s + batch_size]
+            if len(idx) < 2:
+                continue
+            z, _ = features_and_logits(model, images[idx])
+            loss = chameleon_loss(z, labels[idx], original[idx], poisoned[idx], temperature, push)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        last = total / max(1, len(images))
+    return last
+
+
+class Chameleon(SotaBackdoor):
+    """Dai & Li (ICML 2023): contrastive encoder training that ties poisoned images to the target
+    class's representations, then classifier fine-tuning with the encoder frozen."""
+
+    name = "chameleon"
+    paper = "Dai & Li, ICML 2023"
+    keys = ("chameleon-trigger", "chameleon-encoder-epochs", "chameleon-classifier-epochs", "chameleon-temperature",
+            "chameleon-push")
+
+    def poison(self, model, images, labels, seed, state=None):
+        c = self.cfg
+        self.original = labels
+        trigger = make_trigger(c.chameleon_trigger, self.shape, seed=c.seed, blend_ratio=c.blend_ratio)
+        idx = choose_eligible(labels, c.poison_rate, c.target_label, c.base_label, seed)
+        x, y = relabelled(images, labels, idx, trigger, c.target_label)
+        return x, y, idx
+
+    def train(self, model, images, labels, poisoned, trainer, seed):
+        c = self.cfg
+        mask = torch.zeros(len(labels), dtype=torch.bool)
+        mask[poisoned] = True
+        original = getattr(self, "original", labels)
+        contrastive_stage(model, images, labels, original, mask, epochs=c.chameleon_encoder_epochs,
+                          batch_size=c.batch_size, lr=c.learning_rate, momentum=c.momentum,
+                          temperature=c.chameleon_temperature, push=c.chameleon_push, seed=seed)
+        encoder = encoder_parameters(model)
+
+        def freeze(m):  # stage 2: only the classifier learns
+            for p in encoder:
+                p.grad = None
+
+        return trainer(images, labels, seed, before_step=freeze, epochs=c.chameleon_classifier_epochs)
+
+    @classmethod
+    def probe(cls, cfg, shape, payload=None):
+        return make_trigger(cfg.chameleon_trigger, shape, seed=cfg.seed, blend_ratio=cfg.blend_ratio)
+
+
+__all__ = ["CHAMELEON_TRIGGERS", "Chameleon", "chameleon_loss", "contrastive_stage", "encoder_parameters"]
