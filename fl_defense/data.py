@@ -178,3 +178,34 @@ def load_partition(cfg: DataConfig, partition_id: int) -> tuple[torch.Tensor, to
 def load_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split, or the server's held-out split ("server")."""
     return to_tensors(federated_dataset(cfg).load_split(split), cfg.spec)
+
+
+# BackdoorIndicator's out-of-distribution source per task (the paper pairs CIFAR-10 with CIFAR-100
+# and back; offline we have MNIST, Fashion-MNIST, USPS and CIFAR-10). "noise" is uniform noise
+# images, an OOD source the authors' code also offers; it needs no files (the bundled digits).
+OOD_SOURCES = {"digits": "noise", "mnist": "fashion_mnist", "fashion_mnist": "mnist", "usps": "fashion_mnist",
+               "cifar10": "mnist", "cifar100": "cifar10"}
+OOD_CHOICES = ("auto", "noise", "mnist", "fashion_mnist", "usps", "cifar10", "cifar100")
+
+
+def load_ood(source: str, shape: tuple[int, int, int], num_samples: int, data_dir: str = "",
+             seed: int = 0) -> torch.Tensor:
+    """``num_samples`` images from ``source`` (a dataset name or "noise") shaped like the task's
+    (C, H, W), in [0, 1]: drawn with ``seed`` from the source's test split through the same loader
+    as the task's data (offline from ``<data_dir>/<source>/``), resized (bilinear, antialiased)
+    and converted between grey and RGB as needed."""
+    c, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    if source == "noise":
+        return torch.rand((num_samples, c, h, w), generator=gen)
+    if source not in DATASETS:
+        raise ValueError(f"unknown OOD source {source!r}; choose one of {OOD_CHOICES[1:]}")
+    split = federated_dataset(DataConfig(dataset=source, data_dir=data_dir, num_partitions=1, seed=seed)).load_split("test")
+    rows = torch.randperm(len(split), generator=gen)[:num_samples].tolist()
+    x, _ = to_tensors(split.select(rows), DATASETS[source])
+    if x.shape[2:] != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True,
+                                            align_corners=False).clamp_(0.0, 1.0)
+    if x.shape[1] != c:
+        x = x.mean(dim=1, keepdim=True).expand(-1, c, -1, -1).contiguous()
+    return x

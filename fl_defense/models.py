@@ -102,3 +102,23 @@ def set_arrays(model: nn.Module, arrays: list) -> None:
     """Load arrays into the model by copying (never aliasing the caller's buffers)."""
     state = {k: torch.tensor(a) for k, a in zip(model.state_dict().keys(), arrays, strict=True)}
     model.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def penultimate(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Penultimate-layer representations (FLARE's PLRs): the input of the model's last ``Linear``
+    layer, flattened, in eval mode (every model here ends in one)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to take the penultimate representation before")
+    captured: list[torch.Tensor] = []
+    handle = last[-1].register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().flatten(1)))
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(images), batch_size):
+            model(images[s:s + batch_size])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured) if captured else torch.empty(0)

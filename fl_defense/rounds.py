@@ -250,6 +250,18 @@ class DefendedAggregation:
         self.records.append(record)
         return new_arrays, self._metrics(record)
 
+    def broadcast(self, global_arrays: list[np.ndarray] | None) -> list[np.ndarray] | None:
+        """The arrays to send the clients this round in place of ``global_arrays``, or ``None`` to
+        send the global model (``Defense.broadcast``; BackdoorIndicator's planted model). Buffers
+        travel unchanged; the next round's updates are still taken against ``global_arrays``."""
+        if not global_arrays:
+            return None
+        layout = self.layout_for(global_arrays)
+        sent = self.defense.broadcast(layout.flatten(global_arrays, self.device))
+        if sent is None:
+            return None
+        return layout.unflatten(sent, [global_arrays[i] for i in layout.buffer_indices])
+
     def instructions_for(self, node_id: str) -> dict:
         """What the defense sends this node with its next training round (``{}`` for most)."""
         return self.defense.client_instructions(self.identities.get(str(node_id), str(node_id)))

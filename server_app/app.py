@@ -22,6 +22,8 @@ from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, ClipNoise, Defense
 from fl_defense.fisher import ValidationFisher
 from fl_defense.pretrain import cache_folder, is_cached, pretrain_id
 from fl_defense.training import ServerUpdate
+from fl_defense.data import DATASETS, OOD_SOURCES, load_ood
+from fl_defense.server_tasks import IndicatorTask, PenultimateFeatures
 from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
 from fl_defense.strategies import DefenseStrategy
 
@@ -44,6 +46,14 @@ def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
         if name == "fltrust":
             kwargs["server_update"] = ServerUpdate(copy.deepcopy(model), *server_data, cfg.local_epochs,
                                                    cfg.batch_size, cfg.learning_rate, cfg.momentum, cfg.seed)
+        if name == "backdoor_indicator":  # OOD indicator samples from the source paired with the dataset
+            spec = DATASETS[cfg.dataset]
+            source = OOD_SOURCES[cfg.dataset] if kwargs["ood"] == "auto" else kwargs["ood"]
+            kwargs["indicator"] = IndicatorTask(
+                copy.deepcopy(model), load_ood(source, spec.shape, kwargs["ood_samples"], cfg.data_dir, cfg.seed),
+                spec.num_classes, seed=cfg.seed)
+        if name == "flare":  # PLRs of a private model copy on the server's held-out samples
+            kwargs["features"] = PenultimateFeatures(copy.deepcopy(model), server_data[0], kwargs["samples"])
         if name == "rlr" and cfg.rlr_aggregator in DEFENSES:
             kwargs["aggregator"] = make(cfg.rlr_aggregator)
         return DEFENSES[name](**kwargs)

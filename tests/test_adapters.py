@@ -14,6 +14,7 @@ from fl_defense import strategies
 from fl_defense.defenses import DEFENSES
 from fl_defense.rounds import FISHER_KEY, FISHER_REQUEST_KEY, GROUND_TRUTH_KEY
 from fl_defense.strategies import message
+from tests.server_task_helpers import tiny_features, tiny_indicator
 from tests.helpers import (FakeGrid, arrayrecord, client_manager, client_models, legacy_results,
                            message_replies, model_arrays)
 
@@ -27,6 +28,10 @@ def make(name, api="legacy", **extra):
         kwargs["validation_fisher"] = lambda params: torch.ones_like(params)
     if name == "fltrust":
         kwargs["server_update"] = lambda params: torch.full_like(params, 0.01)
+    if name == "backdoor_indicator":
+        kwargs["indicator"] = tiny_indicator()
+    if name == "flare":
+        kwargs["features"] = tiny_features()
     cls = strategies.STRATEGIES[name]
     if api == "message":
         cls = getattr(message, cls.__name__)

@@ -5,6 +5,7 @@ docstring names its paper and equations.
 """
 
 from .alignins import AlignIns
+from .backdoor_indicator import BackdoorIndicator
 from .base import Defense, DefenseResult, RunKey
 from .bucketing import Bucketing
 from .centered_clipping import CenteredClipping
@@ -13,6 +14,7 @@ from .fdcr import FDCR
 from .fedavg import FedAvg
 from .fedward import Fedward
 from .flame import FLAME
+from .flare import FLARE
 from .fltrust import FLTrust
 from .foolsgold import FoolsGold
 from .krum import Bulyan, Krum
@@ -50,6 +52,8 @@ DEFENSES: dict[str, type[Defense]] = {
     MultiMetrics.name: MultiMetrics,  # Huang et al., ICCV 2023
     RFLBAT.name: RFLBAT,  # Wang, Xu & Fan, arXiv 2201.03772 (2022)
     AlignIns.name: AlignIns,  # Xu et al., CVPR 2025
+    BackdoorIndicator.name: BackdoorIndicator,  # Li & Dai, USENIX Security 2024
+    FLARE.name: FLARE,  # Wang et al., AsiaCCS 2022
 }
 
 # Pre-aggregation wrappers around any defense (run config: pre-aggregation, bucket-size).
@@ -58,6 +62,6 @@ PRE_AGGREGATIONS: dict[str, type[Defense]] = {
     "nnm": NNM,  # Allouah et al., AISTATS 2023
 }
 
-__all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "Bucketing", "CenteredClipping", "DnC", "MultiMetrics", "NNM",
+__all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "BackdoorIndicator", "FLARE", "Bucketing", "CenteredClipping", "DnC", "MultiMetrics", "NNM",
            "RFA", "RFLBAT", "RunKey", "SignGuard", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLTrust", "FedAvg",
            "Fedward", "FoolsGold", "Krum", "Median", "NormClipping", "RLR", "SDFC", "SignSGD", "TrimmedMean"]

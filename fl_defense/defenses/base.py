@@ -84,6 +84,17 @@ class Defense:
         own discrepancy D_k. Empty for every other defense."""
         return {}
 
+    def broadcast(self, global_params: torch.Tensor) -> torch.Tensor | None:
+        """The trainable vector to send the clients this round in place of the global model's, or
+        ``None`` to send the global model itself (every defense but BackdoorIndicator, which plants
+        its indicator task first). Updates are still taken against the true global model. A
+        wrapper (``inner``, RLR's ``aggregator``) passes the call on to the defense it wraps."""
+        for attr in ("inner", "aggregator"):
+            child = getattr(self, attr, None)
+            if isinstance(child, Defense):
+                return child.broadcast(global_params)
+        return None
+
     # State kept across rounds (none by default); saved with checkpoints.
     def state_dict(self) -> dict:
         return {}

@@ -75,6 +75,9 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         server_round += self.round_offset
         self._global = parameters_to_ndarrays(parameters)
+        sent = self.aggregation.broadcast(self._global)  # BackdoorIndicator's planted model, else None
+        if sent is not None:
+            parameters = ndarrays_to_parameters(sent)
         pairs = super().configure_fit(server_round, parameters, client_manager)
         self._check_sample_size(len(pairs))
         # Like the Message API, tell clients the round (seeds and attack schedules depend on it).

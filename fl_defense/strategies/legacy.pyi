@@ -124,6 +124,16 @@ class AlignIns(DefenseStrategy):
     def __init__(self, *, fraction_fit: float = 1.0, fraction_evaluate: float = 1.0, min_fit_clients: int = 2, min_evaluate_clients: int = 2, min_available_clients: int = 2, evaluate_fn: Any = None, on_fit_config_fn: Any = None, on_evaluate_config_fn: Any = None, accept_failures: bool = True, initial_parameters: Any = None, fit_metrics_aggregation_fn: Any = None, evaluate_metrics_aggregation_fn: Any = None, inplace: bool = True, lambda_s: float = 1.0, lambda_c: float = 1.0, sparsity: float = 0.3, direction: str = 'global', trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3, checkpoint_path: Any = None, round_offset: int = 0) -> None: ...
 
 
+class BackdoorIndicator(DefenseStrategy):
+    """BackdoorIndicator: a Flower strategy (legacy API, ``aggregate_fit``) running ``fl_defense.defenses.BackdoorIndicator`` (Li & Dai, USENIX Security 2024)."""
+    def __init__(self, *, fraction_fit: float = 1.0, fraction_evaluate: float = 1.0, min_fit_clients: int = 2, min_evaluate_clients: int = 2, min_available_clients: int = 2, evaluate_fn: Any = None, on_fit_config_fn: Any = None, on_evaluate_config_fn: Any = None, accept_failures: bool = True, initial_parameters: Any = None, fit_metrics_aggregation_fn: Any = None, evaluate_metrics_aggregation_fn: Any = None, inplace: bool = True, indicator: Any = None, threshold: float = 0.85, epochs: int = 50, lr: float = 0.05, mu: float = 0.1, ood: str = 'auto', ood_samples: int = 100, server_lr: float = 1.0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3, checkpoint_path: Any = None, round_offset: int = 0) -> None: ...
+
+
+class FLARE(DefenseStrategy):
+    """FLARE: a Flower strategy (legacy API, ``aggregate_fit``) running ``fl_defense.defenses.FLARE`` (Wang et al., AsiaCCS 2022)."""
+    def __init__(self, *, fraction_fit: float = 1.0, fraction_evaluate: float = 1.0, min_fit_clients: int = 2, min_evaluate_clients: int = 2, min_available_clients: int = 2, evaluate_fn: Any = None, on_fit_config_fn: Any = None, on_evaluate_config_fn: Any = None, accept_failures: bool = True, initial_parameters: Any = None, fit_metrics_aggregation_fn: Any = None, evaluate_metrics_aggregation_fn: Any = None, inplace: bool = True, features: Any = None, neighbour_fraction: float = 0.5, temperature: float = 1.0, samples: int = 100, server_lr: float = 1.0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3, checkpoint_path: Any = None, round_offset: int = 0) -> None: ...
+
+
 FedMedian = Median
 FedTrimmedAvg = TrimmedMean
 MultiKrum = Krum

@@ -62,6 +62,9 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
                         grid: Grid) -> Iterable[Message]:
         self._keys = list(arrays.keys())
         self._global = arrays.to_numpy_ndarrays()
+        sent = self.aggregation.broadcast(self._global)  # BackdoorIndicator's planted model, else None
+        if sent is not None:
+            arrays = ArrayRecord({k: _array(v) for k, v in zip(self._keys, sent)})
         if self.defense.needs_fisher:
             config[FISHER_REQUEST_KEY] = True
         messages = list(super().configure_train(server_round, arrays, config, grid))
