@@ -127,6 +127,13 @@ class ExperimentConfig:
                                  metadata={"internal": True}, repr=False)
     fisher_half: bool = field(default=False, metadata=_key("clients send Fisher diagonals in float16 (half the payload)"))
     fisher_samples: int = field(default=512, metadata=_key("samples a client (and the server) uses for a Fisher diagonal", check=_positive))
+    # -- CRFL's certification (fl_defense.certify), evaluation at the final round --
+    crfl_certify_samples: int = field(default=0, metadata=_key("defense=crfl: M, noisy models sampled to certify the final model by parameter smoothing (0: off)", check=_non_negative))
+    crfl_certify_sigma: float = field(default=0.01, metadata=_key("crfl-certify-samples: sigma_T, std of the smoothing noise on the final model's parameters", check=_positive))
+    crfl_certify_alpha: float = field(default=0.001, metadata=_key("crfl-certify-samples: alpha, the Clopper-Pearson bound on p_A holds with probability 1 - alpha", check=lambda v: 0 < v < 1))
+    crfl_certify_examples: int = field(default=500, metadata=_key("crfl-certify-samples: test images certified (a seeded subset)", check=_positive))
+    crfl_certify_lipschitz: float = field(default=4.1231, metadata=_key("crfl-certify-samples: L_Z in Theorem 2, Lipschitz constant of the loss gradient in the backdoor pattern (the authors' sqrt(17))", check=_positive))
+    # --
     device: str = field(default="cpu", metadata=_key("device of the server's updates matrix and of client training (cpu, cuda, cuda:N)"))
     seed: int = field(default=42, metadata=_key("seed of partitions, attackers, model init, training and noise"))
     results_dir: str = field(default="results", metadata=_key("where each run writes its folder of results"))
@@ -177,6 +184,9 @@ class ExperimentConfig:
                 raise ConfigError(f"run-config key 'server-fraction': {needs} needs a server-held dataset; set it > 0 (e.g. 0.02)")
         if self.defense == "norm_clipping" and self.clip_norm <= 0:
             raise ConfigError("run-config key 'clip-norm': norm_clipping needs a bound > 0")
+        if self.crfl_certify_samples > 0 and self.defense != "crfl":
+            raise ConfigError(f"run-config key 'crfl-certify-samples': certification needs defense='crfl' "
+                              f"(its clipping and noise), not {self.defense!r}")
         if self.resume and not self.run_name:
             raise ConfigError("run-config key 'run-name': resume needs the name of the run to continue")
         if self.attack_stop_round and self.attack_stop_round < self.attack_start_round:

@@ -41,6 +41,10 @@ DEFINITIONS = {
                      "window still open at its end)",
     "tpr, fpr": "flagged attackers / all attackers, flagged benign clients / all benign clients, per round; "
                 "null for defenses that flag no one",
+    "crfl_*": "final round, crfl-certify-samples > 0 (defense=crfl): CRFL's parameter smoothing over crfl-certify-examples "
+              "test images; certified_accuracy: correct and certified, certified_rate: certified, smoothed_accuracy: "
+              "the smoothed model's, mean_certified_radius: Theorem 2's radius averaged over the images (0 when wrong "
+              "or not certified); crfl_certify: the attack round, attackers and constants it was computed with",
 }
 
 
@@ -162,6 +166,8 @@ class RunRecorder:
                 ],
                 "info": rec.info,
             })
+        if server_round == self.cfg.num_server_rounds and self.cfg.crfl_certify_samples > 0:
+            row.update(self.certify(server_round, row, device))
         collusion = getattr(self.strategy, "collusion_records", None) if self.strategy is not None else None
         if server_round > 0 and collusion and collusion[-1]["round"] == server_round:
             row["collusion"] = collusion[-1]  # attack, knowledge mode, target, colluders, gamma/lambda
@@ -178,6 +184,51 @@ class RunRecorder:
         if server_round == self.cfg.num_server_rounds:
             self.write_summary()
         return 1.0 - acc, {"accuracy": acc, "attack-success-rate": asr if not math.isnan(asr) else -1.0}
+
+    def certify(self, server_round: int, row: dict, device: str) -> dict:
+        """CRFL's certified accuracy and radius of the final model (``fl_defense.certify``). The
+        theorem's single attack round t_adv is the last round in which attackers were sampled,
+        its R attackers those of that round with the weights the defense gave them (ground truth:
+        this is the evaluation layer); without one, a single attacker with weight 1/n in the final
+        round, sized as the round's mean client."""
+        from fl_defense import certify
+        from fl_defense.defenses import DEFENSES
+
+        cfg = self.cfg
+        crfl = DEFENSES["crfl"](**cfg.defense_kwargs("crfl"))
+        rows = [r for r in self.rows if r.get("clients")] + ([row] if row.get("clients") else [])
+        attacked = [r for r in rows if r["num_attackers_sampled"] > 0]
+        if attacked:
+            t_adv = attacked[-1]["round"]
+            attackers = [c for c in attacked[-1]["clients"] if c["malicious"]]
+            weights = [c["weight"] for c in attackers]
+            sizes = [c["num_examples"] for c in attackers]
+        else:
+            t_adv = server_round
+            clients = row.get("clients") or [{"num_examples": 0}]
+            weights = [1.0 / len(clients)]
+            sizes = [sum(c["num_examples"] for c in clients) / len(clients)]
+        taus = [certify.local_iterations(int(round(s)), cfg.local_epochs, cfg.batch_size) for s in sizes]
+        rounds = list(range(t_adv + 1, server_round))
+        rhos = [crfl.rho(t) for t in rounds] + [crfl.rho(server_round)]
+        sigmas = [crfl.sigma] * len(rounds) + [cfg.crfl_certify_sigma]
+        scale = cfg.boost_factor if cfg.model_poisoning == "boost" else 1.0
+        constants = {"t_adv": t_adv, "num_attackers": len(weights), "attacker_weights": weights,
+                     "local_iterations": taus, "lipschitz": cfg.crfl_certify_lipschitz, "scale": scale,
+                     "lr": cfg.learning_rate, "poison_fraction": cfg.poison_rate, "sigma_test": cfg.crfl_certify_sigma,
+                     "samples": cfg.crfl_certify_samples, "alpha": cfg.crfl_certify_alpha}
+
+        def radius(p_a, p_b):
+            return certify.crfl_radius(p_a, p_b, cfg.crfl_certify_sigma, rhos, sigmas, weights, taus,
+                                       cfg.crfl_certify_lipschitz, scale, cfg.learning_rate, cfg.poison_rate)
+
+        pick = torch.randperm(len(self.test_x), generator=torch.Generator().manual_seed(cfg.seed))
+        pick = pick[:cfg.crfl_certify_examples]
+        counts = certify.smoothed_counts(self.model, self.test_x[pick], cfg.crfl_certify_samples,
+                                         cfg.crfl_certify_sigma, cfg.seed, device)
+        out = certify.certify(counts, self.test_y[pick].numpy(), cfg.crfl_certify_alpha, radius)
+        return {f"crfl_{k}": out[k] for k in ("certified_accuracy", "certified_rate", "smoothed_accuracy",
+                                               "mean_certified_radius")} | {"crfl_certify": constants}
 
     def write_summary(self) -> Path:
         attackers = sorted({c["partition"] for r in self.rows for c in r.get("clients", []) if c["malicious"]})
@@ -210,7 +261,8 @@ class RunRecorder:
             "last_round": {k: last_trained.get(k) for k in ("reason", "num_rejected", "num_failures")},
             "initial": {k: initial.get(k) for k in figures},
             "final": {k: final.get(k) for k in (*figures, "tpr", "fpr", "num_flagged",
-                                                 *sorted(k for k in final if k.startswith("asr_piece")))},
+                                                 *sorted(k for k in final if k.startswith("asr_piece")),
+                                                 *sorted(k for k in final if k.startswith("crfl_")))},
             "mean_over_rounds": {"tpr": mean_of("tpr"), "fpr": mean_of("fpr")},
             "attack_window": window_metrics({r["round"]: r.get("attack_success_rate") for r in self.rows},
                                             self.cfg.attack_start_round, self.cfg.attack_stop_round),

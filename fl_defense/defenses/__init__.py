@@ -9,11 +9,13 @@ from .backdoor_indicator import BackdoorIndicator
 from .base import Defense, DefenseResult, RunKey
 from .bucketing import Bucketing
 from .centered_clipping import CenteredClipping
+from .crfl import CRFL
 from .dnc import DnC
 from .fdcr import FDCR
 from .fedavg import FedAvg
 from .fedward import Fedward
 from .flame import FLAME
+from .fldetector import FLDetector
 from .flare import FLARE
 from .fltrust import FLTrust
 from .foolsgold import FoolsGold
@@ -52,6 +54,8 @@ DEFENSES: dict[str, type[Defense]] = {
     MultiMetrics.name: MultiMetrics,  # Huang et al., ICCV 2023
     RFLBAT.name: RFLBAT,  # Wang, Xu & Fan, arXiv 2201.03772 (2022)
     AlignIns.name: AlignIns,  # Xu et al., CVPR 2025
+    FLDetector.name: FLDetector,  # Zhang et al., KDD 2022
+    CRFL.name: CRFL,  # Xie et al., ICML 2021
     BackdoorIndicator.name: BackdoorIndicator,  # Li & Dai, USENIX Security 2024
     FLARE.name: FLARE,  # Wang et al., AsiaCCS 2022
 }
@@ -62,6 +66,6 @@ PRE_AGGREGATIONS: dict[str, type[Defense]] = {
     "nnm": NNM,  # Allouah et al., AISTATS 2023
 }
 
-__all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "BackdoorIndicator", "FLARE", "Bucketing", "CenteredClipping", "DnC", "MultiMetrics", "NNM",
-           "RFA", "RFLBAT", "RunKey", "SignGuard", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLTrust", "FedAvg",
+__all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "BackdoorIndicator", "FLARE", "Bucketing", "CenteredClipping", "CRFL", "DnC", "MultiMetrics", "NNM",
+           "RFA", "RFLBAT", "RunKey", "SignGuard", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLDetector", "FLTrust", "FedAvg",
            "Fedward", "FoolsGold", "Krum", "Median", "NormClipping", "RLR", "SDFC", "SignSGD", "TrimmedMean"]

@@ -24,6 +24,8 @@ from .legacy import SignGuard as SignGuard
 from .legacy import MultiMetrics as MultiMetrics
 from .legacy import RFLBAT as RFLBAT
 from .legacy import AlignIns as AlignIns
+from .legacy import FLDetector as FLDetector
+from .legacy import CRFL as CRFL
 from .legacy import BackdoorIndicator as BackdoorIndicator
 from .legacy import FLARE as FLARE
 from .legacy import FedMedian as FedMedian
