@@ -148,3 +148,41 @@ def test_certification_needs_crfl_training():
         ExperimentConfig.from_run_config({"defense": "fedavg", "crfl-certify-samples": 100})
     with pytest.raises(ConfigError, match="crfl-certify-alpha"):
         ExperimentConfig.from_run_config({"defense": "crfl", "crfl-certify-alpha": 1.5})
+
+
+def test_recorder_certifies_against_the_last_attack_round_with_its_attackers_weights(tmp_path):
+    """The evaluation layer picks t_adv = the last round with attackers sampled, R and p_i from
+    that round's record, tau_i from their sample counts, and the rho_t / sigma_t of the rounds
+    after it; the radius it reports is Theorem 2's with those constants."""
+    from fl_defense.models import build_model
+    from server_app.recorder import RunRecorder
+
+    cfg = ExperimentConfig.from_run_config({"defense": "crfl", "num-server-rounds": 4, "crfl-certify-samples": 40,
+                                            "crfl-certify-examples": 30, "local-epochs": 2, "batch-size": 16,
+                                            "model-poisoning": "boost", "boost-factor": 5.0})
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    test = (torch.rand(60, 1, 8, 8, generator=gen), torch.randint(0, 10, (60,), generator=gen))
+    rec = RunRecorder(cfg, model, test, tmp_path, echo=lambda line: None)
+
+    def row(r, malicious):
+        return {"round": r, "num_attackers_sampled": sum(malicious), "clients": [
+            {"partition": k, "num_examples": 40 + 10 * k, "weight": 0.25, "flagged": False, "malicious": m}
+            for k, m in enumerate(malicious)]}
+
+    rec.rows = [row(1, [True, False, False, False]), row(2, [False, True, True, False]),
+                row(3, [False, False, False, False])]
+    out = rec.certify(4, row(4, [False] * 4), "cpu")
+    c = out["crfl_certify"]
+    assert (c["t_adv"], c["num_attackers"], c["attacker_weights"]) == (2, 2, [0.25, 0.25])
+    assert c["local_iterations"] == [2 * math.ceil(50 / 16), 2 * math.ceil(60 / 16)] and c["scale"] == 5.0
+    pick = torch.randperm(60, generator=torch.Generator().manual_seed(42))[:30]  # the run's seed
+    counts = certify.smoothed_counts(model, test[0][pick], 40, 0.01, 42)
+    crfl = CRFL()
+    direct = certify.certify(counts, test[1][pick].numpy(), 0.001, lambda pa, pb: certify.crfl_radius(
+        pa, pb, 0.01, [crfl.rho(3), crfl.rho(4)], [0.01, 0.01], [0.25, 0.25], c["local_iterations"], 4.1231, 5.0,
+        0.1, 0.5))
+    for key in ("certified_rate", "certified_accuracy", "smoothed_accuracy", "mean_certified_radius"):
+        assert out[f"crfl_{key}"] == direct[key]
+    radius = direct["radius"][direct["certified"]]
+    assert radius.size and (radius > 0).all()
