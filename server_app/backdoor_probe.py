@@ -5,8 +5,9 @@ attackers use. An attacker reports it under the reserved metrics key ``PROBE_KEY
 ground-truth flag, evaluation only); this wrapper removes the key from every result before the
 defense strategy sees the round and sets the recorder's probe from the report of the attacker with
 the lowest partition id. After the attack window closes no one reports and the last trigger stays:
-the lifespan is measured with the trigger the attackers left behind. Absent unless the configured
-attack learns its trigger.
+the lifespan is measured with the trigger the attackers left behind. The latest report is kept in
+the run's folder (``backdoor-probe.bin``) so a resumed run measures with it too. Absent unless the
+configured attack learns its trigger.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from fl_defense.attacks import PROBE_KEY, SOTA_BACKDOORS
 from fl_defense.config import ExperimentConfig
 from fl_defense.rounds import PARTITION_KEY
 
+PROBE_FILE = "backdoor-probe.bin"
+
 
 class BackdoorProbeStrategy(Strategy):
     """Wraps a legacy-API strategy; everything but the probe step is the wrapped strategy's."""
@@ -30,6 +33,10 @@ class BackdoorProbeStrategy(Strategy):
         self.recorder = recorder
         self.shape = shape
         self.reports: list[dict] = []  # per round: which partition's trigger the evaluation uses
+        self.path = getattr(recorder, "out_dir", None)
+        self.path = self.path / PROBE_FILE if self.path is not None else None
+        if cfg.resume and self.path is not None and self.path.exists():  # the trigger of the rounds before
+            self.set_probe(0, None, self.path.read_bytes())
 
     def __getattr__(self, name):  # only reached for attributes this wrapper does not have
         if name == "inner":
@@ -74,15 +81,20 @@ class BackdoorProbeStrategy(Strategy):
             out.append((proxy, res))
         if reports:
             pid, payload = min(reports, key=lambda r: r[0])
-            try:
-                probe = SOTA_BACKDOORS[self.cfg.attack].probe(self.cfg, self.shape, bytes(payload))
-            except (ValueError, TypeError) as err:
-                logging.getLogger(__name__).warning("round %s: backdoor probe from partition %s unusable: %s",
-                                                    server_round, pid, err)
-            else:
-                self.recorder.probes["attack_success_rate"] = probe
-                self.reports.append({"round": server_round, "partition": pid})
+            if self.set_probe(server_round, pid, bytes(payload)) and self.path is not None:
+                self.path.write_bytes(bytes(payload))
         return out
+
+    def set_probe(self, server_round: int, pid: int | None, payload: bytes) -> bool:
+        try:
+            probe = SOTA_BACKDOORS[self.cfg.attack].probe(self.cfg, self.shape, payload)
+        except (ValueError, TypeError) as err:
+            logging.getLogger(__name__).warning("round %s: backdoor probe from partition %s unusable: %s",
+                                                server_round, pid, err)
+            return False
+        self.recorder.probes["attack_success_rate"] = probe
+        self.reports.append({"round": server_round, "partition": pid})
+        return True
 
 
 def with_backdoor_probe(cfg: ExperimentConfig, strategy: Strategy, recorder,

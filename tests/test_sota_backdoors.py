@@ -258,7 +258,7 @@ def test_iba_generator_makes_bounded_input_specific_triggers_that_reach_the_targ
     assert float((flat - flat[0]).abs().amax(dim=1).max()) > 0.01  # a different trigger for each input
 
 
-def test_the_probe_step_strips_the_reserved_key_and_follows_the_lowest_attacker():
+def test_the_probe_step_strips_the_reserved_key_and_follows_the_lowest_attacker(tmp_path):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
     from fl_defense.rounds import PARTITION_KEY
@@ -284,10 +284,18 @@ def test_the_probe_step_strips_the_reserved_key_and_follows_the_lowest_attacker(
             metrics[PROBE_KEY] = patterns[pid].numpy().tobytes()
         results.append((object(), FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(2)]), 1, metrics)))
     rec = Recorder()
+    rec.out_dir = tmp_path
     wrapped = with_backdoor_probe(cfg, Inner(), rec, (1, 8, 8))
     wrapped.aggregate_fit(1, results, [])
     assert all(PROBE_KEY not in m for m in Inner.seen) and [m[PARTITION_KEY] for m in Inner.seen] == [3, 5, 1]
     assert torch.equal(rec.probes["attack_success_rate"].pattern, patterns[1])
+    wrapped.aggregate_fit(2, results[1:2], [])  # no attacker this round: the last trigger stays
+    assert torch.equal(rec.probes["attack_success_rate"].pattern, patterns[1])
+    resumed = Recorder()
+    resumed.probes, resumed.out_dir = {"attack_success_rate": None}, tmp_path
+    with_backdoor_probe(ExperimentConfig.from_run_config({"attack": "a3fl", "resume": True, "run-name": "r"}),
+                        Inner(), resumed, (1, 8, 8))
+    assert torch.equal(resumed.probes["attack_success_rate"].pattern, patterns[1])  # a resumed run keeps it
     plain = object()
     assert with_backdoor_probe(ExperimentConfig.from_run_config({"attack": "chameleon"}), plain, rec, (1, 8, 8)) is plain
 
