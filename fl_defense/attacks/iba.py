@@ -71,6 +71,7 @@ def train_generator(model: nn.Module, trigger: GeneratedTrigger, x: torch.Tensor
     the first 512 of ``x`` triggered, before each step and after the last."""
     was_training = model.training
     model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -90,8 +91,8 @@ def train_generator(model: nn.Module, trigger: GeneratedTrigger, x: torch.Tensor
             opt.step()
             history.append(prob())
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
         model.train(was_training)
     return history
 
