@@ -17,8 +17,9 @@ from flwr.serverapp import Grid
 
 from fl_defense.checkpoint import load_checkpoint
 from fl_defense.config import ConfigError, ExperimentConfig
-from fl_defense.data import load_split
+from fl_defense.data import DATASETS, load_split
 from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, ClipNoise, Defense
+from fl_defense.defenses.deepsight import RandomInputProbabilities
 from fl_defense.fisher import ValidationFisher
 from fl_defense.pretrain import cache_folder, is_cached, pretrain_id
 from fl_defense.training import ServerUpdate
@@ -46,6 +47,9 @@ def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
         if name == "fltrust":
             kwargs["server_update"] = ServerUpdate(copy.deepcopy(model), *server_data, cfg.local_epochs,
                                                    cfg.batch_size, cfg.learning_rate, cfg.momentum, cfg.seed)
+        if name == "deepsight":  # DDifs: a private model copy's outputs on seeded random inputs
+            kwargs["model_outputs"] = RandomInputProbabilities(
+                copy.deepcopy(model), DATASETS[cfg.dataset].shape, kwargs["num_seeds"], kwargs["num_samples"], cfg.seed)
         if name == "backdoor_indicator":  # OOD indicator samples from the source paired with the dataset
             spec = DATASETS[cfg.dataset]
             source = OOD_SOURCES[cfg.dataset] if kwargs["ood"] == "auto" else kwargs["ood"]

@@ -10,15 +10,17 @@ from .base import Defense, DefenseResult, RunKey
 from .bucketing import Bucketing
 from .centered_clipping import CenteredClipping
 from .crfl import CRFL
+from .deepsight import DeepSight
 from .dnc import DnC
 from .fdcr import FDCR
 from .fedavg import FedAvg
 from .fedward import Fedward
 from .flame import FLAME
-from .fldetector import FLDetector
 from .flare import FLARE
+from .fldetector import FLDetector
 from .fltrust import FLTrust
 from .foolsgold import FoolsGold
+from .freqfed import FreqFed
 from .krum import Bulyan, Krum
 from .multimetrics import MultiMetrics
 from .nnm import NNM
@@ -54,10 +56,12 @@ DEFENSES: dict[str, type[Defense]] = {
     MultiMetrics.name: MultiMetrics,  # Huang et al., ICCV 2023
     RFLBAT.name: RFLBAT,  # Wang, Xu & Fan, arXiv 2201.03772 (2022)
     AlignIns.name: AlignIns,  # Xu et al., CVPR 2025
-    FLDetector.name: FLDetector,  # Zhang et al., KDD 2022
-    CRFL.name: CRFL,  # Xie et al., ICML 2021
     BackdoorIndicator.name: BackdoorIndicator,  # Li & Dai, USENIX Security 2024
     FLARE.name: FLARE,  # Wang et al., AsiaCCS 2022
+    FLDetector.name: FLDetector,  # Zhang et al., KDD 2022
+    CRFL.name: CRFL,  # Xie et al., ICML 2021
+    DeepSight.name: DeepSight,  # Rieger et al., NDSS 2022
+    FreqFed.name: FreqFed,  # Fereidooni et al., NDSS 2024
 }
 
 # Pre-aggregation wrappers around any defense (run config: pre-aggregation, bucket-size).
@@ -66,6 +70,6 @@ PRE_AGGREGATIONS: dict[str, type[Defense]] = {
     "nnm": NNM,  # Allouah et al., AISTATS 2023
 }
 
-__all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "BackdoorIndicator", "FLARE", "Bucketing", "CenteredClipping", "CRFL", "DnC", "MultiMetrics", "NNM",
+__all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "BackdoorIndicator", "FLARE", "Bucketing", "CenteredClipping", "CRFL", "DeepSight", "DnC", "FreqFed", "MultiMetrics", "NNM",
            "RFA", "RFLBAT", "RunKey", "SignGuard", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLDetector", "FLTrust", "FedAvg",
            "Fedward", "FoolsGold", "Krum", "Median", "NormClipping", "RLR", "SDFC", "SignSGD", "TrimmedMean"]

@@ -24,10 +24,12 @@ from .legacy import SignGuard as SignGuard
 from .legacy import MultiMetrics as MultiMetrics
 from .legacy import RFLBAT as RFLBAT
 from .legacy import AlignIns as AlignIns
-from .legacy import FLDetector as FLDetector
-from .legacy import CRFL as CRFL
 from .legacy import BackdoorIndicator as BackdoorIndicator
 from .legacy import FLARE as FLARE
+from .legacy import FLDetector as FLDetector
+from .legacy import CRFL as CRFL
+from .legacy import DeepSight as DeepSight
+from .legacy import FreqFed as FreqFed
 from .legacy import FedMedian as FedMedian
 from .legacy import FedTrimmedAvg as FedTrimmedAvg
 from .legacy import MultiKrum as MultiKrum

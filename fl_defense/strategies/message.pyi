@@ -124,6 +124,16 @@ class AlignIns(DefenseStrategy):
     def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, lambda_s: float = 1.0, lambda_c: float = 1.0, sparsity: float = 0.3, direction: str = 'global', trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
 
 
+class BackdoorIndicator(DefenseStrategy):
+    """BackdoorIndicator: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.BackdoorIndicator`` (Li & Dai, USENIX Security 2024)."""
+    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, indicator: Any = None, threshold: float = 0.85, epochs: int = 50, lr: float = 0.05, mu: float = 0.1, ood: str = 'auto', ood_samples: int = 100, server_lr: float = 1.0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
+
+
+class FLARE(DefenseStrategy):
+    """FLARE: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.FLARE`` (Wang et al., AsiaCCS 2022)."""
+    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, features: Any = None, neighbour_fraction: float = 0.5, temperature: float = 1.0, samples: int = 100, server_lr: float = 1.0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
+
+
 class FLDetector(DefenseStrategy):
     """FLDetector: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.FLDetector`` (Zhang et al., KDD 2022)."""
     def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, window: int = 10, gap_k_max: int = 7, gap_refs: int = 10, seed: int = 0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
@@ -134,14 +144,14 @@ class CRFL(DefenseStrategy):
     def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, rho0: float = 2.0, rho_growth: float = 0.1, rho_max: float = 15.0, sigma: float = 0.01, seed: int = 0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
 
 
-class BackdoorIndicator(DefenseStrategy):
-    """BackdoorIndicator: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.BackdoorIndicator`` (Li & Dai, USENIX Security 2024)."""
-    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, indicator: Any = None, threshold: float = 0.85, epochs: int = 50, lr: float = 0.05, mu: float = 0.1, ood: str = 'auto', ood_samples: int = 100, server_lr: float = 1.0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
+class DeepSight(DefenseStrategy):
+    """DeepSight: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.DeepSight`` (Rieger et al., NDSS 2022)."""
+    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, model_outputs: Any = None, tau: float = 0.3333333333333333, threshold_factor: float = 0.01, num_seeds: int = 3, num_samples: int = 2000, min_cluster_size: int = 2, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
 
 
-class FLARE(DefenseStrategy):
-    """FLARE: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.FLARE`` (Wang et al., AsiaCCS 2022)."""
-    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, features: Any = None, neighbour_fraction: float = 0.5, temperature: float = 1.0, samples: int = 100, server_lr: float = 1.0, trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
+class FreqFed(DefenseStrategy):
+    """FreqFed: a Flower strategy (message API, ``aggregate_train``) running ``fl_defense.defenses.FreqFed`` (Fereidooni et al., NDSS 2024)."""
+    def __init__(self, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2, min_available_nodes: int = 2, weighted_by_key: str = 'num-examples', arrayrecord_key: str = 'arrays', configrecord_key: str = 'config', train_metrics_aggr_fn: Any = None, evaluate_metrics_aggr_fn: Any = None, *, transform_on: str = 'models', layers: str = 'all', trainable: Any = None, device: str = 'cpu', min_valid_clients: int = 1, max_update_norm: float = 0.0, keep_workspace: bool = True, max_rounds_without_valid: int = 3) -> None: ...
 
 
 FedMedian = Median
