@@ -118,10 +118,13 @@ class DeepSight(Defense):
     runs degraded: the DDif clusterings are left out of the ensemble (a warning says so once and
     each round records ``ddifs: false``).
 
-    Choices where the paper leaves it open: HDBSCAN's ``min_cluster_size`` (default 5, HDBSCAN's
-    own default, which the public reimplementations keep; capped at n) with min_samples left to
-    HDBSCAN (= min_cluster_size, capped at n - 1); probabilities are softmax outputs; the random
-    inputs are uniform in [0, 1) of the data's shape.
+    Choices where the paper leaves it open: HDBSCAN's ``min_cluster_size`` 2 (capped at n) and
+    min_samples 1, so that a few colluding clients can form a cluster of their own (public
+    reimplementations keep the hdbscan package's 5 and 5, which at 10 clients a round leaves 3
+    attackers as noise); probabilities are softmax outputs; the random inputs are uniform in
+    [0, 1) of the data's shape, ``num_samples`` 2000 a seed (reimplementations use 20000); the
+    clipping bound is torch's median (the lower middle one for an even count). DeepSight keeps no
+    state across rounds.
     """
 
     name = "deepsight"

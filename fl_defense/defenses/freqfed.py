@@ -32,19 +32,22 @@ def low_frequency_gram(u: torch.Tensor, reference: torch.Tensor | None, slices: 
     """
     from scipy.fft import dct
 
-    x = u.detach().cpu().numpy()
-    n = x.shape[0]
+    on_cpu = u.device.type == "cpu"
+    x = u.detach().numpy() if on_cpu else None  # elsewhere one layer's columns at a time come over
+    n = u.shape[0]
+    dtype = np.float64 if u.dtype == torch.float64 else np.float32
     gram = np.zeros((n, n))
     cross = np.zeros(n)
     ref_sq = 0.0
-    g = None if reference is None else reference.detach().cpu().numpy().astype(x.dtype, copy=False)
+    g = None if reference is None else reference.detach().cpu().numpy().astype(dtype, copy=False)
     for sl in slices:
         k = low_frequency_count(sl.stop - sl.start)
-        block = np.empty((n, k), dtype=x.dtype)
+        block = np.empty((n, k), dtype=dtype)
+        xl = x[:, sl] if on_cpu else u[:, sl].detach().cpu().numpy()
 
         def rows(group: list[int]) -> None:
             for i in group:
-                block[i] = dct(x[i, sl], norm="ortho")[:k]
+                block[i] = dct(xl[i], norm="ortho")[:k]
 
         parallel_map(rows, split_evenly(list(range(n)), workers()))
         gram += (block @ block.T).astype(np.float64)
@@ -85,7 +88,8 @@ class FreqFed(Defense):
     Left open by the paper and chosen here: when HDBSCAN finds no cluster (every model is noise)
     all clients are averaged, as FLAME here does; with fewer than 3 clients there is nothing to
     cluster and all are averaged. Memory: the n x n Gram and one n x (largest layer / 2) block of
-    coefficients, float32; no d x d anything and no second n x d matrix.
+    coefficients, float32 (on a GPU also that layer's columns, copied to the host); no d x d
+    anything and no second n x d matrix. FreqFed keeps no state across rounds.
     """
 
     name = "freqfed"
