@@ -363,7 +363,7 @@ class DefendedAggregation:
         num_examples = torch.tensor([float(r.num_examples) for r in valid], dtype=torch.float64)
         return RoundUpdates(updates=updates, num_examples=num_examples,
                             client_ids=[stable_identity(r) for r in valid],
-                            layer_slices=layout.layer_slices, fisher=fisher)
+                            layer_slices=layout.layer_slices, fisher=fisher, layer_shapes=layout.layer_shapes)
 
     def _matrix(self, name: str, n: int, d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An n x d matrix from the workspace (``updates.reuse_rows``)."""

@@ -58,6 +58,11 @@ class ParamLayout:
         return slices
 
     @cached_property
+    def layer_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of each trainable array, in the order of ``layer_slices``."""
+        return [self.shapes[i] for i in self.trainable_indices]
+
+    @cached_property
     def dtype(self) -> torch.dtype:
         """The updates matrix's dtype: float64 when a trainable array is float64 (so a float64
         model is aggregated in float64, as Flower does), else float32 (float16 models too)."""
@@ -118,6 +123,8 @@ class RoundUpdates:
 
     ``updates[k]`` is client k's trainable parameters minus the global ones (delta_k in the papers);
     ``fisher[k]``, when present, is the diagonal Fisher information the client reported.
+    ``layer_shapes``, when known, is each trainable array's shape (``layer_slices`` are their flat
+    extents): FreqFed's 2-D DCT of a layer needs it.
 
     Both matrices are the round's workspace, refilled in place next round (``DefendedAggregation``
     keeps them allocated): a defense may overwrite them during its round but must copy whatever
@@ -131,6 +138,7 @@ class RoundUpdates:
     layer_slices: list[slice]
     fisher: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    layer_shapes: list[tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.updates.ndim != 2:
@@ -140,6 +148,11 @@ class RoundUpdates:
             raise ValueError("num_examples and client_ids must have one entry per update row")
         if self.fisher is not None and self.fisher.shape != self.updates.shape:
             raise ValueError("fisher must have the shape of the updates matrix")
+        if self.layer_shapes is not None and (
+                len(self.layer_shapes) != len(self.layer_slices)
+                or any(int(np.prod(s, dtype=np.int64)) != sl.stop - sl.start
+                       for s, sl in zip(self.layer_shapes, self.layer_slices))):
+            raise ValueError("layer_shapes must give one shape per layer slice, of the slice's size")
 
     @property
     def n(self) -> int:

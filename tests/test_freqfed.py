@@ -5,11 +5,12 @@ accepted and sample-weighted, and the no-cluster fallback."""
 import numpy as np
 import pytest
 import torch
-from scipy.fft import dct, idct
+from scipy.fft import dct, dctn, idct
 
 from fl_defense import strategies
 from fl_defense.defenses import FLAME, FreqFed
-from fl_defense.defenses.freqfed import low_frequency_count, low_frequency_gram
+from fl_defense.defenses.freqfed import low_frequency_count, low_frequency_gram, low_frequency_index
+from fl_defense.updates import RoundUpdates
 from fl_defense.strategies import message
 from tests.helpers import round_updates
 from tests.test_adapters import _round, run_legacy, run_message
@@ -125,3 +126,48 @@ def test_both_adapters_agree():
     msg, _ = run_message(message.FreqFed(), g, clients)
     for a, b in zip(legacy, msg):
         np.testing.assert_array_equal(a, b)
+
+
+SHAPES = [(6, 2, 2, 2), (6,), (4, 6), (4,)]  # a conv weight and bias, then an output layer: 48, 6, 24, 4
+
+
+def shaped(u, ne=None):
+    ru = round_updates(u, num_examples=ne, layer_sizes=[int(np.prod(s)) for s in SHAPES])
+    return RoundUpdates(**{**vars(ru), "layer_shapes": SHAPES})
+
+
+def test_with_layer_shapes_each_weight_is_a_2d_dct_and_its_triangle():
+    # the triangle i + j <= floor(M / 2) of a 6 x 8 matrix: rows 0..3 keep 4, 3, 2, 1 columns
+    assert low_frequency_index(6, 8).tolist() == [0, 1, 2, 3, 8, 9, 10, 16, 17, 24]
+    rng = np.random.default_rng(3)
+    d = sum(int(np.prod(s)) for s in SHAPES)
+    u = rng.normal(size=(5, d)).astype(np.float32)
+    g = rng.normal(size=d).astype(np.float32)
+    parts, s0 = [], 0
+    for shape in SHAPES:
+        size = int(np.prod(shape))
+        m = shape[0]
+        mat = (u[:, s0:s0 + size] + g[s0:s0 + size]).astype(np.float64).reshape(5, m, -1)
+        coef = np.stack([dctn(a, norm="ortho") for a in mat])
+        i, j = np.indices(coef.shape[1:])
+        parts.append(coef[:, i + j <= m // 2])
+        s0 += size
+    f = np.concatenate(parts, axis=1)
+    ru = shaped(u)
+    got = low_frequency_gram(ru.updates, torch.as_tensor(g), ru.layer_slices, ru.layer_shapes)
+    np.testing.assert_allclose(got, f @ f.T, rtol=1e-4, atol=1e-4)
+    assert f.shape[1] == 10 + 4 + 6 + 3  # the four triangles: 6 x 8, 6 x 1, 4 x 6, 4 x 1
+
+
+def test_the_adapters_hand_freqfed_the_layer_shapes():
+    seen = []
+
+    class Spy(FreqFed):
+        def aggregate(self, global_params, round_updates):
+            seen.append(round_updates.layer_shapes)
+            return super().aggregate(global_params, round_updates)
+
+    g, clients = _round(seed=4)
+    run_legacy(strategies.DefenseStrategy(defense=Spy()), g, clients)
+    run_message(message.DefenseStrategy(defense=Spy()), g, clients)
+    assert seen == [[(4, 3), (4,), (2, 4), (2,)]] * 2

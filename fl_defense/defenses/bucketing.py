@@ -82,6 +82,7 @@ class Bucketing(SeededGenerator, Defense):
             layer_slices=ru.layer_slices,
             fisher=None if ru.fisher is None else bucket_means(ru.fisher, groups),
             extras=ru.extras,
+            layer_shapes=ru.layer_shapes,
         )
         res = self.inner.aggregate(global_params, bucketed)
         idx = member_of.to(res.weights.device)

@@ -63,7 +63,8 @@ class ClipNoise(SeededNoise, Defense):
         if self.clip_norm > 0:
             clipped, _ = clip_rows(ru.updates, self.clip_norm)
             ru = RoundUpdates(updates=clipped, num_examples=ru.num_examples, client_ids=ru.client_ids,
-                              layer_slices=ru.layer_slices, fisher=ru.fisher, extras=ru.extras)
+                              layer_slices=ru.layer_slices, fisher=ru.fisher, extras=ru.extras,
+                              layer_shapes=ru.layer_shapes)
         res = self.inner.aggregate(global_params, ru)
         if self.noise > 0:
             std = self.noise * (self.clip_norm if self.clip_norm > 0 else 1.0)

@@ -153,7 +153,8 @@ class RLR(SeededNoise, Defense):
             if base is not None:
                 inner = RoundUpdates(updates=updates, num_examples=round_updates.num_examples,
                                      client_ids=round_updates.client_ids, layer_slices=round_updates.layer_slices,
-                                     fisher=round_updates.fisher, extras=round_updates.extras)
+                                     fisher=round_updates.fisher, extras=round_updates.extras,
+                                     layer_shapes=round_updates.layer_shapes)
                 res = base.aggregate(torch.zeros_like(global_params), inner)
                 step, weights, flagged = res.params, res.weights, res.flagged
             else:
