@@ -20,7 +20,8 @@ the rise of the process's peak RSS during the first call over the RSS before it 
 reset before the call; what an aggregator keeps between rounds counts), in
 units of the n x d float32 matrix. Server-side model work is stubbed: SDFC's validation Fisher and
 FLTrust's root-dataset training cost depend on the model, not on aggregation, and are measured in
-round-time benchmarks instead. Cells whose n x d matrix exceeds --max-gb are skipped and listed.
+round-time benchmarks instead. BackdoorIndicator and FLARE (``MODEL_BACKED``) are timed with
+their real forward passes on the RLR CNN at 28x28 (d = 1,199,882), the server work being their rule. Cells whose n x d matrix exceeds --max-gb are skipped and listed.
 Every table starts with the CPU capability it ran with (``cpu.describe``) and the kernels the
 defenses chose on it (``fl_defense.defenses.cpu_kernels``).
 """
@@ -167,6 +168,31 @@ def warmed_fldetector(n: int, d: int, glob: list[np.ndarray], seed: int = 0):
     return defense
 
 
+# Defenses whose server runs the model (forward passes included in their rows): built on the RLR
+# paper's CNN at 28x28 (d = 1,199,882, the issue's d = 1.2M) with their real server tasks.
+MODEL_BACKED = ("backdoor_indicator", "flare")
+
+
+def model_backed(name: str, n: int, seed: int = 0):
+    """(global arrays, n client results around it, the defense with its server task) on rlr_cnn:
+    BackdoorIndicator reads back 100 indicator samples per client (and plants on them, a row of
+    its own), FLARE takes each client's PLRs of 100 server samples; both the run-config defaults."""
+    import copy
+
+    from fl_defense.models import build_model
+    from fl_defense.server_tasks import IndicatorTask, PenultimateFeatures
+
+    model = build_model("rlr_cnn", (1, 28, 28), 10, seed=seed)
+    glob = [v.detach().numpy().copy() for v in model.state_dict().values()]
+    rng = np.random.default_rng(seed)
+    results = [([g + 0.01 * rng.standard_normal(g.shape, dtype=np.float32) for g in glob], int(rng.integers(50, 500)))
+               for _ in range(n)]
+    samples = torch.rand((100, 1, 28, 28), generator=torch.Generator().manual_seed(seed))
+    if name == "backdoor_indicator":
+        return glob, results, DEFENSES[name](indicator=IndicatorTask(copy.deepcopy(model), samples, 10, seed=seed))
+    return glob, results, DEFENSES[name](features=PenultimateFeatures(copy.deepcopy(model), samples, 100))
+
+
 def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[str] | None = None,
           paired: bool = True) -> list[dict]:
     from flwr.server.strategy.aggregate import aggregate, aggregate_krum, aggregate_median, aggregate_trimmed_avg
@@ -217,6 +243,16 @@ def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[
         client_results = [ClientResult(str(k), arrays, ne, {"partition-id": k, FISHER_KEY: fisher})
                           for k, (arrays, ne) in enumerate(results)]
         timed(name, lambda: agg.aggregate(1, glob, client_results))
+    for name in MODEL_BACKED:
+        if only and name not in only:
+            continue
+        m_glob, m_results, defense = model_backed(name, n)
+        m_agg = DefendedAggregation(defense)
+        m_clients = [ClientResult(str(k), arrays, ne, {"partition-id": k}) for k, (arrays, ne) in enumerate(m_results)]
+        timed(name, lambda: m_agg.aggregate(1, m_glob, m_clients))
+        if name == "backdoor_indicator":  # the round's other server step: planting before it is sent
+            timed("backdoor_indicator planting", lambda: m_agg.broadcast(m_glob))
+        del m_results, m_clients, m_agg
     return rows
 
 
