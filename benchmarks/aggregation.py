@@ -143,6 +143,9 @@ def our_defenses(n: int) -> dict:
         "trimmed_mean": DEFENSES["trimmed_mean"](), "norm_clipping": DEFENSES["norm_clipping"](clip_norm=1.0),
         "signsgd": DEFENSES["signsgd"](), "foolsgold": DEFENSES["foolsgold"](), "flame": DEFENSES["flame"](),
         "fltrust": DEFENSES["fltrust"](server_update=stub_update),
+        "freqfed": DEFENSES["freqfed"](),
+        # DeepSight needs an output layer and runs real forward passes: its own inputs (own_inputs)
+        "deepsight": None, "deepsight-no-ddifs": None,
         "crfl": DEFENSES["crfl"](),
         "fldetector": DEFENSES["fldetector"](),
     }
@@ -166,6 +169,27 @@ def warmed_fldetector(n: int, d: int, glob: list[np.ndarray], seed: int = 0):
         "last-updates": 0.01 * rng.standard_normal((n, d), dtype=np.float32),
         "last-round": {f"partition-{k}": 11 for k in range(n)}, "models": {11: prev}, "scores": {}})
     return defense
+
+
+def own_inputs(name: str, n: int, d: int, seed: int = 0):
+    """DeepSight's case: an MLP 784 -> h -> 10 of about d parameters (h = (d - 10) // 795; its
+    output layer is what NEUPs read), n client models around it, and the defense with the server's
+    real forward passes (``RandomInputProbabilities`` on 3 seeds x 2000 random 1x28x28 inputs: the
+    run-config defaults) or, for ``deepsight-no-ddifs``, without them. Returns (global arrays,
+    client results, defense)."""
+    import copy
+
+    from fl_defense.defenses.deepsight import RandomInputProbabilities
+
+    h = max(1, (d - 10) // 795)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, h), torch.nn.ReLU(), torch.nn.Linear(h, 10))
+    glob = [v.detach().numpy().copy() for v in model.state_dict().values()]
+    rng = np.random.default_rng(seed)
+    results = [([g + 0.01 * rng.standard_normal(g.shape, dtype=np.float32) for g in glob], int(rng.integers(50, 500)))
+               for _ in range(n)]
+    outputs = RandomInputProbabilities(copy.deepcopy(model), (1, 28, 28), 3, 2000, seed) if name == "deepsight" else None
+    return glob, results, DEFENSES["deepsight"](model_outputs=outputs)
 
 
 # Defenses whose server runs the model (forward passes included in their rows): built on the RLR
@@ -233,16 +257,22 @@ def bench(n: int, d: int, repeats: int, skip_flower_krum_above: int, only: list[
     for name, defense in our_defenses(n).items():
         if name not in ours:
             continue
-        DefendedAggregation(defense).aggregate(1, tiny_glob, [
+        t_glob, t_results = tiny_glob, tiny_results
+        if defense is None:
+            t_glob, t_results, defense = own_inputs(name, n, 1000, seed=1)
+        DefendedAggregation(defense).aggregate(1, t_glob, [
             ClientResult(str(k), arrays, ne, {"partition-id": k, FISHER_KEY: tiny_fisher})
-            for k, (arrays, ne) in enumerate(tiny_results)])
+            for k, (arrays, ne) in enumerate(t_results)])
     if "fldetector" in ours:  # timed in its steady state, not in its first rounds (no history yet)
         ours["fldetector"] = warmed_fldetector(n, d, glob)
     for name, defense in ours.items():
+        r_glob, r_results = glob, results
+        if defense is None:
+            r_glob, r_results, defense = own_inputs(name, n, d)
         agg = DefendedAggregation(defense)
         client_results = [ClientResult(str(k), arrays, ne, {"partition-id": k, FISHER_KEY: fisher})
-                          for k, (arrays, ne) in enumerate(results)]
-        timed(name, lambda: agg.aggregate(1, glob, client_results))
+                          for k, (arrays, ne) in enumerate(r_results)]
+        timed(name, lambda: agg.aggregate(1, r_glob, client_results))
     for name in MODEL_BACKED:
         if only and name not in only:
             continue
