@@ -22,7 +22,8 @@ backdoor leans on the facilitators:
 The trigger is a fixed stamp (``chameleon-trigger``). Scaled for 2 CPU cores: the paper trains
 the encoder with a projection head for several local epochs per stage on ResNet-18; here the
 representation entering the model's classifier is used directly (no projection head) for
-``chameleon-encoder-epochs`` and ``chameleon-classifier-epochs`` epochs (default 1 each).
+``chameleon-encoder-epochs`` and ``chameleon-classifier-epochs`` epochs (default: ``local-epochs``
+each, so each stage has the plain attacker's budget), temperature 0.1 (SupCon's scale).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class Chameleon(SotaBackdoor):
         mask = torch.zeros(len(labels), dtype=torch.bool)
         mask[poisoned] = True
         original = getattr(self, "original", labels)
-        contrastive_stage(model, images, labels, original, mask, epochs=c.chameleon_encoder_epochs,
+        contrastive_stage(model, images, labels, original, mask, epochs=c.chameleon_encoder_epochs or c.local_epochs,
                           batch_size=c.batch_size, lr=c.learning_rate, momentum=c.momentum,
                           temperature=c.chameleon_temperature, push=c.chameleon_push, seed=seed)
         encoder = encoder_parameters(model)
@@ -122,7 +123,7 @@ class Chameleon(SotaBackdoor):
             for p in encoder:
                 p.grad = None
 
-        return trainer(images, labels, seed, before_step=freeze, epochs=c.chameleon_classifier_epochs)
+        return trainer(images, labels, seed, before_step=freeze, epochs=c.chameleon_classifier_epochs or c.local_epochs)
 
     @classmethod
     def probe(cls, cfg, shape, payload=None):
