@@ -150,9 +150,9 @@ class DefenseClient(NumPyClient):
         mode = cfg.model_poisoning if attacking else "none"
         before = after = None
         if mode == "pgd":
-            def after(model):
+            def after(model):  # reshape, not view: training may hold the weights channels-last
                 with torch.no_grad():
-                    vector_to_parameters(project_to_ball(global_vec, parameters_to_vector(params).detach(),
+                    vector_to_parameters(project_to_ball(global_vec, torch.cat([p.detach().reshape(-1) for p in params]),
                                                          pgd_radius(cfg.attack_norm_bound, cfg.model_replacement)).clone(), params)
         if mode == "neurotoxin":
             allowed = neurotoxin_mask(self._benign_update(parameters, seed), cfg.neurotoxin_ratio)
