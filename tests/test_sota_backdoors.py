@@ -348,3 +348,5 @@ def test_backdoor_smoke_cell(tmp_path, attack, extra):
     summary = json.loads((tmp_path / attack / "summary.json").read_text())
     assert summary["attack_window"]["stop_round"] == 2
     assert rows[-1]["accuracy"] > 0.3  # it learned while attacked
+    # the learned triggers reached the evaluation (the reserved key, stripped before the defense)
+    assert (tmp_path / attack / "backdoor-probe.bin").exists() == SOTA_BACKDOORS[attack].learned_probe
