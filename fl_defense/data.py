@@ -155,28 +155,103 @@ class _DigitsFederated:
         return self._dd[split]
 
 
-def to_tensors(ds, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode a split to float images in [0, 1], shape (N, C, H, W), and int64 labels."""
+def _decoded(ds, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images as uint8 (N, C, H, W) and its int64 labels."""
     c, h, w = spec.shape
     if len(ds) == 0:
-        return torch.empty((0, c, h, w)), torch.empty((0,), dtype=torch.int64)
+        return np.empty((0, c, h, w), dtype=np.uint8), np.empty((0,), dtype=np.int64)
     arr = np.stack([np.asarray(img, dtype=np.uint8) for img in ds.with_format(None)["image"]])
     arr = arr.reshape(len(arr), h, w, c).transpose(0, 3, 1, 2) if arr.ndim == 4 else arr.reshape(len(arr), 1, h, w)
-    x = torch.from_numpy(np.ascontiguousarray(arr)).float().div_(255.0)
-    y = torch.as_tensor(np.asarray(ds["label"], dtype=np.int64))
-    return x, y
+    return np.ascontiguousarray(arr), np.asarray(ds["label"], dtype=np.int64)
 
 
-@lru_cache(maxsize=64)
+def _as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.array(images)).float().div_(255.0), torch.from_numpy(np.array(labels))
+
+
+def to_tensors(ds, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a split to float images in [0, 1], shape (N, C, H, W), and int64 labels."""
+    return _as_tensors(*_decoded(ds, spec))
+
+
+# A decoded-data cache shared by processes: with FL_DEFENSE_DATA_CACHE=<folder> (the leaderboard
+# sets it for its cells) the first process that needs a configuration's partitions decodes all of
+# them once into <folder>/<key>/ (uint8 images, labels, partition offsets; under a lock), and every
+# later process, every Ray actor of every cell, memory-maps them: no dataset build, partitioning or
+# image decoding per actor. The key hashes the DataConfig, the data files' size and time, and the
+# versions of the libraries that partition.
+DATA_CACHE_ENV = "FL_DEFENSE_DATA_CACHE"
+_CACHE_VERSION = 1
+
+
+def _cache_key(cfg: DataConfig, what: str) -> str | None:
+    import dataclasses
+    import hashlib
+    import json
+    import os
+    from importlib.metadata import version
+
+    root = os.environ.get(DATA_CACHE_ENV)
+    if not root:
+        return None
+    files = {}
+    if cfg.data_dir:
+        files = {k: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for k, f in data_files(cfg).items()}
+    key = {"cfg": dataclasses.asdict(cfg), "what": what, "files": files, "cache": _CACHE_VERSION,
+           "versions": [version("flwr-datasets"), version("datasets"), np.__version__]}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return str(Path(root).expanduser().resolve() / f"{cfg.dataset}-{what}-{digest}")
+
+
+@lru_cache(maxsize=16)
+def _cached(folder: str, cfg: DataConfig, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, offsets) of ``what`` ("partitions" or a split's name), built once under a lock."""
+    import fcntl
+    import os
+    import shutil
+
+    path = Path(folder)
+    if not (path / "offsets.npy").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "offsets.npy").exists():
+                fds = federated_dataset(cfg)
+                parts = ([_decoded(fds.load_partition(p, "train"), cfg.spec) for p in range(cfg.num_partitions)]
+                         if what == "partitions" else [_decoded(fds.load_split(what), cfg.spec)])
+                tmp = Path(f"{path}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                np.save(tmp / "images.npy", np.concatenate([x for x, _ in parts]))
+                np.save(tmp / "labels.npy", np.concatenate([y for _, y in parts]))
+                np.save(tmp / "offsets.npy", np.cumsum([0] + [len(y) for _, y in parts]))
+                os.replace(tmp, path)
+    return (np.load(path / "images.npy", mmap_mode="r"), np.load(path / "labels.npy", mmap_mode="r"),
+            np.load(path / "offsets.npy"))
+
+
+# Every partition this process has served stays decoded: a simulation actor serves many clients of a
+# large population (100 clients, 10 sampled a round), and decoding one again each time it is sampled
+# costs about as much as training on it (benchmarks/protocol_round.py).
+@lru_cache(maxsize=4096)
 def load_partition(cfg: DataConfig, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 <= partition_id < cfg.num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {cfg.num_partitions})")
+    folder = _cache_key(cfg, "partitions")
+    if folder is not None:
+        images, labels, offsets = _cached(folder, cfg, "partitions")
+        s, e = int(offsets[partition_id]), int(offsets[partition_id + 1])
+        return _as_tensors(images[s:e], labels[s:e])
     return to_tensors(federated_dataset(cfg).load_partition(partition_id, "train"), cfg.spec)
 
 
 @lru_cache(maxsize=8)
 def load_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split, or the server's held-out split ("server")."""
+    folder = _cache_key(cfg, split)
+    if folder is not None:
+        images, labels, _ = _cached(folder, cfg, split)
+        return _as_tensors(images, labels)
     return to_tensors(federated_dataset(cfg).load_split(split), cfg.spec)
 
 

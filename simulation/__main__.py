@@ -2,6 +2,8 @@
 
     fl-defense run <grid.toml> [--out DIR] [--shard i/k]  run a grid (or shard i of k), resumable
     fl-defense report <runs folder> [--out DIR]  tables and plots from a folder of runs (several: merged)
+    fl-defense leaderboard [--grid FILE] [--results DIR] [--shard i/k] [--report-only]
+                                                 every defense x attack under the protocol, and its page
     fl-defense stop-superlink                    stop the SuperLink `flwr run .` started (this FLWR_HOME's)
 
 One run: python -m simulation.run --run-config "defense='rlr' num-server-rounds=5".
@@ -17,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].endswith(".toml"):
         argv = ["run", *argv]
-    if not argv or argv[0] not in ("run", "report", "stop-superlink"):
+    if not argv or argv[0] not in ("run", "report", "leaderboard", "stop-superlink"):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     from fl_defense.config import ConfigError
@@ -33,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
             from .report import main as report_main
 
             report_main(argv[1:])
+        elif argv[0] == "leaderboard":
+            from .leaderboard import main as leaderboard_main
+
+            leaderboard_main(argv[1:])
         else:
             from .superlink import main as stop_main
 

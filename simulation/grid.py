@@ -44,6 +44,8 @@ from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
 
+from .cputime import TreeCPU
+
 FAILED, DONE = "[fl-defense] FAILED: ", "[fl-defense] done: "
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +124,24 @@ def cell_state(folder: Path) -> str:
     return "new"
 
 
+def record_cpu(folder: Path, cpu_seconds: float, wall_seconds: float, state: str) -> None:
+    """Append one attempt's CPU time (user + system of the cell's process and every process it
+    started, Ray's workers included: simulation.cputime) to the cell's ``cpu.jsonl`` (wall-clock
+    figures stay out of the deterministic summary.json); a resumed cell adds a line, so the sum is
+    the cell's cost."""
+    with (folder / "cpu.jsonl").open("a") as fh:
+        fh.write(json.dumps({"cpu_seconds": round(cpu_seconds, 3), "wall_seconds": round(wall_seconds, 3),
+                             "started_as": state}) + "\n")
+
+
+def cell_cpu_seconds(folder: Path) -> float | None:
+    """The CPU seconds every recorded attempt of a cell took (None: no record)."""
+    path = folder / "cpu.jsonl"
+    if not path.exists():
+        return None
+    return sum(json.loads(line)["cpu_seconds"] for line in path.read_text().splitlines() if line.strip())
+
+
 class CellFailed(RuntimeError):
     """A grid cell's federation failed; the message says which, why and where its log is."""
 
@@ -152,8 +172,10 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
         cmd = [sys.executable, "-m", "simulation.run", "--in-process", "--num-supernodes", str(grid.num_supernodes),
                "--run-config-json", json.dumps(overrides)]
         bar.set_description(f"cell {i}/{len(grid.cells)} {folder.name}")
+        wall_before = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        meter = TreeCPU(proc.pid).__enter__() if getattr(proc, "pid", None) else None  # the cell and its Ray workers
         done_before = bar.n
         log_lines, reason, result = [], None, ""
         for line in proc.stdout:
@@ -167,6 +189,9 @@ def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
                 bar.n = done_before + int(m.group(1))
                 bar.refresh()
         proc.wait()
+        cpu_seconds = meter.stop() if meter is not None else None
+        if folder.exists() and cpu_seconds is not None:
+            record_cpu(folder, cpu_seconds, time.perf_counter() - wall_before, state)
         (folder.parent / f"{folder.name}.log").write_text("".join(log_lines[-2000:]))
         if proc.returncode != 0 or cell_state(folder) != "done":
             bar.close()

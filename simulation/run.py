@@ -110,6 +110,10 @@ def _federation(overrides: dict, num_supernodes: int, num_cpus: float, num_gpus:
     import server_app.app as sa
     from server_app.recorder import RunFailed, run_failure
 
+    from .engine import patch_message_polling
+
+    patch_message_polling()  # Flower's engine would poll every node 10 times a second (simulation/engine.py)
+
     def server_fn(context):
         return sa.build_components({**context.run_config, **overrides}, num_nodes=num_supernodes)
 

@@ -1,0 +1,548 @@
+"""The leaderboard: every defense against every attack, and no attack, under the benchmark protocol
+(docs/protocol.md), run as one resumable, shardable grid, and the Markdown page it produces.
+
+    python -m simulation leaderboard --grid simulation/grids/leaderboard.toml --results results/leaderboard
+    python -m simulation leaderboard ... --shard 3/8            # cells 3, 11, 19, ... (no page)
+    python -m simulation leaderboard ... --report-only --results DIR1 --results DIR2   # page only, no cell runs
+
+Leaderboard file: a grid file whose ``[fixed]`` table is the protocol, plus
+
+    [leaderboard]
+    defenses = "all"             # every defense in fl_defense.defenses.DEFENSES (or a list)
+    exclude-defenses = []        # names left out of "all"
+    seeds = [1, 2, 3]
+    baseline = "fedavg"          # accuracy drop: against this defense's clean cell, seed by seed
+    clean = "clean"              # the bundle without attackers
+    [defense-keys.norm_clipping] # keys one defense needs (clip-norm for norm clipping)
+    clip-norm = 2.0
+    [attacks.clean]              # a named bundle of run-config keys per attack, in column order
+    attack = "none"
+    model-poisoning = "none"
+    [attacks.alie]
+    attack = "none"
+    model-poisoning = "alie"
+
+Cells are defense x attack x seed, each the protocol plus the defense's keys plus the attack's bundle;
+a cell's folder is named by a hash of its run config (``grid.cell_id``), so the page finds every cell
+of the matrix in any of the results folders it is given, and finished cells are never rerun.
+
+Per cell: final and mean accuracy (rounds 1..N), the accuracy drop against clean FedAvg (mean
+accuracy, same seed, percentage points), attack success at the window's end, the worst in it, at the run's end and the
+lifespan (rounds after the window until below 0.5; ``fl_defense.durability``), TPR/FPR over the
+rounds where defined, aggregation and round time, and the process CPU time of the cell
+(``cpu.jsonl``, written by the grid runner). Every table gives mean ± std over seeds.
+
+Ranking: among a defense's attacked cells whose mean accuracy stays within ``2`` points of clean
+FedAvg's (a drop <= 2.0), its score is the highest mean attack success at the window's end (its
+worst attack); lower ranks first, ties by the clean cell's accuracy drop. A defense with no
+qualifying cell is ranked after every defense with one, by its smallest accuracy drop under attack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fl_defense.config import ConfigError, ExperimentConfig
+
+from .grid import ROOT, Grid, cell_cpu_seconds, cell_id, cell_state, parse_shard, run_grid
+
+QUALIFY_POINTS = 2.0
+DEFAULT_GRID = "simulation/grids/leaderboard.toml"
+DEFAULT_PAGE = "docs/results/leaderboard"
+
+# metric -> (heading, digits); values per cell and seed, mean ± std over seeds in the page
+METRICS = {
+    "accuracy_final": ("final accuracy", 3),
+    "accuracy_mean": ("mean accuracy", 3),
+    "accuracy_drop": ("accuracy drop (points)", 1),
+    "asr_window_end": ("attack success at the window's end", 3),
+    "asr_window_worst": ("worst attack success in the window", 3),
+    "asr_final": ("attack success at the run's end", 3),
+    "lifespan_50": ("rounds after the window to < 0.5", 1),
+    "tpr": ("TPR", 2),
+    "fpr": ("FPR", 2),
+    "aggregation_seconds": ("aggregation (s)", 4),
+    "round_seconds": ("round (s)", 2),
+    "cpu_seconds": ("cell CPU (s)", 0),
+}
+
+
+@dataclass
+class Leaderboard:
+    """The defense x attack x seed matrix of one leaderboard file (module docstring)."""
+
+    name: str
+    num_supernodes: int
+    fixed: dict
+    defenses: list[str]
+    attacks: dict[str, dict]
+    seeds: list[int]
+    defense_keys: dict[str, dict] = field(default_factory=dict)
+    baseline: str = "fedavg"
+    clean: str = "clean"
+    path: str = DEFAULT_GRID
+
+    @classmethod
+    def load(cls, path: str | Path, defenses: list[str] | None = None, attacks: list[str] | None = None,
+             seeds: list[int] | None = None) -> "Leaderboard":
+        """Read a leaderboard file; ``defenses``/``attacks``/``seeds`` choose a subset. The clean
+        bundle is always in, and so is the baseline defense's clean cell (the accuracy drop's reference)."""
+        from fl_defense.defenses import DEFENSES
+
+        try:
+            spec = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"leaderboard file {path}: {err}") from None
+        meta, board = spec.get("grid", {}), spec.get("leaderboard", {})
+        bundles = {name: dict(keys) for name, keys in spec.get("attacks", {}).items()}
+        clean = board.get("clean", "clean")
+        if clean not in bundles:
+            raise ConfigError(f"leaderboard file {path}: [attacks.{clean}] (the bundle without attackers) is missing")
+        chosen = board.get("defenses", "all")
+        exclude = set(board.get("exclude-defenses", []))
+        names = [d for d in DEFENSES if d not in exclude] if chosen == "all" else list(chosen)
+        if defenses:
+            names = list(defenses)
+        unknown = [d for d in names if d not in DEFENSES]
+        if unknown:
+            raise ConfigError(f"leaderboard defenses: {', '.join(unknown)} not among {', '.join(DEFENSES)}")
+        baseline = board.get("baseline", "fedavg")
+        if attacks:
+            missing = [a for a in attacks if a not in bundles]
+            if missing:
+                raise ConfigError(f"leaderboard attacks: {', '.join(missing)} not among the file's bundles "
+                                  f"({', '.join(bundles)})")
+            bundles = {a: bundles[a] for a in [clean, *attacks] if a in bundles}
+        board_seeds = [int(s) for s in (seeds or board.get("seeds", [ExperimentConfig().seed]))]
+        defense_keys = {d: dict(keys) for d, keys in spec.get("defense-keys", {}).items()}
+        out = cls(name=meta.get("name", Path(path).stem), num_supernodes=int(meta.get("num-supernodes", 10)),
+                  fixed=dict(spec.get("fixed", {})), defenses=names, attacks=bundles, seeds=board_seeds,
+                  defense_keys=defense_keys, baseline=baseline, clean=clean, path=str(path))
+        for defense, attack, seed, cell in out.cells():  # a bad cell fails before anything runs
+            try:
+                ExperimentConfig.from_run_config(cell).check_federation(out.num_supernodes)
+            except ConfigError as err:
+                raise ConfigError(f"leaderboard cell defense={defense} attack={attack} seed={seed}: {err}") from None
+        return out
+
+    def cell_config(self, defense: str, attack: str, seed: int) -> dict:
+        return {**self.fixed, **self.defense_keys.get(defense, {}), **self.attacks[attack],
+                "defense": defense, "seed": seed}
+
+    def cells(self) -> list[tuple[str, str, int, dict]]:
+        """(defense, attack, seed, run config) of every cell: seed, then attack, then defense, so a
+        round-robin shard gets a share of every defense and attack; the baseline's clean cells
+        come first even when the baseline is not among the chosen defenses."""
+        out = []
+        if self.baseline not in self.defenses:
+            out += [(self.baseline, self.clean, s, self.cell_config(self.baseline, self.clean, s)) for s in self.seeds]
+        for seed in self.seeds:
+            for attack in self.attacks:
+                for defense in self.defenses:
+                    out.append((defense, attack, seed, self.cell_config(defense, attack, seed)))
+        return out
+
+    def grid(self) -> Grid:
+        return Grid(name=self.name, num_supernodes=self.num_supernodes, cells=[c for *_, c in self.cells()])
+
+
+def uncovered_attacks(bundles: dict[str, dict]) -> list[str]:
+    """Attacks in the registries (data poisoning, model poisoning) that no bundle uses."""
+    from fl_defense.attacks import DATA_ATTACKS, MODEL_ATTACKS
+
+    used = {b.get("attack", ExperimentConfig().attack) for b in bundles.values()}
+    used |= {b.get("model-poisoning", ExperimentConfig().model_poisoning) for b in bundles.values()}
+    return [a for a in (*DATA_ATTACKS, *MODEL_ATTACKS) if a != "none" and a not in used]
+
+
+def cell_metrics(folder: Path) -> dict:
+    """One finished cell's figures (see METRICS) from its summary, rounds, timings and CPU record."""
+    summary = json.loads((folder / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    trained = [r for r in rounds if r["round"] > 0]
+    timings = []
+    if (folder / "timings.jsonl").exists():
+        timings = [json.loads(line) for line in (folder / "timings.jsonl").read_text().splitlines() if line.strip()]
+    window = summary.get("attack_window") or {}
+
+    def mean(values) -> float | None:
+        vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "accuracy_final": summary["final"]["accuracy"],
+        "accuracy_mean": mean(r["accuracy"] for r in trained),
+        "asr_window_end": window.get("asr_window_end"),
+        "asr_window_worst": window.get("asr_window_worst"),
+        "asr_final": summary["final"].get("attack_success_rate"),
+        "lifespan_50": window.get("lifespan_50"),
+        "lifespan_10": window.get("lifespan_10"),
+        "window_closed": window.get("window_closed"),
+        "tpr": summary.get("mean_over_rounds", {}).get("tpr"),
+        "fpr": summary.get("mean_over_rounds", {}).get("fpr"),
+        "aggregation_seconds": mean(t.get("aggregation_seconds") for t in timings if t["round"] > 0),
+        "round_seconds": mean(t.get("round_seconds") for t in timings if t["round"] > 0),
+        "cpu_seconds": cell_cpu_seconds(folder),
+        "rounds": summary["rounds_completed"],
+        "attackers_sampled": sum(r.get("num_attackers_sampled") or 0 for r in trained),
+    }
+
+
+def collect(board: Leaderboard, roots: list[Path]):
+    """One row per finished cell of the board (defense, attack, seed, folder, metrics), found by
+    its name under any of ``roots`` (the first folder that has it finished)."""
+    import pandas as pd
+
+    rows = []
+    for defense, attack, seed, cell in board.cells():
+        name = cell_id(cell)
+        folder = next((r / name for r in roots if cell_state(r / name) == "done"), None)
+        if folder is None:
+            continue
+        rows.append({"defense": defense, "attack": attack, "seed": seed, "cell": name, **cell_metrics(folder)})
+    return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS, "lifespan_10",
+                                       "window_closed", "rounds", "attackers_sampled"])
+
+
+def add_accuracy_drop(table, baseline: str, clean: str, metric: str = "accuracy_mean"):
+    """``accuracy_drop``: clean ``baseline``'s accuracy minus the cell's, in percentage points, paired
+    by seed; a seed without its baseline cell is compared with the baseline's mean over seeds.
+    The accuracy is the mean over the run's rounds: with 10 of 100 clients a round, one round's
+    accuracy swings by about 3 points, more than the 2-point criterion the ranking applies."""
+    table = table.copy()
+    ref = table[(table["defense"] == baseline) & (table["attack"] == clean)].set_index("seed")[metric]
+    if ref.empty:
+        table["accuracy_drop"] = float("nan")
+        return table
+    paired = table["seed"].map(ref).fillna(ref.mean())
+    table["accuracy_drop"] = (paired - table[metric]) * 100.0
+    return table
+
+
+def summarise(table):
+    """Per defense and attack: the mean, the standard deviation (ddof 1; NaN with one seed) and the
+    number of seeds of every metric."""
+    import pandas as pd
+
+    metrics = [m for m in METRICS if m in table]
+    if table.empty:
+        return pd.DataFrame()
+    numeric = table[["defense", "attack", *metrics]].copy()
+    for m in metrics:
+        numeric[m] = pd.to_numeric(numeric[m], errors="coerce")
+    g = numeric.groupby(["defense", "attack"], sort=False)
+    out = g[metrics].mean().add_suffix("_mean").join(g[metrics].std(ddof=1).add_suffix("_std"))
+    out["seeds"] = g.size()
+    return out
+
+
+def fmt(mean: float | None, std: float | None, digits: int) -> str:
+    """'m ± s', 'm' with one seed, '-' without a value."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
+            threshold: float = QUALIFY_POINTS) -> list[dict]:
+    """Defenses ranked by their worst attack (highest mean attack success at the window's end) among
+    their attacked cells whose mean accuracy drop is <= ``threshold`` points; ties by the clean
+    cell's accuracy drop. Defenses without a qualifying cell follow, by their smallest drop under attack."""
+    rows = []
+    attacked = [a for a in attacks if a != clean]
+    for d in defenses:
+        cells = [(a, summary.loc[(d, a)]) for a in attacked if (d, a) in summary.index]
+        drops = {a: s["accuracy_drop_mean"] for a, s in cells if not math.isnan(s["accuracy_drop_mean"])}
+        qualifying = [(a, s) for a, s in cells if a in drops and drops[a] <= threshold
+                      and not math.isnan(s["asr_window_end_mean"])]
+        worst = max(qualifying, key=lambda c: c[1]["asr_window_end_mean"], default=None)
+        clean_drop = summary.loc[(d, clean)]["accuracy_drop_mean"] if (d, clean) in summary.index else float("nan")
+        rows.append({
+            "defense": d, "qualifying": len(qualifying), "attacked": len(cells),
+            "worst_attack": worst[0] if worst else None,
+            "worst_asr": worst[1]["asr_window_end_mean"] if worst else None,
+            "worst_asr_std": worst[1]["asr_window_end_std"] if worst else None,
+            "clean_drop": clean_drop,
+            "largest_drop": max(drops.values(), default=None),
+            "smallest_drop": min(drops.values(), default=None),
+        })
+
+    def key(r):
+        nan_last = lambda v: math.inf if v is None or math.isnan(v) else v  # noqa: E731
+        if r["worst_asr"] is not None:
+            return (0, r["worst_asr"], nan_last(r["clean_drop"]), r["defense"])
+        return (1, nan_last(r["smallest_drop"]), nan_last(r["clean_drop"]), r["defense"])
+
+    rows.sort(key=key)
+    for i, r in enumerate(rows, start=1):
+        r["rank"] = i
+    return rows
+
+
+def heatmap_table(summary, metric: str, defenses: list[str], attacks: list[str]) -> str:
+    """Markdown: defenses as rows, attacks as columns, mean ± std over seeds of ``metric``."""
+    digits = METRICS[metric][1]
+    lines = ["| defense | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for d in defenses:
+        cells = []
+        for a in attacks:
+            if (d, a) in summary.index:
+                s = summary.loc[(d, a)]
+                cells.append(fmt(s[f"{metric}_mean"], s[f"{metric}_std"], digits))
+            else:
+                cells.append("not run")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_heatmap(summary, metric: str, defenses: list[str], attacks: list[str], path: Path,
+                 vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis") -> Path:
+    """A PNG heatmap of ``metric``'s mean over seeds, annotated with the values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.full((len(defenses), len(attacks)), np.nan)
+    for i, d in enumerate(defenses):
+        for j, a in enumerate(attacks):
+            if (d, a) in summary.index:
+                grid[i, j] = summary.loc[(d, a)][f"{metric}_mean"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(attacks), 1.2 + 0.36 * len(defenses)))
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
+                   interpolation="nearest")
+    digits = min(METRICS[metric][1], 2)
+    for i in range(len(defenses)):
+        for j in range(len(attacks)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.{digits}f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if im.norm(grid[i, j]) < 0.55 else "black")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(defenses)), defenses, fontsize=7)
+    ax.set_title(f"{METRICS[metric][0]} (mean over seeds)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def projected_gpu_seconds(cpu_seconds: float, training_share: float, steps: float, step_ms: float) -> float:
+    """CPU time minus its local-training share, plus the training's SGD steps at ``step_ms`` each."""
+    return cpu_seconds * (1.0 - training_share) + steps * step_ms / 1000.0
+
+
+def _steps(folder: Path, epochs: int, batch_size: int) -> int:
+    """Local SGD steps of a results folder's rounds: every sampled client's batches times epochs."""
+    steps = 0
+    for line in (folder / "rounds.jsonl").read_text().splitlines():
+        if line.strip():
+            for c in json.loads(line).get("clients", []):
+                steps += epochs * math.ceil(c["num_examples"] / batch_size)
+    return steps
+
+
+def training_steps(table, roots: list[Path], num_supernodes: int) -> int:
+    """Local SGD steps the finished cells trained, counted from their rounds (each client's examples,
+    batch size, epochs), plus each pre-training they started from, once."""
+    from fl_defense.pretrain import cache_folder
+
+    total, pretrained = 0, set()
+    for name in table["cell"]:
+        folder = next(r / name for r in roots if cell_state(r / name) == "done")
+        cfg = ExperimentConfig.from_run_config(json.loads((folder / "summary.json").read_text())["config"])
+        total += _steps(folder, cfg.local_epochs, cfg.batch_size)
+        if cfg.pretrain_rounds > 0:
+            cache = cache_folder(cfg, num_supernodes)
+            if cache not in pretrained and (cache / "rounds.jsonl").exists():
+                pretrained.add(cache)
+                total += _steps(cache, cfg.local_epochs, cfg.batch_size)
+    return total
+
+
+def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
+               training_share: float, step_ms: float) -> Path:
+    """The leaderboard page (index.md), its PNG heatmaps and cells.csv, from finished cells only."""
+    table = add_accuracy_drop(collect(board, roots), board.baseline, board.clean)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "cells.csv", index=False)
+    total = len(board.cells())
+    if table.empty:
+        raise FileNotFoundError(f"no finished leaderboard cells under {', '.join(map(str, roots))}")
+    summary = summarise(table)
+    defenses = [d for d in ([board.baseline] if board.baseline not in board.defenses else []) + board.defenses]
+    attacks = list(board.attacks)
+    attacked = [a for a in attacks if a != board.clean]
+    for old in out.glob("heatmap_*.png"):
+        old.unlink()
+    cfg = ExperimentConfig.from_run_config(board.fixed)
+    per_round = cfg.check_federation(board.num_supernodes)
+
+    cpu = table["cpu_seconds"].dropna()
+    cpu_total = float(cpu.sum())
+    steps = training_steps(table, roots, board.num_supernodes)
+    gpu = projected_gpu_seconds(cpu_total, training_share, steps, step_ms)
+    flagging = [d for d in defenses if any((d, a) in summary.index and not math.isnan(summary.loc[(d, a)]["tpr_mean"])
+                                           for a in attacked)]
+    lines = [
+        f"# Leaderboard: {board.name}", "",
+        f"Every defense against every attack and no attack ({board.clean}), under the benchmark protocol "
+        "([its definition](../../protocol.md)): "
+        f"{cfg.dataset}, {cfg.model_name}, {board.num_supernodes} clients ({cfg.partitioner}"
+        + (f" alpha {cfg.dirichlet_alpha}" if cfg.partitioner == "dirichlet" else "") + f"), {per_round} sampled per "
+        f"round, {cfg.malicious_fraction:g} of the population attackers ({cfg.attacker_pool} pool), "
+        f"{cfg.pretrain_rounds} rounds of clean pre-training, attack window rounds {cfg.attack_start_round}-"
+        f"{cfg.attack_stop_round}, then {cfg.num_server_rounds - cfg.attack_stop_round} rounds without attack; "
+        f"seeds {', '.join(map(str, board.seeds))}. Every figure: mean ± std over seeds.", "",
+        f"**{len(table)} of {total} cells** finished ({len(defenses)} defenses x {len(attacks)} attack columns x "
+        f"{len(board.seeds)} seeds).", "",
+        "Command (resumable; `--shard i/k` splits it; `--report-only` regenerates this page from the results "
+        "without running a cell):", "", f"    {command}", "",
+        f"**CPU time:** {cpu_total / 3600:.2f} h ({cpu_total:,.0f} s), the sum of every cell's process CPU time (user + system of the "
+        f"cell's process and its Ray workers; {len(cpu)} cells with a record"
+        + (f", {len(table) - len(cpu)} without" if len(cpu) < len(table) else "") + "; the clean pre-training of "
+        "each seed is counted in the cell that built it). "
+        f"**Projected GPU time:** {gpu / 3600:.2f} h ({gpu:,.0f} s): the CPU time less its local-training share "
+        f"({training_share:.0%}, the share of a protocol round spent in a plain PyTorch loop doing the same "
+        f"training, `benchmarks/protocol_round.py`), plus the cells' {steps:,.0f} local SGD steps at "
+        f"{step_ms:g} ms each (an assumed step time of a small CNN at this batch size on a GPU, launch-bound; "
+        "not measured here). Cells still run one after another, so this is a serial figure.", "",
+        "## Ranking", "",
+        f"By the worst attack: the highest attack success at the window's end over every attack, among the "
+        f"defense's attacked cells whose accuracy stays within {QUALIFY_POINTS:g} points of clean "
+        f"{board.baseline} (mean accuracy drop <= {QUALIFY_POINTS:g}, the accuracy averaged over the run's rounds). Lower is better; ties by the clean "
+        "cell's drop. A defense with no qualifying cell ranks after every defense with one, by its smallest "
+        "accuracy drop under attack. Untargeted attacks show in the drop (which can disqualify a cell), "
+        "not in attack success (the plus trigger measured as a reference).", "",
+        "| rank | defense | worst attack success | worst attack | qualifying cells | clean accuracy drop "
+        "| largest drop under attack |", "|---|---|---|---|---|---|---|"]
+    for r in ranking(summary, defenses, attacks, board.clean):
+        lines.append(f"| {r['rank']} | {r['defense']} | {fmt(r['worst_asr'], r['worst_asr_std'], 3)} | "
+                     f"{r['worst_attack'] or 'none qualifies'} | {r['qualifying']} of {r['attacked']} | "
+                     f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")
+    sections = [
+        ("asr_window_end", "Attack success at the window's end", dict(vmin=0, vmax=1, cmap="magma"),
+         "Triggered test images of other classes classified as the target, at the attack window's last round."),
+        ("accuracy_drop", f"Accuracy drop against clean {board.baseline} (points)", dict(cmap="RdYlGn_r"),
+         f"Clean {board.baseline}'s accuracy minus the cell's, seed by seed, in percentage points; the accuracy "
+         "is the mean over the run's rounds (one round's swings by about 3 points with 10 of 100 clients "
+         "sampled, more than the 2-point criterion)."),
+        ("tpr", "TPR (defenses that flag)", dict(vmin=0, vmax=1),
+         "Flagged attackers over sampled attackers, averaged over the rounds that had any."),
+        ("fpr", "FPR (defenses that flag)", dict(vmin=0, vmax=1, cmap="magma"),
+         "Flagged benign clients over sampled benign clients, averaged over rounds."),
+    ]
+    for metric, heading, style, text in sections:
+        rows = flagging if metric in ("tpr", "fpr") else defenses
+        cols = attacked if metric in ("tpr", "fpr") else attacks
+        if not rows or not cols:
+            continue
+        png = plot_heatmap(summary, metric, rows, cols, out / f"heatmap_{metric}.png", **style)
+        lines += ["", f"## {heading}", "", text, "", f"![{heading}]({png.name})", "",
+                  heatmap_table(summary, metric, rows, cols)]
+    lines += ["", "## Every cell", "",
+              "Final and mean accuracy (rounds 1..N), attack success at the window's end, its worst round, at the "
+              "run's end, rounds after the window until it falls below 0.5 (`-`: never within the tail), "
+              "TPR/FPR, mean aggregation and round time, and the cell's process CPU time. `cells.csv` has "
+              "every seed.", "",
+              "| defense | attack | seeds | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
+    for d in defenses:
+        for a in attacks:
+            if (d, a) not in summary.index:
+                continue
+            s = summary.loc[(d, a)]
+            lines.append(f"| {d} | {a} | {int(s['seeds'])} | "
+                         + " | ".join(fmt(s[f'{m}_mean'], s[f'{m}_std'], METRICS[m][1]) for m in METRICS) + " |")
+    lines += ["", "## Attack bundles", "", "| attack | run-config keys |", "|---|---|"]
+    for a, keys in board.attacks.items():
+        lines.append(f"| {a} | {' '.join(f'{k}={json.dumps(v)}' for k, v in keys.items())} |")
+    missing = uncovered_attacks(board.attacks)
+    if missing:
+        lines += ["", f"Registered attacks without a bundle here: {', '.join(missing)}."]
+    if board.defense_keys:
+        lines += ["", "Defense keys: " + "; ".join(f"{d}: {' '.join(f'{k}={json.dumps(v)}' for k, v in keys.items())}"
+                                                  for d, keys in board.defense_keys.items()) + "."]
+    path = out / "index.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m simulation leaderboard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid_file", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--grid", help=f"leaderboard file (default {DEFAULT_GRID})")
+    parser.add_argument("--results", action="append", metavar="DIR",
+                        help="results folder (default results/leaderboard/<name>); cells run in the first; "
+                             "repeat to build the page over several (shards run elsewhere)")
+    parser.add_argument("--out", default=DEFAULT_PAGE, help=f"page folder (default {DEFAULT_PAGE})")
+    parser.add_argument("--shard", metavar="i/k", help="run cells i, i+k, ... only (no page: build it with "
+                        "--report-only once every shard is done)")
+    parser.add_argument("--defenses", help="comma-separated subset of the registry's defenses")
+    parser.add_argument("--attacks", help="comma-separated subset of the file's attack bundles (the clean one is always in)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
+    parser.add_argument("--report-only", action="store_true", help="write the page from finished cells; run none")
+    parser.add_argument("--training-share", type=float, default=0.16,
+                        help="share of a protocol round's CPU time spent in local training, for the GPU "
+                             "projection (benchmarks/protocol_round.py, 2026-12-02: 1.6 of 10.0 CPU s a round)")
+    parser.add_argument("--gpu-step-ms", type=float, default=1.0, help="assumed GPU time of one local SGD step")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    path = args.grid or args.grid_file or DEFAULT_GRID
+    seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None
+    board = Leaderboard.load(path, _csv(args.defenses), _csv(args.attacks), seeds)
+    roots = [Path(r).resolve() for r in (args.results or [str(ROOT / "results" / "leaderboard" / board.name)])]
+    if not args.report_only:
+        from fl_defense.data import DATA_CACHE_ENV
+
+        # the cells' processes and Ray actors memory-map decoded partitions instead of each building them
+        os.environ.setdefault(DATA_CACHE_ENV, str(ROOT / "results" / "data-cache"))
+        grid = board.grid()
+        if args.shard:
+            grid = grid.sharded(*parse_shard(args.shard))
+        t0 = time.time()
+        run_grid(grid, roots[0], progress=not args.no_progress)
+        print(f"[fl-defense] leaderboard cells done: {len(grid.cells)} ({time.time() - t0:.0f} s) in {roots[0]}")
+        if args.shard:
+            print("[fl-defense] a shard writes no page; once every shard is done: "
+                  f"python -m simulation leaderboard --grid {path} --report-only --results DIR [--results DIR ...]")
+            return
+    shown = [a for a in argv if a != "--report-only"]
+    # the command that runs the cells (and so rewrites this page)
+    drop_next = {"--shard", "--out"} if args.out == DEFAULT_PAGE else {"--shard"}
+    kept, skip = [], False
+    for a in shown:
+        if skip:
+            skip = False
+            continue
+        if a in drop_next:
+            skip = True
+            continue
+        if any(a.startswith(f"{flag}=") for flag in drop_next):
+            continue
+        kept.append(a)
+    command = "python -m simulation leaderboard " + shlex.join(kept)
+    page = write_page(board, roots, Path(args.out).resolve(), command.strip(), args.training_share, args.gpu_step_ms)
+    print(f"[fl-defense] leaderboard page: {page}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,311 @@
+"""The leaderboard (simulation/leaderboard.py): its cells come from the registry and the file's
+attack bundles; the accuracy drop, mean ± std, ranking rule and heatmap tables on constructed cells;
+a page regenerated from results runs no cell; and one smoke-sized run for real (slow)."""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fl_defense.config import ConfigError, ExperimentConfig
+from fl_defense.defenses import DEFENSES
+from simulation import leaderboard as lb
+from simulation.grid import cell_id
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BOARD = """
+[grid]
+name = "tiny"
+num-supernodes = 10
+[fixed]
+dataset = "digits"
+num-server-rounds = 3
+attack-stop-round = 2
+malicious-fraction = 0.2
+server-fraction = 0.05
+{extra}
+[leaderboard]
+defenses = {defenses}
+seeds = [1, 2]
+[defense-keys.norm_clipping]
+clip-norm = 2.0
+[attacks.clean]
+attack = "none"
+model-poisoning = "none"
+[attacks.plus]
+attack = "plus"
+[attacks.alie]
+attack = "none"
+model-poisoning = "alie"
+"""
+
+
+def _board_file(tmp_path, defenses='"all"', extra="") -> Path:
+    path = tmp_path / "board.toml"
+    path.write_text(BOARD.format(defenses=defenses, extra=extra))
+    return path
+
+
+def test_every_registered_defense_joins_and_subsets_work(tmp_path):
+    board = lb.Leaderboard.load(_board_file(tmp_path))
+    assert board.defenses == list(DEFENSES)  # read from the registry: new defenses join
+    assert list(board.attacks) == ["clean", "plus", "alie"]
+    assert len(board.cells()) == len(DEFENSES) * 3 * 2
+    norm = board.cell_config("norm_clipping", "alie", 2)
+    assert norm["clip-norm"] == 2.0 and norm["model-poisoning"] == "alie" and norm["seed"] == 2
+    assert "clip-norm" not in board.cell_config("flame", "alie", 2)  # defense keys stay with their defense
+
+    sub = lb.Leaderboard.load(_board_file(tmp_path), defenses=["flame", "krum"], attacks=["alie"], seeds=[5])
+    assert list(sub.attacks) == ["clean", "alie"]  # the clean column is always in
+    # the baseline's clean cell (the accuracy drop's reference) is added, first
+    assert [(d, a, s) for d, a, s, _ in sub.cells()] == [
+        ("fedavg", "clean", 5), ("flame", "clean", 5), ("krum", "clean", 5), ("flame", "alie", 5), ("krum", "alie", 5)]
+    assert len({cell_id(c) for *_, c in sub.cells()}) == 5
+
+
+def test_bad_choices_fail_naming_what(tmp_path):
+    with pytest.raises(ConfigError, match="nosuch"):
+        lb.Leaderboard.load(_board_file(tmp_path), defenses=["nosuch"])
+    with pytest.raises(ConfigError, match="dba"):
+        lb.Leaderboard.load(_board_file(tmp_path), attacks=["dba"])
+    # a cell the protocol cannot run fails at load, naming the cell and the key
+    with pytest.raises(ConfigError, match="defense=rlr .*rlr-theta"):
+        lb.Leaderboard.load(_board_file(tmp_path, '["rlr"]', "rlr-theta = 50"))
+
+
+def test_uncovered_attacks_are_named():
+    missing = lb.uncovered_attacks({"clean": {"attack": "none", "model-poisoning": "none"},
+                                    "plus": {"attack": "plus"}, "alie": {"attack": "none", "model-poisoning": "alie"}})
+    assert "dba" in missing and "ipm" in missing and "plus" not in missing and "alie" not in missing
+    assert "none" not in missing
+
+
+def _table(rows):
+    return pd.DataFrame(rows)
+
+
+def test_accuracy_drop_is_paired_by_seed_against_clean_fedavg():
+    t = _table([
+        {"defense": "fedavg", "attack": "clean", "seed": 1, "accuracy_final": 0.90},
+        {"defense": "fedavg", "attack": "clean", "seed": 2, "accuracy_final": 0.80},
+        {"defense": "flame", "attack": "plus", "seed": 1, "accuracy_final": 0.85},
+        {"defense": "flame", "attack": "plus", "seed": 2, "accuracy_final": 0.80},
+        {"defense": "flame", "attack": "plus", "seed": 3, "accuracy_final": 0.75},  # no baseline of seed 3
+    ])
+    drop = lb.add_accuracy_drop(t, "fedavg", "clean", "accuracy_final")["accuracy_drop"].tolist()
+    assert drop == pytest.approx([0.0, 0.0, 5.0, 0.0, 10.0])  # seed 3 against the baseline's mean, 0.85
+    assert lb.add_accuracy_drop(t[t["defense"] != "fedavg"], "fedavg", "clean", "accuracy_final")[
+        "accuracy_drop"].isna().all()
+    # by default the drop compares the mean accuracy over rounds (one round's is too noisy)
+    t["accuracy_mean"] = t["accuracy_final"] - 0.1 * (t["defense"] == "flame")
+    assert lb.add_accuracy_drop(t, "fedavg", "clean")["accuracy_drop"].tolist() == pytest.approx(
+        [0.0, 0.0, 15.0, 10.0, 20.0])
+
+
+def test_summary_gives_mean_and_sample_std_over_seeds():
+    t = _table([{"defense": "d", "attack": "a", "seed": s, "accuracy_final": v, "asr_window_end": None}
+                for s, v in [(1, 0.5), (2, 0.7), (3, 0.9)]]
+               + [{"defense": "d", "attack": "b", "seed": 1, "accuracy_final": 0.4, "asr_window_end": 0.2}])
+    s = lb.summarise(t)
+    assert s.loc[("d", "a")]["accuracy_final_mean"] == pytest.approx(0.7)
+    assert s.loc[("d", "a")]["accuracy_final_std"] == pytest.approx(0.2)  # ddof 1
+    assert s.loc[("d", "a")]["seeds"] == 3
+    assert math.isnan(s.loc[("d", "b")]["accuracy_final_std"])  # one seed: no spread
+    assert lb.fmt(0.7, 0.2, 3) == "0.700 ± 0.200"
+    assert lb.fmt(0.4, float("nan"), 3) == "0.400"
+    assert lb.fmt(float("nan"), float("nan"), 3) == "-"
+
+
+def _ranked(cells):
+    """cells: (defense, attack, [(seed, accuracy, asr)])."""
+    rows = [{"defense": d, "attack": a, "seed": s, "accuracy_mean": acc, "asr_window_end": asr}
+            for d, a, seeds in cells for s, acc, asr in seeds]
+    t = lb.add_accuracy_drop(_table(rows), "fedavg", "clean")
+    s = lb.summarise(t)
+    defenses = list(dict.fromkeys(d for d, _, _ in cells))
+    return lb.ranking(s, defenses, ["clean", "x", "y"], "clean")
+
+
+def test_ranking_by_worst_attack_among_cells_within_two_points():
+    r = _ranked([
+        ("fedavg", "clean", [(1, 0.90, 0.01), (2, 0.90, 0.01)]),
+        ("fedavg", "x", [(1, 0.89, 0.95), (2, 0.89, 0.85)]),
+        ("fedavg", "y", [(1, 0.90, 0.10), (2, 0.90, 0.10)]),
+        # A: x ruins its accuracy (drop 20 points): only y qualifies, worst 0.30
+        ("A", "clean", [(1, 0.89, 0.0), (2, 0.89, 0.0)]),
+        ("A", "x", [(1, 0.70, 0.0), (2, 0.70, 0.0)]),
+        ("A", "y", [(1, 0.89, 0.30), (2, 0.89, 0.30)]),
+        # B: both qualify (drop 1.5 points is within 2), worst 0.20 (x)
+        ("B", "clean", [(1, 0.90, 0.0), (2, 0.90, 0.0)]),
+        ("B", "x", [(1, 0.885, 0.20), (2, 0.885, 0.20)]),
+        ("B", "y", [(1, 0.89, 0.05), (2, 0.89, 0.05)]),
+        # C: no qualifying cell; its smallest drop under attack is 3 points
+        ("C", "clean", [(1, 0.80, 0.0), (2, 0.80, 0.0)]),
+        ("C", "x", [(1, 0.87, 0.0), (2, 0.87, 0.0)]),
+        ("C", "y", [(1, 0.80, 0.0), (2, 0.80, 0.0)]),
+        # D: no qualifying cell either, smallest drop 5 points: after C
+        ("D", "clean", [(1, 0.85, 0.0), (2, 0.85, 0.0)]),
+        ("D", "x", [(1, 0.85, 0.0), (2, 0.85, 0.0)]),
+        ("D", "y", [(1, 0.80, 0.0), (2, 0.80, 0.0)]),
+    ])
+    assert [x["defense"] for x in r] == ["B", "A", "fedavg", "C", "D"]
+    by = {x["defense"]: x for x in r}
+    assert by["B"]["worst_attack"] == "x" and by["B"]["worst_asr"] == pytest.approx(0.20)
+    assert by["A"]["worst_attack"] == "y" and by["A"]["qualifying"] == 1 and by["A"]["attacked"] == 2
+    assert by["fedavg"]["worst_asr"] == pytest.approx(0.90)
+    assert by["C"]["worst_attack"] is None and by["C"]["smallest_drop"] == pytest.approx(3.0)
+    assert [x["rank"] for x in r] == [1, 2, 3, 4, 5]
+
+
+def test_ranking_ties_break_on_the_clean_drop():
+    r = _ranked([
+        ("fedavg", "clean", [(1, 0.90, 0.0)]),
+        ("E", "clean", [(1, 0.89, 0.0)]), ("E", "x", [(1, 0.90, 0.1)]),
+        ("F", "clean", [(1, 0.90, 0.0)]), ("F", "x", [(1, 0.90, 0.1)]),
+    ])
+    # equal worst attack success: the smaller clean drop first; fedavg has no attacked cell, so none qualifies
+    assert [x["defense"] for x in r] == ["F", "E", "fedavg"]
+
+
+def test_heatmap_table_has_mean_std_and_marks_missing_cells():
+    t = _table([{"defense": "flame", "attack": "plus", "seed": s, "asr_window_end": v} for s, v in [(1, 0.1), (2, 0.3)]])
+    text = lb.heatmap_table(lb.summarise(t), "asr_window_end", ["flame", "krum"], ["plus"])
+    lines = text.splitlines()
+    assert lines[0] == "| defense | plus |"
+    assert lines[2] == "| flame | 0.200 ± 0.141 |"
+    assert lines[3] == "| krum | not run |"
+
+
+def _fake_cell(folder: Path, cell: dict, seed_shift: float) -> None:
+    """A finished cell as the recorder and the grid runner write it."""
+    folder.mkdir(parents=True)
+    cfg = ExperimentConfig.from_run_config(cell)
+    attacked = cell.get("attack", "plus") != "none" or cell.get("model-poisoning", "none") != "none"
+    asr = [0.0, 0.6, 0.8, 0.3] if attacked else [0.0, 0.02, 0.02, 0.02]
+    acc = 0.9 - (0.05 if cell["defense"] == "krum" else 0.0) - seed_shift
+    rows = [{"round": r, "accuracy": acc if r == 3 else acc - 0.4, "attack_success_rate": asr[r]} for r in range(4)]
+    for r in rows[1:]:
+        r.update({"num_attackers_sampled": 1 if attacked and r["round"] <= 2 else 0,
+                  "tpr": 1.0 if attacked and r["round"] <= 2 and cell["defense"] == "flame" else None,
+                  "fpr": 0.1 if cell["defense"] == "flame" else None,
+                  "clients": [{"partition": p, "num_examples": 50, "weight": 0.1, "flagged": False,
+                               "malicious": False} for p in range(10)]})
+    (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "timings.jsonl").write_text("".join(json.dumps({"round": r, "round_seconds": 2.0,
+                                                              "aggregation_seconds": 0.01}) + "\n" for r in range(4)))
+    (folder / "cpu.jsonl").write_text(json.dumps({"cpu_seconds": 10.0, "wall_seconds": 8.0}) + "\n"
+                                      + json.dumps({"cpu_seconds": 5.0, "wall_seconds": 4.0}) + "\n")
+    from fl_defense.durability import window_metrics
+
+    tprs = [r["tpr"] for r in rows if r.get("tpr") is not None]
+    summary = {"config": cfg.as_run_config(), "rounds_completed": 3,
+               "final": {"accuracy": acc, "attack_success_rate": asr[3]},
+               "mean_over_rounds": {"tpr": sum(tprs) / len(tprs) if tprs else None,
+                                    "fpr": 0.1 if cell["defense"] == "flame" else None},
+               "attack_window": window_metrics(dict(enumerate(asr)), 1, 2)}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_cell_metrics_from_a_constructed_cell(tmp_path):
+    board = lb.Leaderboard.load(_board_file(tmp_path, '["flame"]'))
+    cell = board.cell_config("flame", "plus", 1)
+    _fake_cell(tmp_path / "c", cell, 0.0)
+    m = lb.cell_metrics(tmp_path / "c")
+    assert m["accuracy_final"] == pytest.approx(0.9)
+    assert m["accuracy_mean"] == pytest.approx((0.5 + 0.5 + 0.9) / 3)  # rounds 1..N, not round 0
+    assert (m["asr_window_end"], m["asr_window_worst"], m["asr_final"]) == (0.8, 0.8, 0.3)
+    assert m["lifespan_50"] == 1 and m["lifespan_10"] is None
+    assert m["tpr"] == 1.0 and m["fpr"] == pytest.approx(0.1)
+    assert m["cpu_seconds"] == 15.0  # every attempt of the cell
+    assert m["round_seconds"] == 2.0 and m["aggregation_seconds"] == 0.01
+    assert lb._steps(tmp_path / "c", epochs=2, batch_size=16) == 3 * 10 * 2 * 4
+
+
+def test_report_only_builds_the_page_from_results_and_runs_no_cell(tmp_path, monkeypatch):
+    path = _board_file(tmp_path, '["flame", "krum"]')
+    board = lb.Leaderboard.load(path)
+    results = [tmp_path / "host1", tmp_path / "host2"]  # two shards' folders, merged on the page
+    for i, (defense, attack, seed, cell) in enumerate(board.cells()):
+        if (defense, attack, seed) == ("krum", "alie", 2):
+            continue  # not run yet
+        _fake_cell(results[i % 2] / cell_id(cell), cell, 0.01 * (seed - 1))
+
+    def no_runs(*a, **k):
+        raise AssertionError("--report-only ran a cell")
+
+    monkeypatch.setattr(lb, "run_grid", no_runs)
+    out = tmp_path / "page"
+    lb.main(["--grid", str(path), "--results", str(results[0]), "--results", str(results[1]), "--out", str(out),
+             "--report-only"])
+    page = (out / "index.md").read_text()
+    assert f"**{len(board.cells()) - 1} of {len(board.cells())} cells**" in page
+    command = next(line for line in page.splitlines() if line.startswith("    python -m simulation leaderboard"))
+    assert f"--grid {path} --results {results[0]} --results {results[1]} --out {out}" in command
+    assert "--report-only" not in command  # the command that runs the cells
+    assert "**CPU time:** 0.05 h (195 s)" in page  # 13 cells x 15 s
+    # 13 cells x 3 rounds x 10 clients x 2 epochs x ceil(50 / 16) batches replace the training share of the CPU time
+    assert f"({195 * (1 - 0.16) + 13 * 3 * 10 * 2 * 4 * 0.001:,.0f} s)" in page
+    assert "| krum | not run |" not in page and "not run" in page  # krum x alie seed 2 missing: seed 1 only
+    for metric in ("asr_window_end", "accuracy_drop", "tpr", "fpr"):
+        assert (out / f"heatmap_{metric}.png").stat().st_size > 1000
+    ranking = page.split("## Ranking")[1].split("##")[0]
+    rows = [line for line in ranking.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    # krum loses 5 points everywhere (no qualifying cell); flame and fedavg qualify
+    assert rows[0].split("|")[2].strip() in ("flame", "fedavg") and "krum" not in rows[0]
+    assert "| krum | - | none qualifies |" in ranking
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == len(board.cells()) - 1
+
+
+@pytest.mark.slow
+def test_smoke_leaderboard_runs_cells_and_resumes(tmp_path):
+    """2 defenses x (clean + plus + boost), 1 seed, 2 rounds after 1 clean pre-training round, digits:
+    the cells run for real through Flower; run again, every cell is skipped and the page is the same."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "smoke.toml"
+    path.write_text(f"""
+[grid]
+name = "smoke-board"
+num-supernodes = 10
+[fixed]
+dataset = "digits"
+num-server-rounds = 2
+fraction-fit = 0.5
+attack-stop-round = 1
+pretrain-rounds = 1
+pretrain-dir = "{tmp_path / 'pretrain'}"
+malicious-fraction = 0.2
+local-epochs = 1
+[leaderboard]
+defenses = ["fedavg", "flame"]
+seeds = [1]
+[attacks.clean]
+attack = "none"
+model-poisoning = "none"
+[attacks.plus]
+attack = "plus"
+[attacks.boost]
+attack = "plus"
+model-poisoning = "boost"
+""")
+    results, out = tmp_path / "results", tmp_path / "page"
+    cmd = [sys.executable, "-m", "simulation", "leaderboard", "--grid", str(path), "--results", str(results),
+           "--out", str(out), "--attacks", "plus", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cells = pd.read_csv(out / "cells.csv")
+    assert sorted(zip(cells["defense"], cells["attack"])) == [("fedavg", "clean"), ("fedavg", "plus"),
+                                                               ("flame", "clean"), ("flame", "plus")]
+    assert (cells["cpu_seconds"] > 0).all() and (cells["rounds"] == 2).all()
+    assert len(list((tmp_path / "pretrain").glob("*/summary.json"))) == 1  # one pre-training, shared
+    page = (out / "index.md").read_text()
+    assert "**4 of 4 cells**" in page and "| flame |" in page
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done earlier") == 4
+    assert pd.read_csv(out / "cells.csv").drop(columns=["round_seconds", "aggregation_seconds"]).equals(
+        cells.drop(columns=["round_seconds", "aggregation_seconds"]))
