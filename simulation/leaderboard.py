@@ -427,7 +427,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "not in attack success (the plus trigger measured as a reference).", "",
         "| rank | defense | worst attack success | worst attack | qualifying cells | clean accuracy drop "
         "| largest drop under attack |", "|---|---|---|---|---|---|---|"]
-    for r in ranking(summary, defenses, attacks, board.clean):
+    for r in ranking(summary, board.defenses, attacks, board.clean):  # the baseline alone (not chosen) is no entry
         lines.append(f"| {r['rank']} | {r['defense']} | {fmt(r['worst_asr'], r['worst_asr_std'], 3)} | "
                      f"{r['worst_attack'] or 'none qualifies'} | {r['qualifying']} of {r['attacked']} | "
                      f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")

@@ -256,6 +256,7 @@ def test_report_only_builds_the_page_from_results_and_runs_no_cell(tmp_path, mon
     # krum loses 5 points everywhere (no qualifying cell); flame and fedavg qualify
     assert rows[0].split("|")[2].strip() in ("flame", "fedavg") and "krum" not in rows[0]
     assert "| krum | - | none qualifies |" in ranking
+    assert "| fedavg |" not in ranking  # the baseline's clean cells alone (fedavg not chosen) are no entry
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == len(board.cells()) - 1
 
