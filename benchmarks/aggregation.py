@@ -47,7 +47,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fl_defense.defenses import DEFENSES, RLR, cpu_kernels  # noqa: E402
+from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, RLR, cpu_kernels  # noqa: E402
 from fl_defense.fisher import encode_fisher  # noqa: E402
 from fl_defense.rounds import FISHER_KEY, ClientResult, DefendedAggregation  # noqa: E402
 
@@ -148,6 +148,14 @@ def our_defenses(n: int) -> dict:
         "deepsight": None, "deepsight-no-ddifs": None,
         "crfl": DEFENSES["crfl"](),
         "fldetector": DEFENSES["fldetector"](),
+        # issue #19's rules made of a few passes over the updates; the pre-aggregation wrappers
+        # around FedAvg, so their rows time the wrapper's own work
+        "rfa": DEFENSES["rfa"](), "centered_clipping": DEFENSES["centered_clipping"](),
+        "signguard": DEFENSES["signguard"](), "multi_metrics": DEFENSES["multi_metrics"](),
+        "alignins": DEFENSES["alignins"](), "rflbat": DEFENSES["rflbat"](),
+        "dnc": DEFENSES["dnc"](num_malicious=f),
+        "bucketing(fedavg)": PRE_AGGREGATIONS["bucketing"](DEFENSES["fedavg"]()),
+        "nnm(fedavg)": PRE_AGGREGATIONS["nnm"](DEFENSES["fedavg"](), num_malicious=f),
     }
 
 

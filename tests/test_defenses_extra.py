@@ -277,6 +277,18 @@ def test_nnm_needs_an_honest_majority():
         NNM(Median(), num_malicious=5).check_num_clients(10)
 
 
+def test_nnm_mixing_on_numpy_blocks_equals_the_torch_product():
+    from fl_defense.defenses.nnm import mix_rows_in_place
+    rng = np.random.default_rng(4)
+    u = rng.normal(size=(9, 70_000)).astype(np.float32)  # several column blocks
+    mix = mixing_matrix(torch.from_numpy(u), 2)
+    on_numpy, on_torch = torch.from_numpy(u.copy()), torch.from_numpy(u.copy())
+    mix_rows_in_place(on_numpy, mix)
+    mix_rows_in_place(on_torch, mix, backend="torch")
+    np.testing.assert_allclose(on_numpy.numpy(), on_torch.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(on_numpy.numpy(), mix.numpy() @ u.astype(np.float64), rtol=1e-5, atol=1e-6)
+
+
 # --- DnC --------------------------------------------------------------------------------------
 
 def test_dnc_removes_the_updates_along_the_top_singular_direction():
@@ -419,3 +431,35 @@ def test_alignins_mz_scores_and_ties_at_the_threshold():
     from fl_defense.defenses.alignins import masked_sign_alignment
     u = torch.tensor([[1.0, -1.0, 1.0, -1.0]])  # all tied: two of the k = 2 places, half agree
     assert masked_sign_alignment(u, torch.ones(4), 2)[0] == pytest.approx(0.5)
+
+
+def test_mpsa_counts_equal_the_direct_formula_on_long_rows_with_ties_and_zeros():
+    """The one-product counting and the bracketed threshold (``kth_smallest``) against the
+    direct rule (sign equality, np.partition threshold) on rows long enough for the bracket."""
+    from fl_defense.defenses.aggregators import sign_sum
+    from fl_defense.defenses.alignins import kth_smallest, masked_sign_alignment
+
+    def direct(x, p, k):
+        out = []
+        for row in x:
+            mag = np.abs(row)
+            t = np.partition(mag, len(row) - k)[len(row) - k]
+            agree, above, at = np.sign(row) == p, mag > t, mag == t
+            need = k - int(above.sum())
+            out.append((float((agree & above).sum()) + need * float((agree & at).sum()) / int(at.sum())) / k)
+        return np.array(out)
+
+    rng = np.random.default_rng(5)
+    d = 150_000
+    u = (0.01 * rng.standard_normal((8, d))).astype(np.float32)
+    u[0, : d // 2] = 0  # zeros reach the threshold at large k
+    u[1] = np.round(u[1] * 100) / 100  # many ties at the threshold
+    u[2] = np.sort(u[2])  # a sorted row: the strided sample still brackets
+    u[3, ::3] = 0
+    p = torch.sign(sign_sum(torch.from_numpy(u)))
+    p[:500] = 0
+    for k in (1, 1500, d // 3, d // 2 + 10, d - 1, d):
+        np.testing.assert_array_equal(masked_sign_alignment(torch.from_numpy(u), p, k), direct(u, p.numpy(), k))
+    for row in (u[0], u[1], u[2], np.full(d, 2.0, dtype=np.float32)):
+        for r in (0, 17, d // 2, d - 1):
+            assert kth_smallest(row, r) == np.partition(row, r)[r]

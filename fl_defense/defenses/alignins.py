@@ -14,26 +14,54 @@ from .parallel import parallel_map, split_evenly, workers
 DIRECTIONS = ("global", "mean")
 
 
+def kth_smallest(values: np.ndarray, r: int) -> float:
+    """``np.partition(values, r)[r]``, the value of rank r (0-based), without partitioning all of
+    a long vector: the sorted strided sample ``values[::64]`` brackets rank r between two sample
+    values lo <= hi (four standard deviations of a sample quantile's rank either side), one pass
+    counts the values below lo and gathers those in [lo, hi], and only those are partitioned.
+    Exact whatever the data: when the bracket misses rank r, the whole vector is partitioned."""
+    d = len(values)
+    if d < 1 << 16:
+        return float(np.partition(values, r)[r])
+    sample = np.sort(values[::64])
+    m = len(sample)
+    at = r / d * m
+    margin = 4.0 * np.sqrt(m * 0.25) + 2.0
+    lo = sample[max(0, int(at - margin))]
+    hi = sample[min(m - 1, int(at + margin) + 1)]
+    below = int(np.count_nonzero(values < lo))
+    inside = values[(values >= lo) & (values <= hi)]
+    if below <= r < below + len(inside):
+        return float(np.partition(inside, r - below)[r - below])
+    return float(np.partition(values, r)[r])
+
+
 def masked_sign_alignment(u: torch.Tensor, principal: torch.Tensor, k: int) -> np.ndarray:
     """MPSA_i: among the k coordinates of largest |u_i|, the fraction whose sign equals the
     principal sign. Coordinates tied at the k-th largest magnitude count in proportion to the
     places left for them (torch.topk would pick among them arbitrarily). Rows are shared out
-    among the threads; each row's threshold comes from one partition of its magnitudes."""
+    among the threads; each row's threshold t comes from ``kth_smallest`` of its magnitudes.
+
+    With p in {-1, 0, 1}, q = u_i * p is +|u_i| where the signs agree on a nonzero entry, -|u_i|
+    or 0 elsewhere (a product by +-1 or 0 is exact), so for t > 0 the agreeing entries above and
+    at the threshold are counted by q > t and q == t, a pass each. When t = 0 the entries at the
+    threshold are zeros, which agree only where p is 0."""
     x = u.detach().cpu().numpy()
-    p = principal.detach().cpu().numpy()
+    p = principal.detach().cpu().numpy().astype(x.dtype, copy=False)
     n, d = x.shape
 
     def rows(group: list[int]) -> list[float]:
         out = []
         for i in group:
             mag = np.abs(x[i])
-            t = np.partition(mag, d - k)[d - k]  # the k-th largest magnitude
-            agree = np.sign(x[i]) == p
-            above, at = mag > t, mag == t
-            need = k - int(above.sum())
-            ties = int(at.sum())
-            count = float((agree & above).sum()) + need * float((agree & at).sum()) / ties
-            out.append(count / k)
+            t = kth_smallest(mag, d - k)  # the k-th largest magnitude
+            q = x[i] * p
+            above = int(np.count_nonzero(mag > t))
+            ties = int(np.count_nonzero(mag == t))
+            agree_above = int(np.count_nonzero(q > t))
+            agree_at = int(np.count_nonzero(q == t)) if t > 0 else int(np.count_nonzero((mag == 0) & (p == 0)))
+            need = k - above
+            out.append((float(agree_above) + need * float(agree_at) / ties) / k)
         return out
 
     groups = split_evenly(list(range(n)), workers())

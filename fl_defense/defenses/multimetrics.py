@@ -19,18 +19,24 @@ def manhattan_row_sums(u: torch.Tensor) -> torch.Tensor:
     distance sum_j |s_r - s_j| = (2r - n) s_r + T - 2 P_r from the others, where T is the
     column's total and P_r the sum of the values ranked below it. So one argsort per column (n log
     n) replaces n comparisons per value; the per-value sums go back to their rows by a bincount.
-    Column blocks are shared out among the threads and totalled in block order."""
+    Column blocks are shared out among the threads and totalled in block order.
+
+    Tied values are at the same distance from the others whatever their order, so the order
+    need not be stable (numpy's vectorised argsort, 4x faster than the stable one), and the
+    sorted values come from a plain sort (faster than gathering them by the order)."""
     n = u.shape[0]
-    ranks = np.arange(n, dtype=np.float64)
+    coef = 2 * np.arange(n, dtype=np.float64) - n  # 2r - n
 
     def block(cols: slice) -> torch.Tensor:
-        t = u[:, cols].detach().cpu().numpy().T  # B x n: each column's values contiguous
-        order = np.argsort(t, axis=1, kind="stable")
-        s = np.take_along_axis(t, order, axis=1).astype(np.float64)
-        below = np.cumsum(s, axis=1)
-        total = below[:, -1:].copy()
-        below -= s  # exclusive prefix sums P_r
-        dist = (2 * ranks - n) * s + total - 2 * below
+        t = np.ascontiguousarray(u[:, cols].detach().cpu().numpy().T)  # B x n: each column's values contiguous
+        order = np.argsort(t, axis=1)
+        t.sort(axis=1)
+        below = np.cumsum(t, axis=1, dtype=np.float64)
+        dist = coef * t
+        dist += below[:, -1:]  # + T
+        below -= t  # exclusive prefix sums P_r
+        below *= 2
+        dist -= below
         return torch.from_numpy(np.bincount(order.ravel(), weights=dist.ravel(), minlength=n))
 
     return column_block_sums(block, u, n).cpu()
