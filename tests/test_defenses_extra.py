@@ -327,6 +327,21 @@ def test_signguard_filters_by_norm_and_by_sign_statistics_and_clips_to_the_media
     np.testing.assert_allclose(res.params.numpy(), want, rtol=1e-4, atol=1e-5)
 
 
+def test_sign_statistics_on_numpy_rows_equal_the_torch_gather():
+    from fl_defense.defenses.sampling import sample_columns
+    from fl_defense.defenses.signguard import sign_statistics
+    rng = np.random.default_rng(6)
+    u = rng.normal(size=(6, 150_000)).astype(np.float32)
+    u[1, ::2] = 0
+    u[2] = 0
+    cols = sample_columns(np.random.default_rng(1), u.shape[1], 70_000)  # more than one gathered piece
+    got = sign_statistics(torch.from_numpy(u), cols)
+    np.testing.assert_array_equal(got, sign_statistics(torch.from_numpy(u), cols, backend="torch"))
+    x = u[:, cols]
+    np.testing.assert_array_equal(got[:, 0] * len(cols), (x > 0).sum(1))
+    np.testing.assert_array_equal(got[:, 2] * len(cols), (x < 0).sum(1))
+
+
 # --- Multi-metrics -------------------------------------------------------------------------------
 
 def test_multimetrics_features_equal_the_pairwise_sums_and_scores_the_whitened_form():
@@ -462,4 +477,5 @@ def test_mpsa_counts_equal_the_direct_formula_on_long_rows_with_ties_and_zeros()
         np.testing.assert_array_equal(masked_sign_alignment(torch.from_numpy(u), p, k), direct(u, p.numpy(), k))
     for row in (u[0], u[1], u[2], np.full(d, 2.0, dtype=np.float32)):
         for r in (0, 17, d // 2, d - 1):
-            assert kth_smallest(row, r) == np.partition(row, r)[r]
+            t = np.partition(row, r)[r]
+            assert kth_smallest(row, r) == (t, np.count_nonzero(row > t), np.count_nonzero(row == t))

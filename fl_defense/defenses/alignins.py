@@ -14,26 +14,30 @@ from .parallel import parallel_map, split_evenly, workers
 DIRECTIONS = ("global", "mean")
 
 
-def kth_smallest(values: np.ndarray, r: int) -> float:
-    """``np.partition(values, r)[r]``, the value of rank r (0-based), without partitioning all of
-    a long vector: the sorted strided sample ``values[::64]`` brackets rank r between two sample
-    values lo <= hi (four standard deviations of a sample quantile's rank either side), one pass
-    counts the values below lo and gathers those in [lo, hi], and only those are partitioned.
-    Exact whatever the data: when the bracket misses rank r, the whole vector is partitioned."""
+def kth_smallest(values: np.ndarray, r: int) -> tuple[float, int, int]:
+    """t = ``np.partition(values, r)[r]``, the value of rank r (0-based), with the counts of
+    values above t and equal to t, without partitioning all of a long vector: the sorted
+    strided sample ``values[::64]`` brackets rank r between two sample values lo <= hi (four
+    standard deviations of a sample quantile's rank either side), one pass counts the values
+    below lo and gathers those in [lo, hi], and only those are partitioned and counted (every
+    value above hi is above t). Exact whatever the data: when the bracket misses rank r, the
+    whole vector is partitioned and counted."""
     d = len(values)
-    if d < 1 << 16:
-        return float(np.partition(values, r)[r])
-    sample = np.sort(values[::64])
-    m = len(sample)
-    at = r / d * m
-    margin = 4.0 * np.sqrt(m * 0.25) + 2.0
-    lo = sample[max(0, int(at - margin))]
-    hi = sample[min(m - 1, int(at + margin) + 1)]
-    below = int(np.count_nonzero(values < lo))
-    inside = values[(values >= lo) & (values <= hi)]
-    if below <= r < below + len(inside):
-        return float(np.partition(inside, r - below)[r - below])
-    return float(np.partition(values, r)[r])
+    if d >= 1 << 16:
+        sample = np.sort(values[::64])
+        m = len(sample)
+        at = r / d * m
+        margin = 4.0 * np.sqrt(m * 0.25) + 2.0
+        lo = sample[max(0, int(at - margin))]
+        hi = sample[min(m - 1, int(at + margin) + 1)]
+        below = int(np.count_nonzero(values < lo))
+        inside = values[(values >= lo) & (values <= hi)]
+        if below <= r < below + len(inside):
+            t = np.partition(inside, r - below)[r - below]
+            above = d - below - len(inside) + int(np.count_nonzero(inside > t))
+            return float(t), above, int(np.count_nonzero(inside == t))
+    t = np.partition(values, r)[r]
+    return float(t), int(np.count_nonzero(values > t)), int(np.count_nonzero(values == t))
 
 
 def masked_sign_alignment(u: torch.Tensor, principal: torch.Tensor, k: int) -> np.ndarray:
@@ -54,10 +58,8 @@ def masked_sign_alignment(u: torch.Tensor, principal: torch.Tensor, k: int) -> n
         out = []
         for i in group:
             mag = np.abs(x[i])
-            t = kth_smallest(mag, d - k)  # the k-th largest magnitude
+            t, above, ties = kth_smallest(mag, d - k)  # the k-th largest magnitude
             q = x[i] * p
-            above = int(np.count_nonzero(mag > t))
-            ties = int(np.count_nonzero(mag == t))
             agree_above = int(np.count_nonzero(q > t))
             agree_at = int(np.count_nonzero(q == t)) if t > 0 else int(np.count_nonzero((mag == 0) & (p == 0)))
             need = k - above

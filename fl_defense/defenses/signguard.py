@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..updates import RoundUpdates
+from .aggregators import uses_numpy
 from .base import Defense, DefenseResult, RunKey
 from .rflbat import one_thread
 from .sampling import SeededGenerator, sample_columns
@@ -14,10 +15,22 @@ from .sampling import SeededGenerator, sample_columns
 GATHER_COLUMNS = 1 << 16  # columns gathered at a time for the sign counts
 
 
-def sign_statistics(u: torch.Tensor, cols: np.ndarray) -> np.ndarray:
+def sign_statistics(u: torch.Tensor, cols: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Per row, the fractions of positive, zero and negative entries among the columns ``cols``
-    (an n x 3 float64 array), gathered a piece at a time."""
+    (an n x 3 float64 array), gathered a piece at a time. On the CPU row by row through numpy
+    (a take from one contiguous row, then two counts), several times faster than torch's
+    gather of strided columns and its boolean sums; the counts are the same integers
+    (``backend="torch"`` forces the path other devices take)."""
     n = u.shape[0]
+    if uses_numpy(u, backend):
+        x = u.detach().numpy()
+        counts = np.zeros((n, 2))
+        for i in range(n):
+            g = x[i].take(cols)
+            counts[i] = np.count_nonzero(g > 0), np.count_nonzero(g < 0)
+        k = max(1, len(cols))
+        pos, neg = counts[:, 0] / k, counts[:, 1] / k
+        return np.stack([pos, 1.0 - pos - neg, neg], axis=1)
     pos = torch.zeros(n, dtype=torch.float64, device=u.device)
     neg = torch.zeros(n, dtype=torch.float64, device=u.device)
     for start in range(0, len(cols), GATHER_COLUMNS):
