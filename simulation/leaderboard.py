@@ -500,9 +500,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--attacks", help="comma-separated subset of the file's attack bundles (the clean one is always in)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
     parser.add_argument("--report-only", action="store_true", help="write the page from finished cells; run none")
-    parser.add_argument("--training-share", type=float, default=0.16,
+    parser.add_argument("--training-share", type=float, default=0.4,
                         help="share of a protocol round's CPU time spent in local training, for the GPU "
-                             "projection (benchmarks/protocol_round.py, 2026-12-02: 1.6 of 10.0 CPU s a round)")
+                             "projection (benchmarks/protocol_round.py, 2026-12-02: 1.85 of 4.54 CPU s a round)")
     parser.add_argument("--gpu-step-ms", type=float, default=1.0, help="assumed GPU time of one local SGD step")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -113,6 +113,14 @@ def _federation(overrides: dict, num_supernodes: int, num_cpus: float, num_gpus:
     from .engine import patch_message_polling
 
     patch_message_polling()  # Flower's engine would poll every node 10 times a second (simulation/engine.py)
+    import torch
+
+    # This process is the ServerApp's: its torch work is the central evaluation between rounds, on one
+    # thread; with two, the second spun as long as the first worked (6-8 CPU s a protocol round for
+    # 2-3 s of evaluation: benchmarks/protocol_round.py). The clients train in Ray's actors, whose
+    # threads Ray sets from their CPUs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("FL_DEFENSE_SERVER_THREADS", "1")))
 
     def server_fn(context):
         return sa.build_components({**context.run_config, **overrides}, num_nodes=num_supernodes)
@@ -120,9 +128,12 @@ def _federation(overrides: dict, num_supernodes: int, num_cpus: float, num_gpus:
     def client_fn(context):
         return ca.build_client({**context.run_config, **overrides}, context.node_config)
 
-    run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
-                   num_supernodes=num_supernodes,
-                   backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}})
+    try:
+        run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
+                       num_supernodes=num_supernodes,
+                       backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}})
+    finally:
+        torch.set_num_threads(threads)  # a caller running federations in its own process keeps its setting
     folder = results_dir(cfg)
     reason = run_failure(folder, cfg.num_server_rounds)
     if reason:
