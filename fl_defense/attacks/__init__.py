@@ -29,7 +29,7 @@ COLLUDING_ATTACKS: dict[str, type[ColludingAttack]] = {
     "min_max": MinMax,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 6; target krum: sec. IV-B)
     "min_sum": MinSum,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 7)
     "fang": Fang,                    # Fang et al., USENIX Security 2020 (Krum: sec. 3.3; trim/median: sec. 3.4)
-    "rlr_adaptive": RLRAdaptive,     # adaptive to RLR, Ozdayi et al., AAAI 2021 (eq. 4): push where the vote clears theta
+    "rlr_adaptive": RLRAdaptive,     # adaptive to RLR, Ozdayi et al., AAAI 2021 (eq. 5): push where the vote clears theta
 }
 # State-of-the-art backdoors: attack choices that shape their own poison and training (sota.SotaBackdoor)
 SOTA_BACKDOORS: dict[str, type[SotaBackdoor]] = {

@@ -4,7 +4,7 @@ The seed papers name the adaptive attacker as their open question; each attack h
 the rule of one defense and is a run-config choice.
 
 - ``RLRAdaptive`` (``model-poisoning=rlr_adaptive``), against RLR (Ozdayi et al., AAAI 2021,
-  eq. 4): the colluders push only on the coordinates whose sign vote they expect to clear theta,
+  eq. 5): the colluders push only on the coordinates whose sign vote they expect to clear theta,
   so the server applies their push with +eta instead of flipping it.
 - Fisher forgery beyond ``clean`` (``fisher-forgery=mimic|noise``), against FDCR (Huang et al.,
   NeurIPS 2024) and SDFC (Huang et al., ECCV 2024): ``mimic_fisher`` and ``noise_fisher``.
@@ -47,7 +47,7 @@ def sign_sum(x: torch.Tensor) -> torch.Tensor:
 class RLRAdaptive(ColludingAttack):
     """RLR-adaptive backdoor: push only where the benign sign vote already clears theta.
 
-    RLR (Ozdayi et al., AAAI 2021, eq. 4) gives coordinate j the server learning rate +eta when
+    RLR (Ozdayi et al., AAAI 2021, eq. 5) gives coordinate j the server learning rate +eta when
     abs(sum_k sign(delta_k,j)) >= theta over the n updates of the round, and -eta otherwise, so a
     backdoor pushed on coordinates the benign clients disagree on is reversed. Each colluder
     trains on its poisoned data (its update p_a) and honestly on its clean data (h_a); with n
@@ -71,7 +71,7 @@ class RLRAdaptive(ColludingAttack):
     the estimate holds. ``last_targeted`` is the share of coordinates in T."""
 
     name = "rlr_adaptive"
-    paper = "adaptive to Ozdayi et al., AAAI 2021 (eq. 4)"
+    paper = "adaptive to Ozdayi et al., AAAI 2021 (eq. 5)"
     uses_poisoned = True
 
     def __init__(self, theta: int = 4) -> None:
