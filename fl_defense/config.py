@@ -182,7 +182,7 @@ class ExperimentConfig:
         # what the server app builds for a defense needs a server-held dataset unless the defense
         # says otherwise (DeepSight's forward passes run on random inputs)
         for needs in sorted(d for d in uses if d in DEFENSES and DEFENSES[d].server_provided
-                            and getattr(DEFENSES[d], "needs_server_data", True)):
+                            and DEFENSES[d].needs_server_data):
             if self.server_fraction <= 0:
                 raise ConfigError(f"run-config key 'server-fraction': {needs} needs a server-held dataset; set it > 0 (e.g. 0.02)")
         if self.defense == "norm_clipping" and self.clip_norm <= 0:

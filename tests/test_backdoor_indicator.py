@@ -185,3 +185,14 @@ def test_ood_samples_are_shaped_like_the_task_and_seeded():
     assert torch.equal(digits[:, 0], digits[:, 2])  # grey copied to the three channels
     small = load_ood("mnist", (1, 16, 16), 12, str(DATA), seed=0)
     assert small.shape == (12, 1, 16, 16) and small.std() > 0.1
+
+
+def test_runs_without_a_server_split():
+    """Its indicator samples come from another dataset, so server-fraction may stay 0; SDFC,
+    which validates on the server split, is still refused without one."""
+    from fl_defense.config import ConfigError, ExperimentConfig
+
+    cfg = ExperimentConfig.from_run_config({"defense": "backdoor_indicator", "server-fraction": 0.0})
+    assert cfg.defense == "backdoor_indicator"
+    with pytest.raises(ConfigError, match="server-fraction"):
+        ExperimentConfig.from_run_config({"defense": "sdfc", "server-fraction": 0.0})

@@ -72,6 +72,7 @@ class BackdoorIndicator(Defense):
     paper = "Li & Dai, USENIX Security 2024"
     detects = True
     server_provided = ("indicator",)
+    needs_server_data = False  # its indicator samples come from another dataset (OOD_SOURCES)
     run_config = {
         "threshold": RunKey("BackdoorIndicator: flag a client whose best-kept indicator label is classified at least "
                             "this accurately (the authors: 0.85)", check=lambda v: 0 < v <= 1),

@@ -68,6 +68,10 @@ class Defense:
     # declared here with its help (``RunKey``); config.py builds every key from these.
     run_config: dict[str, RunKey] = {}
     server_provided: tuple[str, ...] = ()
+    # Whether what the server app builds for ``server_provided`` needs the held-out server split
+    # (``server-fraction`` > 0): SDFC's validation set and FLTrust's root set do; DeepSight's
+    # random inputs and BackdoorIndicator's out-of-distribution samples do not.
+    needs_server_data: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the parameter when the configuration is unusable."""
