@@ -3,6 +3,8 @@ Bucketing", ICLR 2022): a pre-aggregation step in front of any other defense."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 
 import torch
@@ -75,14 +77,12 @@ class Bucketing(SeededGenerator, Defense):
         for b, members in enumerate(groups):
             mix[b, members] = 1.0 / len(members)
             member_of[members] = b
-        bucketed = RoundUpdates(
+        bucketed = replace(  # the layout, extras and any later field carry over
+            ru,
             updates=bucket_means(ru.updates, groups),
             num_examples=torch.stack([ru.num_examples[m].sum() for m in groups]),
             client_ids=["+".join(ru.client_ids[k] for k in m) for m in groups],
-            layer_slices=ru.layer_slices,
             fisher=None if ru.fisher is None else bucket_means(ru.fisher, groups),
-            extras=ru.extras,
-            layer_shapes=ru.layer_shapes,
         )
         res = self.inner.aggregate(global_params, bucketed)
         idx = member_of.to(res.weights.device)

@@ -4,6 +4,8 @@ AAAI 2021, combines them with its robust learning rate: its eq. (2))."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..updates import RoundUpdates
@@ -62,9 +64,7 @@ class ClipNoise(SeededNoise, Defense):
         ru = round_updates
         if self.clip_norm > 0:
             clipped, _ = clip_rows(ru.updates, self.clip_norm)
-            ru = RoundUpdates(updates=clipped, num_examples=ru.num_examples, client_ids=ru.client_ids,
-                              layer_slices=ru.layer_slices, fisher=ru.fisher, extras=ru.extras,
-                              layer_shapes=ru.layer_shapes)
+            ru = replace(ru, updates=clipped)
         res = self.inner.aggregate(global_params, ru)
         if self.noise > 0:
             std = self.noise * (self.clip_norm if self.clip_norm > 0 else 1.0)

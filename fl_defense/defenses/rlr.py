@@ -8,6 +8,8 @@ hypergeometric sums, no simulation).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from collections.abc import Mapping, Sequence
 from math import comb
 
@@ -151,10 +153,7 @@ class RLR(SeededNoise, Defense):
             if self.clip_norm > 0:
                 updates, _ = clip_rows(updates, self.clip_norm)
             if base is not None:
-                inner = RoundUpdates(updates=updates, num_examples=round_updates.num_examples,
-                                     client_ids=round_updates.client_ids, layer_slices=round_updates.layer_slices,
-                                     fisher=round_updates.fisher, extras=round_updates.extras,
-                                     layer_shapes=round_updates.layer_shapes)
+                inner = replace(round_updates, updates=updates)
                 res = base.aggregate(torch.zeros_like(global_params), inner)
                 step, weights, flagged = res.params, res.weights, res.flagged
             else:
