@@ -10,6 +10,12 @@ for attacks with ``uses_poisoned`` the model it trained on poisoned data). ``col
   clients' arrays too (the round's benign updates, as the papers' omniscient attacker sees them);
 and returns every result with the key removed and the colluders' arrays replaced by what the
 attack crafts: exactly what real colluding clients could have sent. A defense never sees it run.
+
+The honest update's wire format, in both Flower APIs: one flat float32 vector, the trainable
+parameters in the model's state_dict order, trained minus global. The legacy API carries it as
+bytes in the metrics (``encode_update``); in the Message API a MetricRecord cannot hold bytes, so
+it is an ArrayRecord of that one array under the same key in the reply's RecordDict
+(``attach_honest_update``). The server-side hooks live in ``server_app/collusion.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from ..defenses.parallel import map_in_groups, workers
 from ..rounds import PARTITION_KEY, ClientResult
@@ -31,11 +38,40 @@ log = logging.getLogger("fl_defense")
 HONEST_UPDATE_KEY = "fl-defense.honest-update"
 
 
-def encode_update(update: np.ndarray | torch.Tensor) -> bytes:
-    """A flat update (the trainable parameters, in the model's state_dict order) as float32 bytes."""
+def _flat32(update: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(update, torch.Tensor):
         update = update.detach().cpu().numpy()
-    return np.ascontiguousarray(update, dtype=np.float32).reshape(-1).tobytes()
+    return np.ascontiguousarray(update, dtype=np.float32).reshape(-1)
+
+
+def encode_update(update: np.ndarray | torch.Tensor) -> bytes:
+    """A flat update (the trainable parameters, in the model's state_dict order) as float32 bytes."""
+    return _flat32(update).tobytes()
+
+
+def attach_honest_update(content: RecordDict, update: np.ndarray | torch.Tensor) -> RecordDict:
+    """Message API: add a colluding client's honest update (the trainable parameters in the
+    model's state_dict order, trained minus global; flattened and cast to float32 here) to its
+    train reply's content, as an ArrayRecord of one flat float32 array under ``HONEST_UPDATE_KEY``.
+    Returns ``content``. Only the simulation's collusion step reads it, and removes it::
+
+        content = RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(m)})
+        attach_honest_update(content, parameters_to_vector(net.parameters()) - global_vector)
+    """
+    content[HONEST_UPDATE_KEY] = ArrayRecord({"update": Array(_flat32(update))})
+    return content
+
+
+def honest_update_payload(record: object) -> bytes | None:
+    """The float32 bytes (``encode_update``'s format) of a record ``attach_honest_update`` built,
+    or None when ``record`` is not an ArrayRecord of one flat float32 array."""
+    if not isinstance(record, ArrayRecord) or len(record) != 1:
+        return None
+    try:
+        (arr,) = record.to_numpy_ndarrays()
+    except Exception:  # an undecodable array: a malformed payload like any other
+        return None
+    return arr.tobytes() if arr.dtype == np.float32 and arr.ndim == 1 else None
 
 
 def decode_update(payload: object, dim: int) -> np.ndarray | None:
