@@ -8,15 +8,16 @@ the README's table in step). ``ExperimentConfig.from_run_config`` rejects a bad 
 from __future__ import annotations
 
 import difflib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
-from .attacks import SOTA_BACKDOORS
-from .attacks.chameleon import CHAMELEON_TRIGGERS
-from .attacks import COLLUDING_ATTACKS, DATA_ATTACKS, DIRECTIONS, KNOWLEDGE, MODEL_ATTACKS, POOLS, TARGETS
-from .attacks.adaptive import EVASION_DISTANCES, FISHER_FORGERIES
+from .attacks import (ADAPTIVE_LOCAL_ATTACKS, COLLUDING_ATTACKS, DATA_ATTACKS, LOCAL_MODEL_ATTACKS, MODEL_ATTACKS,
+                      POOLS, SOTA_BACKDOORS)
+from .attacks.adaptive import FISHER_FORGERIES
 from .data import DATASETS, PARTITIONERS, DataConfig
 from .defenses import DEFENSES, PRE_AGGREGATIONS
 from .models import MODELS
+from .run_keys import RunKey, attack_keys
+from .run_keys import fraction as _fraction, non_negative as _non_negative, positive as _positive
 
 
 class ConfigError(ValueError):
@@ -25,18 +26,6 @@ class ConfigError(ValueError):
 
 def _key(doc: str, choices: tuple | None = None, check=None):
     return {"doc": doc, "choices": choices, "check": check}
-
-
-def _positive(v):
-    return v > 0
-
-
-def _non_negative(v):
-    return v >= 0
-
-
-def _fraction(v):
-    return 0.0 <= v <= 1.0
 
 
 @dataclass(frozen=True)
@@ -66,44 +55,10 @@ class ExperimentConfig:
     blend_ratio: float = field(default=0.1, metadata=_key("attack=blend: mixing ratio of the seeded noise pattern", check=_fraction))
     dba_pieces: int = field(default=4, metadata=_key("attack=dba: pieces the trigger is split into", check=_positive))
     dba_trigger: str = field(default="plus", metadata=_key("attack=dba: the full trigger", ("plus", "square", "corner")))
-    boost_factor: float = field(default=10.0, metadata=_key("model-poisoning=boost: update scale; signflip: its magnitude", check=_positive))
-    attack_norm_bound: float = field(default=1.0, metadata=_key("model-poisoning=pgd: the L2 bound the attacker keeps to", check=_positive))
-    neurotoxin_ratio: float = field(default=0.1, metadata=_key("model-poisoning=neurotoxin: share of top benign coordinates left alone", check=_fraction))
-    gaussian_std: float = field(default=0.1, metadata=_key("model-poisoning=gaussian: std of the random update", check=_positive))
-    # -- colluding model poisoning (model-poisoning in attacks.COLLUDING_ATTACKS) --
-    attacker_knowledge: str = field(default="full", metadata=_key("colluding attacks: attackers know their own honest updates only (partial) or the round's benign updates too (full)", KNOWLEDGE))
-    attack_target: str = field(default="agnostic", metadata=_key("colluding attacks: the aggregation rule a tailored attack targets (fang: any; min_max: agnostic, krum)", TARGETS))
-    alie_z: float = field(default=0.0, metadata=_key("alie, alie_backdoor: z in mean + z * std (0: the paper's z_max for n and m)", check=_non_negative))
-    ipm_epsilon: float = field(default=0.5, metadata=_key("ipm: attackers send -epsilon times the benign mean", check=_positive))
-    minmax_direction: str = field(default="std", metadata=_key("min_max, min_sum: perturbation direction (inverse unit vector, std or sign)", DIRECTIONS))
-    # --
+    # The attacks' own keys follow dba-trigger (one attacker's model poisoning, then the colluding
+    # attacks') and fisher-forgery (the adaptive attacks', then the backdoors'), built from each
+    # attack's run_config declaration (ATTACK_KEYS); read as attributes (cfg.alie_z) too.
     fisher_forgery: str = field(default="none", metadata=_key("attackers' Fisher: honest (none), computed on their clean samples only (clean), that one quantile-matched to their honest model's Fisher (mimic), or i.i.d. uniform [0, 1) noise (noise)", FISHER_FORGERIES))
-    # -- adaptive attacks (fl_defense.attacks.adaptive); rlr_adaptive reads rlr-theta --
-    fisher_penalty_lambda: float = field(default=1.0, metadata=_key("model-poisoning=fisher_penalty: lambda in loss + lambda * sum_i I_i (theta_i - theta_ref_i)^2", check=_positive))
-    evasion_alpha: float = field(default=0.7, metadata=_key("model-poisoning=evasion: alpha in alpha * L_class + (1 - alpha) * L_ano, in (0, 1] (1: no evasion term)", check=lambda v: 0 < v <= 1))
-    evasion_distance: str = field(default="l2", metadata=_key("model-poisoning=evasion: L_ano, the local model's L2 or cosine distance to the global model", EVASION_DISTANCES))
-    evasion_norm_match: bool = field(default=True, metadata=_key("model-poisoning=evasion: rescale the update to the norm of the attacker's honest update"))
-    # --
-    # -- state-of-the-art backdoors (attack in attacks.SOTA_BACKDOORS) --
-    edge_case_class: int = field(default=7, metadata=_key("attack=edge_case: the class whose tail images are relabelled target-label (mnist: usps digits of it, usps: mnist digits, other datasets: its images farthest from the class mean)", check=_non_negative))
-    edge_case_samples: int = field(default=100, metadata=_key("attack=edge_case: tail images mixed into each attacker's data (the paper: 100)", check=_positive))
-    edge_case_tail: float = field(default=0.1, metadata=_key("attack=edge_case on a dataset without a second source: share of the class (farthest from its mean) that forms the tail", check=lambda v: 0 < v <= 1))
-    model_replacement: float = field(default=0.0, metadata=_key("model-poisoning=pgd: Wang et al.'s model replacement, the boost n/eta; training is projected to attack-norm-bound / it (0: off)", check=_non_negative))
-    a3fl_trigger_size: int = field(default=5, metadata=_key("attack=a3fl: side of the trigger patch at 28x28 (scaled with the image)", check=_positive))
-    a3fl_steps: int = field(default=20, metadata=_key("attack=a3fl: sign-gradient trigger steps per round (the paper: 100 epochs, scaled for 2 cores)", check=_positive))
-    a3fl_lr: float = field(default=0.05, metadata=_key("attack=a3fl: trigger step size alpha", check=_positive))
-    a3fl_lambda: float = field(default=1.0, metadata=_key("attack=a3fl: lambda_0, weight of the unlearned copy's loss (times its cosine similarity to the global model; 0: no copy)", check=_non_negative))
-    a3fl_adv_steps: int = field(default=10, metadata=_key("attack=a3fl: SGD steps that unlearn the trigger in the adversarial copy", check=_non_negative))
-    a3fl_adv_every: int = field(default=10, metadata=_key("attack=a3fl: trigger steps between refreshes of the adversarial copy", check=_positive))
-    chameleon_trigger: str = field(default="plus", metadata=_key("attack=chameleon: the stamped trigger", CHAMELEON_TRIGGERS))
-    chameleon_encoder_epochs: int = field(default=0, metadata=_key("attack=chameleon: epochs of contrastive encoder training (stage 1; 0: local-epochs)", check=_non_negative))
-    chameleon_classifier_epochs: int = field(default=0, metadata=_key("attack=chameleon: epochs of classifier fine-tuning, encoder frozen (stage 2; 0: local-epochs)", check=_non_negative))
-    chameleon_temperature: float = field(default=0.1, metadata=_key("attack=chameleon: contrastive temperature tau (SupCon's scale)", check=_positive))
-    chameleon_push: float = field(default=2.0, metadata=_key("attack=chameleon: weight of a poisoned image's original-class peers in the contrastive denominator (1: plain SupCon)", check=_positive))
-    iba_epsilon: float = field(default=0.2, metadata=_key("attack=iba: L-infinity bound of the generated trigger", check=lambda v: 0 < v <= 1))
-    iba_steps: int = field(default=20, metadata=_key("attack=iba: Adam steps of the trigger generator per round", check=_positive))
-    iba_lr: float = field(default=0.01, metadata=_key("attack=iba: the generator's learning rate", check=_positive))
-    # --
     attack_start_round: int = field(default=1, metadata=_key("first round in which attackers attack", check=_positive))
     attack_every: int = field(default=1, metadata=_key("attack every k-th round from the start round", check=_positive))
     attack_stop_round: int = field(default=0, metadata=_key("last round in which attackers attack; the rounds after it measure the backdoor's lifespan (0: attackers never stop)", check=_non_negative))
@@ -125,6 +80,8 @@ class ExperimentConfig:
     # run_config declaration (DEFENSE_KEYS); they are read as attributes (cfg.rlr_theta) too.
     defense_params: dict = field(default_factory=lambda: {k: spec.default for k, spec in DEFENSE_KEYS.items()},
                                  metadata={"internal": True}, repr=False)
+    attack_params: dict = field(default_factory=lambda: {k: spec.default for k, spec in ATTACK_KEYS.items()},
+                                metadata={"internal": True}, repr=False)
     fisher_half: bool = field(default=False, metadata=_key("clients send Fisher diagonals in float16 (half the payload)"))
     fisher_samples: int = field(default=512, metadata=_key("samples a client (and the server) uses for a Fisher diagonal", check=_positive))
     # -- CRFL's certification (fl_defense.certify), evaluation at the final round --
@@ -142,11 +99,12 @@ class ExperimentConfig:
     resume: bool = field(default=False, metadata=_key("continue the run in results-dir/run-name from its checkpoint"))
 
     def __getattr__(self, name: str) -> object:
-        """A defense's key as an attribute: ``cfg.rlr_theta`` is the run config's ``rlr-theta``."""
-        params = self.__dict__.get("defense_params", {})
+        """A defense's or an attack's key as an attribute: ``cfg.rlr_theta`` is the run config's
+        ``rlr-theta``, ``cfg.alie_z`` its ``alie-z``."""
         key = name.replace("_", "-")
-        if key in params:
-            return params[key]
+        for params in (self.__dict__.get("defense_params", {}), self.__dict__.get("attack_params", {})):
+            if key in params:
+                return params[key]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @classmethod
@@ -160,7 +118,7 @@ class ExperimentConfig:
     @classmethod
     def from_run_config(cls, run_config: dict) -> "ExperimentConfig":
         known = {f.name.replace("_", "-"): f for f in cls._static_fields()}
-        unknown = sorted(set(run_config) - set(known) - set(DEFENSE_KEYS))
+        unknown = sorted(set(run_config) - set(known) - set(DEFENSE_KEYS) - set(ATTACK_KEYS))
         if unknown:
             raise ConfigError("; ".join(_unknown_key(key, cls.keys()) for key in unknown))
         values = {}
@@ -168,9 +126,11 @@ class ExperimentConfig:
             value = run_config.get(key, f.default if f.default is not MISSING else None)
             values[f.name] = _checked(key, value, type(f.default), f.metadata["choices"], f.metadata["check"],
                                       f.metadata["doc"])
-        values["defense_params"] = {
-            key: _checked(key, run_config.get(key, spec.default), type(spec.default), spec.choices, spec.check, spec.doc)
-            for key, spec in DEFENSE_KEYS.items()}
+        for params, declared in (("defense_params", DEFENSE_KEYS), ("attack_params", ATTACK_KEYS)):
+            values[params] = {
+                key: _checked(key, run_config.get(key, spec.default), type(spec.default), spec.choices, spec.check,
+                              spec.doc)
+                for key, spec in declared.items()}
         cfg = cls(**values)
         cfg._cross_check()
         return cfg
@@ -198,24 +158,22 @@ class ExperimentConfig:
         if self.attack == "semantic" and self.base_label < 0:
             raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
         if self.attack in SOTA_BACKDOORS:
-            problem = SOTA_BACKDOORS[self.attack].check(self)
-            if problem:
-                raise ConfigError(f"run-config key '{problem[0]}': {problem[1]}")
+            self._raise(SOTA_BACKDOORS[self.attack].check(self))
         if self.model_replacement > 0 and self.model_poisoning != "pgd":
             raise ConfigError("run-config key 'model-replacement': Wang et al.'s model replacement boosts a PGD "
                               f"update; set model-poisoning=pgd (is {self.model_poisoning!r})")
         if self.attack == "mask" and not self.trigger_file:
             raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
-        if self.model_poisoning == "fisher_penalty" and self.fisher_penalty_lambda * self.learning_rate >= 1:
-            raise ConfigError(f"run-config key 'fisher-penalty-lambda': {self.fisher_penalty_lambda} times "
-                              f"learning-rate {self.learning_rate} must be < 1 (SGD on the quadratic penalty "
-                              f"diverges where 2 lr lambda I_i >= 2)")
-        attack = COLLUDING_ATTACKS.get(self.model_poisoning)
-        if attack is not None and self.attack_target not in attack.targets:
-            raise ConfigError(f"run-config key 'attack-target': model-poisoning={self.model_poisoning} targets "
-                              f"{', '.join(attack.targets)}, not {self.attack_target!r}")
+        # the configured model attack's own check (fisher_penalty's lambda, a colluding attack's target)
+        self._raise(_model_attack(self.model_poisoning).check(self))
         if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
             raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
+
+    @staticmethod
+    def _raise(problem: tuple[str, str] | None) -> None:
+        """Raise an attack's ``check(cfg)`` finding, (key, message), as a ConfigError naming the key."""
+        if problem:
+            raise ConfigError(f"run-config key '{problem[0]}': {problem[1]}")
 
     def check_federation(self, num_nodes: int) -> int:
         """Check the config against a federation of ``num_nodes``; return the clients per round."""
@@ -255,10 +213,17 @@ class ExperimentConfig:
         """The value of run-config key ``key``."""
         return self.as_run_config()[key]
 
-    def colluding_params(self) -> dict:
-        """Parameters of the colluding attacks (each takes those its constructor names)."""
-        return {"z": self.alie_z, "epsilon": self.ipm_epsilon, "direction": self.minmax_direction,
-                "target": self.attack_target, "theta": self.rlr_theta}
+    def colluding_params(self, name: str | None = None) -> dict:
+        """The constructor arguments of colluding attack ``name`` (default: the configured
+        ``model-poisoning``) from the run config, as its ``run_config`` and ``shared_keys`` map
+        them; constructor parameters declared nowhere keep their defaults."""
+        name = name or self.model_poisoning
+        if name not in COLLUDING_ATTACKS:
+            raise ConfigError(f"run-config key 'model-poisoning': {name!r} is not one of the colluding attacks "
+                              f"{', '.join(COLLUDING_ATTACKS)}")
+        cls = COLLUDING_ATTACKS[name]
+        takes = set(cls.param_names())
+        return {param: self.value(key) for param, key, _, _ in attack_keys(cls) if param in takes}
 
     @property
     def wraps_clip_noise(self) -> bool:
@@ -266,49 +231,98 @@ class ExperimentConfig:
         return self.defense not in ("rlr", "norm_clipping") and (self.clip_norm > 0 or self.noise > 0)
 
     def as_run_config(self) -> dict:
-        static = {f.name.replace("_", "-"): getattr(self, f.name) for f in self._static_fields()}
-        return {key: static[key] if key in static else self.defense_params[key] for key in self.keys()}
+        values = {f.name.replace("_", "-"): getattr(self, f.name) for f in self._static_fields()}
+        values.update(self.defense_params, **self.attack_params)
+        return {key: values[key] for key in self.keys()}
 
     @classmethod
     def docs(cls) -> list[tuple[str, object, str]]:
-        """(key, default, help) of every key, in pyproject order: the defenses' keys after
-        ``bucket-size``."""
+        """(key, default, help) of every key, in pyproject order: each declared key after the
+        general key its registry names (``DeclaredKey.after``): the defenses' after
+        ``bucket-size``, the attacks' as ``ATTACK_REGISTRIES`` places them."""
+        declared: dict[str, list] = {}
+        for key, spec in {**DEFENSE_KEYS, **ATTACK_KEYS}.items():
+            declared.setdefault(spec.after, []).append((key, spec.default, _with_choices(spec.doc, spec.choices)))
         rows = []
         for f in cls._static_fields():
-            rows.append((f.name.replace("_", "-"), f.default, _with_choices(f.metadata["doc"], f.metadata["choices"])))
-            if f.name == "bucket_size":
-                rows += [(key, spec.default, _with_choices(spec.doc, spec.choices)) for key, spec in DEFENSE_KEYS.items()]
+            key = f.name.replace("_", "-")
+            rows.append((key, f.default, _with_choices(f.metadata["doc"], f.metadata["choices"])))
+            rows += declared.get(key, [])
         return rows
 
 
 @dataclass(frozen=True)
-class DefenseKey:
-    """One run-config key built from a defense's ``run_config`` declaration."""
+class DeclaredKey:
+    """One run-config key built from a defense's or an attack's ``run_config`` declaration."""
 
     default: object
     doc: str
     choices: tuple | None
     check: object
-    params: tuple[str, ...]  # "defense.parameter" it sets
+    params: tuple[str, ...]  # "defense.parameter" / "attack.parameter" it sets
+    after: str  # the general key it follows in pyproject's order and the docs
 
 
-def _defense_keys() -> dict[str, DefenseKey]:
+# The attack registries ATTACK_KEYS is built from, in order, each with the general key its keys
+# follow (pyproject's order): one attacker's model poisoning and the colluding attacks after
+# dba-trigger, the adaptive one-attacker attacks and the backdoors after fisher-forgery.
+ATTACK_REGISTRIES = (("dba-trigger", LOCAL_MODEL_ATTACKS), ("dba-trigger", COLLUDING_ATTACKS),
+                     ("fisher-forgery", ADAPTIVE_LOCAL_ATTACKS), ("fisher-forgery", SOTA_BACKDOORS))
+
+
+def _declare(out: dict[str, DeclaredKey], key: str, default: object, spec: RunKey, owner: str, after: str) -> None:
+    """Add ``owner``'s declaration of ``key`` to ``out``; a key declared twice must mean the same
+    (default, its type and the accepted values); the first declaration's help is kept."""
+    choices = spec.choices() if callable(spec.choices) else spec.choices
+    first = out.get(key)
+    if first is None:
+        out[key] = DeclaredKey(default, spec.doc, choices, spec.check, (owner,), after)
+        return
+    if first.default != default or type(first.default) is not type(default):
+        raise TypeError(f"run-config key {key!r}: {owner} defaults to {default!r}, "
+                        f"{first.params[0]} to {first.default!r}")
+    if first.choices != choices:
+        raise TypeError(f"run-config key {key!r}: {owner} accepts {choices!r}, {first.params[0]} {first.choices!r}")
+    out[key] = replace(first, params=first.params + (owner,))
+
+
+def _defense_keys() -> dict[str, DeclaredKey]:
     """Every registered defense's own keys (shared ones are ExperimentConfig fields); a key that
     two defenses declare must mean the same (default and kind)."""
-    out: dict[str, DefenseKey] = {}
+    out: dict[str, DeclaredKey] = {}
     for name, cls in DEFENSES.items():
         for param, key, default, spec in cls.run_config_keys():
-            if spec is None:
-                continue
-            choices = spec.choices() if callable(spec.choices) else spec.choices
-            if key in out:
-                if out[key].default != default:
-                    raise TypeError(f"run-config key {key!r}: {name}.{param} defaults to {default!r}, "
-                                    f"{out[key].params[0]} to {out[key].default!r}")
-                out[key] = DefenseKey(default, out[key].doc, out[key].choices, out[key].check,
-                                      out[key].params + (f"{name}.{param}",))
-                continue
-            out[key] = DefenseKey(default, spec.doc, choices, spec.check, (f"{name}.{param}",))
+            if spec is not None:
+                _declare(out, key, default, spec, f"{name}.{param}", "bucket-size")
+    return out
+
+
+def _model_attack(name: str):
+    """The registry entry of ``model-poisoning=name`` (a LocalAttack or a colluding attack class)."""
+    return {**LOCAL_MODEL_ATTACKS, **ADAPTIVE_LOCAL_ATTACKS, **COLLUDING_ATTACKS}[name]
+
+
+def _attack_keys() -> dict[str, DeclaredKey]:
+    """Every registered attack's own keys (``fl_defense.run_keys.attack_keys``), registry by
+    registry (``ATTACK_REGISTRIES``); a key that two attacks declare must mean the same (default
+    and kind). An attack key may not be a general or a defense's key (read those through
+    ``shared_keys``), and a shared key must exist."""
+    general = {f.name.replace("_", "-") for f in ExperimentConfig._static_fields()}
+    out: dict[str, DeclaredKey] = {}
+    shared = []
+    for after, registry in ATTACK_REGISTRIES:
+        for name, attack in registry.items():
+            for param, key, default, spec in attack_keys(attack):
+                if spec is None:
+                    shared.append((f"{name}.{param}", key))
+                    continue
+                if key in general or key in DEFENSE_KEYS:
+                    raise TypeError(f"{name}.{param}: run-config key {key!r} is declared elsewhere; read it "
+                                    f"through shared_keys")
+                _declare(out, key, default, spec, f"{name}.{param}", after)
+    for owner, key in shared:
+        if key not in general and key not in DEFENSE_KEYS and key not in out:
+            raise TypeError(f"{owner}: shared run-config key {key!r} is declared nowhere")
     return out
 
 
@@ -326,6 +340,7 @@ def _checked(key: str, value: object, kind: type, choices, check, doc: str) -> o
 
 
 DEFENSE_KEYS = _defense_keys()
+ATTACK_KEYS = _attack_keys()
 
 
 def _unknown_key(key: str, known: list[str]) -> str:

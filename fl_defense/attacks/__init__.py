@@ -1,5 +1,10 @@
 """Attacks: data poisoning (triggers, DBA, semantic, label flipping), model poisoning (one attacker
-alone, or colluding attackers crafting from what they know: COLLUDING_ATTACKS), and who attacks when."""
+alone, or colluding attackers crafting from what they know: COLLUDING_ATTACKS), and who attacks when.
+
+Each attack declares the run-config keys it reads beside its code (``run_config`` of ``RunKey``);
+its registry (COLLUDING_ATTACKS and SOTA_BACKDOORS below, LOCAL_MODEL_ATTACKS in model_poisoning.py,
+ADAPTIVE_LOCAL_ATTACKS in adaptive.py) is the one place it is listed, and config.py builds the keys,
+their validation and docs from the registries (ATTACK_KEYS)."""
 
 from .adaptive import ADAPTIVE_LOCAL_ATTACKS, EVASION_DISTANCES, FISHER_FORGERIES, RLRAdaptive
 from .alie import ALIE, ALIEBackdoor, alie_z
@@ -8,8 +13,8 @@ from .fang import Fang
 from .ipm import IPM
 from .label_flipping import flip_labels, label_flip
 from .min_max import DIRECTIONS, MinMax, MinSum
-from .model_poisoning import (LOCAL_MODEL_ATTACKS, boost, gaussian_update, neurotoxin_mask, project_to_ball,
-                              scale_to_bound, sign_flip)
+from .model_poisoning import (LOCAL_MODEL_ATTACKS, LocalAttack, boost, gaussian_update, neurotoxin_mask,
+                              project_to_ball, scale_to_bound, sign_flip)
 from .poisoning import (DATA_ATTACKS, POOLS, AttackSchedule, eligible, poison_data, poison_with_trigger, relabel,
                         select_attackers)
 from .triggers import TRIGGERS, Trigger, apply_trigger, make_trigger, plus_mask, trigger_mask
@@ -38,7 +43,9 @@ SOTA_BACKDOORS: dict[str, type[SotaBackdoor]] = {
     "chameleon": Chameleon,          # Dai & Li, ICML 2023 (sec. 4, two stages)
     "iba": IBA,                      # Nguyen et al., NeurIPS 2023 (trigger generator)
 }
-MODEL_ATTACKS = LOCAL_MODEL_ATTACKS + ADAPTIVE_LOCAL_ATTACKS + tuple(COLLUDING_ATTACKS)
+# Every model-poisoning= choice: one attacker alone (model_poisoning.LOCAL_MODEL_ATTACKS, then the
+# adaptive ones of adaptive.ADAPTIVE_LOCAL_ATTACKS), then the colluding attacks
+MODEL_ATTACKS = (*LOCAL_MODEL_ATTACKS, *ADAPTIVE_LOCAL_ATTACKS, *COLLUDING_ATTACKS)
 
 
 def make_colluding(name: str, **params) -> ColludingAttack:
@@ -47,7 +54,7 @@ def make_colluding(name: str, **params) -> ColludingAttack:
     return cls(**{k: v for k, v in params.items() if k in cls.param_names()})
 
 __all__ = ["ADAPTIVE_LOCAL_ATTACKS", "EVASION_DISTANCES", "FISHER_FORGERIES", "RLRAdaptive", "ALIE", "ATTACKS", "COLLUDING_ATTACKS", "DATA_ATTACKS", "DIRECTIONS", "IPM", "KNOWLEDGE",
-           "LOCAL_MODEL_ATTACKS", "MODEL_ATTACKS", "TARGETS", "ALIEBackdoor", "AttackRound", "ColludingAttack",
+           "LOCAL_MODEL_ATTACKS", "LocalAttack", "MODEL_ATTACKS", "TARGETS", "ALIEBackdoor", "AttackRound", "ColludingAttack",
            "Fang", "MinMax", "MinSum", "alie_z", "flip_labels", "label_flip", "make_colluding", "POOLS", "TRIGGERS", "AttackSchedule", "Trigger",
            "apply_trigger", "boost", "eligible", "gaussian_update", "make_trigger", "neurotoxin_mask",
            "plus_mask", "poison_data", "poison_with_trigger", "project_to_ball", "relabel", "scale_to_bound",

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from ..run_keys import RunKey, non_negative, positive
 from .sota import (PatternTrigger, SotaBackdoor, choose_eligible, decode_tensor, encode_tensor, load_state,
                    relabelled, save_state)
 from .poisoning import eligible
@@ -111,7 +112,19 @@ class A3FL(SotaBackdoor):
 
     name = "a3fl"
     paper = "Zhang et al., NeurIPS 2023"
-    keys = ("a3fl-trigger-size", "a3fl-steps", "a3fl-lr", "a3fl-lambda", "a3fl-adv-steps", "a3fl-adv-every")
+    run_config = {
+        "trigger_size": RunKey("attack=a3fl: side of the trigger patch at 28x28 (scaled with the image)",
+                               check=positive, default=5),
+        "steps": RunKey("attack=a3fl: sign-gradient trigger steps per round (the paper: 100 epochs, scaled for 2 "
+                        "cores)", check=positive, default=20),
+        "lr": RunKey("attack=a3fl: trigger step size alpha", check=positive, default=0.05),
+        "lambda": RunKey("attack=a3fl: lambda_0, weight of the unlearned copy's loss (times its cosine similarity "
+                         "to the global model; 0: no copy)", check=non_negative, default=1.0),
+        "adv_steps": RunKey("attack=a3fl: SGD steps that unlearn the trigger in the adversarial copy",
+                            check=non_negative, default=10),
+        "adv_every": RunKey("attack=a3fl: trigger steps between refreshes of the adversarial copy", check=positive,
+                            default=10),
+    }
     learned_probe = True
     STATE_KEY = "fl-defense.a3fl-trigger"
 

@@ -30,11 +30,37 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from ..run_keys import RunKey, positive
 from .base import AttackRound, ColludingAttack
+from .model_poisoning import LocalAttack
 
-ADAPTIVE_LOCAL_ATTACKS = ("fisher_penalty", "evasion")  # one attacker alone, in its own training
 FISHER_FORGERIES = ("none", "clean", "mimic", "noise")
 EVASION_DISTANCES = ("l2", "cosine")
+
+
+def _penalty_converges(cfg) -> tuple[str, str] | None:
+    if cfg.fisher_penalty_lambda * cfg.learning_rate >= 1:
+        return "fisher-penalty-lambda", (f"{cfg.fisher_penalty_lambda} times learning-rate {cfg.learning_rate} "
+                                         f"must be < 1 (SGD on the quadratic penalty diverges where 2 lr lambda "
+                                         f"I_i >= 2)")
+    return None
+
+
+# One attacker alone, in its own training (``adaptive_fit``); model-poisoning choices after
+# model_poisoning.LOCAL_MODEL_ATTACKS.
+ADAPTIVE_LOCAL_ATTACKS: dict[str, LocalAttack] = {a.name: a for a in (
+    LocalAttack("fisher_penalty", "adaptive to FDCR (Huang et al., NeurIPS 2024) and SDFC (Huang et al., ECCV 2024)",
+                {"lambda": RunKey("model-poisoning=fisher_penalty: lambda in loss + lambda * sum_i I_i "
+                                  "(theta_i - theta_ref_i)^2", check=positive, default=1.0)},
+                check=_penalty_converges),
+    LocalAttack("evasion", "Bagdasaryan et al., AISTATS 2020 (evading anomaly detection)", {
+        "alpha": RunKey("model-poisoning=evasion: alpha in alpha * L_class + (1 - alpha) * L_ano, in (0, 1] "
+                        "(1: no evasion term)", check=lambda v: 0 < v <= 1, default=0.7),
+        "distance": RunKey("model-poisoning=evasion: L_ano, the local model's L2 or cosine distance to the "
+                           "global model", choices=EVASION_DISTANCES, default="l2"),
+        "norm_match": RunKey("model-poisoning=evasion: rescale the update to the norm of the attacker's honest "
+                             "update", default=True)}),
+)}
 
 
 # --- RLR -------------------------------------------------------------------------------------------
@@ -73,6 +99,7 @@ class RLRAdaptive(ColludingAttack):
     name = "rlr_adaptive"
     paper = "adaptive to Ozdayi et al., AAAI 2021 (eq. 5)"
     uses_poisoned = True
+    shared_keys = {"theta": "rlr-theta"}  # the defense's own key: the attacker knows the defense
 
     def __init__(self, theta: int = 4) -> None:
         self.theta = theta
@@ -243,7 +270,7 @@ def adaptive_fit(mode: str, model: nn.Module, images: torch.Tensor, labels: torc
     from ..training import train
 
     if mode not in ADAPTIVE_LOCAL_ATTACKS:
-        raise ValueError(f"adaptive mode must be one of {ADAPTIVE_LOCAL_ATTACKS}, got {mode!r}")
+        raise ValueError(f"adaptive mode must be one of {tuple(ADAPTIVE_LOCAL_ATTACKS)}, got {mode!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     global_vec = parameters_to_vector(params).detach().clone()
     lr = cfg.learning_rate

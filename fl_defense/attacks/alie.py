@@ -7,6 +7,7 @@ from statistics import NormalDist
 
 import torch
 
+from ..run_keys import RunKey, non_negative
 from .base import AttackRound, ColludingAttack, column_stats
 
 
@@ -34,6 +35,8 @@ class ALIE(ColludingAttack):
 
     name = "alie"
     paper = "Baruch et al., NeurIPS 2019"
+    run_config = {"z": RunKey("alie, alie_backdoor: z in mean + z * std (0: the paper's z_max for n and m)",
+                              check=non_negative)}
 
     def __init__(self, z: float = 0.0) -> None:
         self.z = z

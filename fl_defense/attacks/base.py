@@ -17,6 +17,7 @@ import torch
 from ..defenses.aggregators import uses_numpy
 from ..defenses.krum import distances_from_gram, krum_scores
 from ..defenses.parallel import column_chunks, parallel_map
+from ..run_keys import RunKey
 
 KNOWLEDGE = ("partial", "full")
 TARGETS = ("agnostic", "krum", "trimmed_mean", "median")
@@ -46,13 +47,33 @@ class AttackRound:
 
 class ColludingAttack:
     """Base class. Subclasses set ``name``, ``paper``, ``targets`` (aggregation rules they can be
-    tailored to; "agnostic" means none) and ``uses_poisoned``, take parameters in ``__init__``
-    and implement ``craft``."""
+    tailored to; "agnostic" means none) and ``uses_poisoned``, take parameters in ``__init__``,
+    declare the run-config keys of those the run config sets in ``run_config`` (added to the
+    base's; ``fl_defense.run_keys.attack_keys``) and implement ``craft``."""
 
     name: str = "attack"
     paper: str = ""
     targets: tuple[str, ...] = ("agnostic",)
     uses_poisoned: bool = False
+    # Every colluding attack reads these two: the knowledge the collusion step gives it, and the
+    # rule it is tailored to (checked against ``targets``; a constructor's ``target`` gets it).
+    run_config: dict[str, RunKey] = {
+        "knowledge": RunKey("colluding attacks: attackers know their own honest updates only (partial) or the "
+                            "round's benign updates too (full)", key="attacker-knowledge", choices=KNOWLEDGE,
+                            default="full"),
+        "target": RunKey("colluding attacks: the aggregation rule a tailored attack targets (fang: any; min_max: "
+                         "agnostic, krum)", key="attack-target", choices=TARGETS, default="agnostic"),
+    }
+    # parameter -> a key declared elsewhere that it is set from (a defense's, for an adaptive attack)
+    shared_keys: dict[str, str] = {}
+
+    @classmethod
+    def check(cls, cfg) -> tuple[str, str] | None:
+        """(key, message) of a run configuration this attack cannot work with, or None."""
+        if cfg.attack_target not in cls.targets:
+            return "attack-target", (f"model-poisoning={cfg.model_poisoning} targets {', '.join(cls.targets)}, "
+                                     f"not {cfg.attack_target!r}")
+        return None
 
     def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
         """The update each attacker sends: m x d, or one d-vector that all of them send."""

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..run_keys import RunKey, non_negative, positive
 from .sota import SotaBackdoor, choose_eligible, features_and_logits, last_linear, relabelled
 from .triggers import make_trigger
 
@@ -98,8 +99,17 @@ class Chameleon(SotaBackdoor):
 
     name = "chameleon"
     paper = "Dai & Li, ICML 2023"
-    keys = ("chameleon-trigger", "chameleon-encoder-epochs", "chameleon-classifier-epochs", "chameleon-temperature",
-            "chameleon-push")
+    run_config = {
+        "trigger": RunKey("attack=chameleon: the stamped trigger", choices=CHAMELEON_TRIGGERS, default="plus"),
+        "encoder_epochs": RunKey("attack=chameleon: epochs of contrastive encoder training (stage 1; 0: "
+                                 "local-epochs)", check=non_negative, default=0),
+        "classifier_epochs": RunKey("attack=chameleon: epochs of classifier fine-tuning, encoder frozen (stage 2; "
+                                    "0: local-epochs)", check=non_negative, default=0),
+        "temperature": RunKey("attack=chameleon: contrastive temperature tau (SupCon's scale)", check=positive,
+                              default=0.1),
+        "push": RunKey("attack=chameleon: weight of a poisoned image's original-class peers in the contrastive "
+                       "denominator (1: plain SupCon)", check=positive, default=2.0),
+    }
 
     def poison(self, model, images, labels, seed, state=None):
         c = self.cfg

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..run_keys import RunKey, non_negative, positive
 from .sota import SotaBackdoor
 
 CROSS_DATASET = {"mnist": "usps", "usps": "mnist"}  # dataset -> the other handwriting its tail comes from
@@ -114,7 +115,19 @@ class EdgeCase(SotaBackdoor):
 
     name = "edge_case"
     paper = "Wang et al., NeurIPS 2020"
-    keys = ("edge-case-class", "edge-case-samples", "edge-case-tail", "model-replacement")
+    run_config = {
+        "class": RunKey("attack=edge_case: the class whose tail images are relabelled target-label (mnist: usps "
+                        "digits of it, usps: mnist digits, other datasets: its images farthest from the class mean)",
+                        check=non_negative, default=7),
+        "samples": RunKey("attack=edge_case: tail images mixed into each attacker's data (the paper: 100)",
+                          check=positive, default=100),
+        "tail": RunKey("attack=edge_case on a dataset without a second source: share of the class (farthest from "
+                       "its mean) that forms the tail", check=lambda v: 0 < v <= 1, default=0.1),
+        # the paper's model replacement, applied by model-poisoning=pgd (client_app) to any attack
+        "model_replacement": RunKey("model-poisoning=pgd: Wang et al.'s model replacement, the boost n/eta; "
+                                    "training is projected to attack-norm-bound / it (0: off)",
+                                    key="model-replacement", check=non_negative, default=0.0),
+    }
 
     @classmethod
     def check(cls, cfg) -> tuple[str, str] | None:

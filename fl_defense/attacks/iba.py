@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from ..run_keys import RunKey, positive
 from .poisoning import eligible
 from .sota import SotaBackdoor, choose_eligible, decode_tensor, encode_tensor, load_state, relabelled, save_state
 
@@ -103,7 +104,12 @@ class IBA(SotaBackdoor):
 
     name = "iba"
     paper = "Nguyen et al., NeurIPS 2023"
-    keys = ("iba-epsilon", "iba-steps", "iba-lr")
+    run_config = {
+        "epsilon": RunKey("attack=iba: L-infinity bound of the generated trigger", check=lambda v: 0 < v <= 1,
+                          default=0.2),
+        "steps": RunKey("attack=iba: Adam steps of the trigger generator per round", check=positive, default=20),
+        "lr": RunKey("attack=iba: the generator's learning rate", check=positive, default=0.01),
+    }
     learned_probe = True
     STATE_KEY = "fl-defense.iba-generator"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..run_keys import RunKey, positive
 from .base import AttackRound, ColludingAttack, column_stats
 
 
@@ -14,6 +15,7 @@ class IPM(ColludingAttack):
 
     name = "ipm"
     paper = "Xie et al., UAI 2020"
+    run_config = {"epsilon": RunKey("ipm: attackers send -epsilon times the benign mean", check=positive)}
 
     def __init__(self, epsilon: float = 0.5) -> None:
         self.epsilon = epsilon

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .base import AttackRound, ColludingAttack, Distances, check_target, column_pass, krum_picks_candidate, largest_feasible
+from ..run_keys import RunKey
 
 DIRECTIONS = ("unit", "std", "sign")
 
@@ -57,6 +58,8 @@ class MinMax(ColludingAttack):
 
     name = "min_max"
     paper = "Shejwalkar & Houmansadr, NDSS 2021"
+    run_config = {"direction": RunKey("min_max, min_sum: perturbation direction (inverse unit vector, std or sign)",
+                                      key="minmax-direction", choices=DIRECTIONS)}
     targets = ("agnostic", "krum")
 
     def __init__(self, direction: str = "std", target: str = "agnostic", gamma_init: float = 10.0,

@@ -2,14 +2,57 @@
 
 Each function maps (global vector, the client's trained vector) to the vector it reports, or
 shapes training itself (projection for constrain-and-scale, a coordinate mask for Neurotoxin).
+``client_app/app.py`` applies them; each is a ``model-poisoning=`` choice with a registry entry
+(``LocalAttack``) in ``LOCAL_MODEL_ATTACKS`` that declares the run-config keys it reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 
-# What one attacker does alone; the colluding attacks follow in attacks.MODEL_ATTACKS.
-LOCAL_MODEL_ATTACKS = ("none", "boost", "pgd", "neurotoxin", "signflip", "gaussian")
+from ..run_keys import RunKey, fraction, positive
+
+
+def _no_problem(cfg) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class LocalAttack:
+    """A model attack one attacker runs alone (``model-poisoning=name``): the paper it follows,
+    the run-config keys it reads (``run_config``: name -> ``RunKey`` with its default; read as
+    ``cfg.<key with underscores>``) and ``check(cfg)``, the (key, message) of a configuration it
+    cannot work with, or None (start-up validation)."""
+
+    name: str
+    paper: str = ""
+    run_config: dict[str, RunKey] = field(default_factory=dict)
+    check: Callable[[object], tuple[str, str] | None] = _no_problem
+
+
+# boost and signflip scale by the same key
+BOOST_FACTOR = RunKey("model-poisoning=boost: update scale; signflip: its magnitude", key="boost-factor",
+                      check=positive, default=10.0)
+
+# What one attacker does alone; the adaptive ones (attacks.adaptive) and the colluding attacks
+# follow in attacks.MODEL_ATTACKS.
+LOCAL_MODEL_ATTACKS: dict[str, LocalAttack] = {a.name: a for a in (
+    LocalAttack("none", "no model poisoning: the attacker sends its trained update"),
+    LocalAttack("boost", "Bhagoji et al., ICML 2019; Bagdasaryan et al., AISTATS 2020 (boosting, model replacement)",
+                {"factor": BOOST_FACTOR}),
+    LocalAttack("pgd", "Bagdasaryan et al., AISTATS 2020 (constrain-and-scale); Wang et al., NeurIPS 2020 (PGD)",
+                {"bound": RunKey("model-poisoning=pgd: the L2 bound the attacker keeps to", key="attack-norm-bound",
+                                 check=positive, default=1.0)}),
+    LocalAttack("neurotoxin", "Zhang et al., ICML 2022",
+                {"ratio": RunKey("model-poisoning=neurotoxin: share of top benign coordinates left alone",
+                                 check=fraction, default=0.1)}),
+    LocalAttack("signflip", "Byzantine sign flipping", {"factor": BOOST_FACTOR}),
+    LocalAttack("gaussian", "Byzantine Gaussian noise",
+                {"std": RunKey("model-poisoning=gaussian: std of the random update", check=positive, default=0.1)}),
+)}
 
 
 def boost(global_vec: torch.Tensor, trained: torch.Tensor, factor: float) -> torch.Tensor:

@@ -32,12 +32,14 @@ PROBE_KEY = "fl-defense.backdoor-probe"
 
 
 class SotaBackdoor:
-    """Base class: subclasses set ``name``, ``paper`` and ``keys`` (their run-config keys) and
-    override what differs from a plain data attack."""
+    """Base class: subclasses set ``name``, ``paper`` and ``run_config`` (their run-config keys:
+    name -> ``RunKey`` with its default, key ``<name>-<name in run_config>`` unless it says
+    otherwise; read as ``cfg.<key with underscores>``) and override what differs from a plain
+    data attack."""
 
     name: str = "backdoor"
     paper: str = ""
-    keys: tuple[str, ...] = ()
+    run_config: dict = {}
     learned_probe: bool = False  # the probe follows what attackers report each round
 
     def __init__(self, cfg, shape: tuple[int, int, int], num_classes: int, partition_id: int = 0) -> None:

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from ..run_keys import RunKey
 from ..updates import RoundUpdates
-
-
-@dataclass(frozen=True)
-class RunKey:
-    """How one of a defense's ``__init__`` parameters appears in the run config: its help text,
-    and optionally its key (default ``<defense name>-<parameter>``, hyphens for underscores), the
-    accepted values, a range check and a run-config default other than ``__init__``'s."""
-
-    doc: str
-    key: str | None = None
-    choices: tuple | Callable[[], tuple] | None = None
-    check: Callable[[object], bool] | None = None
-    default: object = None
 
 
 # Parameters several defenses share keep one run-config key each (and the run's seed).

@@ -1,0 +1,184 @@
+"""Attacks as defenses: one module plus one registry line. Each attack declares its run-config keys
+beside its code (``run_config``); the keys, their checks, the attribute access, the colluding
+attacks' constructor arguments and pyproject's keys all follow from the registries."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_defense import config as config_module
+from fl_defense.attacks import (ADAPTIVE_LOCAL_ATTACKS, ALIE, COLLUDING_ATTACKS, LOCAL_MODEL_ATTACKS, SOTA_BACKDOORS,
+                                ALIEBackdoor, ColludingAttack, LocalAttack, MinMax, MinSum, SotaBackdoor,
+                                make_colluding)
+from fl_defense.config import ConfigError, ExperimentConfig
+from fl_defense.run_keys import RunKey, attack_keys, positive
+
+ROOT = Path(__file__).resolve().parents[1]
+REGISTRIES = {"local": LOCAL_MODEL_ATTACKS, "adaptive": ADAPTIVE_LOCAL_ATTACKS, "colluding": COLLUDING_ATTACKS,
+              "backdoor": SOTA_BACKDOORS}
+EVERY_ATTACK = [(kind, name) for kind, registry in REGISTRIES.items() for name in registry]
+
+
+@pytest.mark.parametrize("kind, name", EVERY_ATTACK)
+def test_every_declared_key_of_every_attack_is_a_run_config_key(kind, name):
+    attack = REGISTRIES[kind][name]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    keys = ExperimentConfig.keys()
+    defaults = ExperimentConfig().as_run_config()
+    for param, key, default, spec in attack_keys(attack):
+        assert key in keys and key in pyproject, f"{name}.{param}: {key}"
+        if spec is not None:  # its own declaration: the default is the run config's and pyproject's
+            assert defaults[key] == pyproject[key] == default
+            assert f"{name}.{param}" in config_module.ATTACK_KEYS[key].params
+            assert getattr(ExperimentConfig(), key.replace("-", "_")) == default  # cfg.alie_z, cfg.a3fl_steps
+
+
+def test_attack_keys_sit_where_pyproject_has_always_listed_them():
+    keys = ExperimentConfig.keys()
+    block = list(config_module.ATTACK_KEYS)
+    first = keys.index("boost-factor")
+    assert keys[first - 1] == "dba-trigger" and keys[first:first + 9] == block[:9]
+    assert keys[first + 9] == "fisher-forgery" and keys[first + 10:first + 10 + len(block) - 9] == block[9:]
+    assert keys[first + 10 + len(block) - 9] == "attack-start-round"
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"alie-z": -0.5}, "alie-z"),
+    ({"ipm-epsilon": 0.0}, "ipm-epsilon"),
+    ({"attacker-knowledge": "none"}, "attacker-knowledge"),
+    ({"attack-target": "bulyan"}, "attack-target"),
+    ({"minmax-direction": "random"}, "minmax-direction"),
+    ({"boost-factor": 0}, "boost-factor"),
+    ({"neurotoxin-ratio": 1.5}, "neurotoxin-ratio"),
+    ({"evasion-distance": "l1"}, "evasion-distance"),
+    ({"evasion-norm-match": "yes"}, "evasion-norm-match"),
+    ({"evasion-alpha": 0.0}, "evasion-alpha"),
+    ({"a3fl-steps": 2.5}, "a3fl-steps"),
+    ({"chameleon-trigger": "star"}, "chameleon-trigger"),
+    ({"iba-epsilon": 1.5}, "iba-epsilon"),
+    ({"edge-case-samples": 0}, "edge-case-samples"),
+    ({"model-replacement": -1.0}, "model-replacement"),
+])
+def test_a_bad_value_of_an_attack_key_fails_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        ExperimentConfig.from_run_config(overrides)
+
+
+@pytest.mark.parametrize("overrides, key, message", [
+    ({"model-poisoning": "min_sum", "attack-target": "krum"}, "attack-target", "min_sum targets agnostic, not 'krum'"),
+    ({"model-poisoning": "alie", "attack-target": "median"}, "attack-target", "alie targets agnostic"),
+    ({"model-poisoning": "fisher_penalty", "fisher-penalty-lambda": 10.0, "learning-rate": 0.1},
+     "fisher-penalty-lambda", "must be < 1"),
+])
+def test_the_configured_attack_checks_the_run_config(overrides, key, message):
+    with pytest.raises(ConfigError, match=f"'{key}': .*{message}"):
+        ExperimentConfig.from_run_config(overrides)
+    ExperimentConfig.from_run_config({**overrides, "model-poisoning": "none"})  # only that attack's check
+
+
+@pytest.mark.parametrize("name", sorted(COLLUDING_ATTACKS))
+def test_a_colluding_attack_is_built_from_its_declarations(name):
+    cls = COLLUDING_ATTACKS[name]
+    cfg = ExperimentConfig.from_run_config({"model-poisoning": name, "alie-z": 1.5, "ipm-epsilon": 0.3,
+                                            "minmax-direction": "sign", "rlr-theta": 6})
+    kwargs = cfg.colluding_params()
+    assert set(kwargs) <= set(cls.param_names())
+    expected = {"z": 1.5, "epsilon": 0.3, "direction": "sign", "target": "agnostic", "theta": 6}
+    assert kwargs == {p: v for p, v in expected.items() if p in cls.param_names()}
+    attack = make_colluding(name, **kwargs)
+    assert all(getattr(attack, p) == v for p, v in kwargs.items())
+
+
+def test_a_subclass_keeps_its_base_declarations_and_keys():
+    assert attack_keys(ALIEBackdoor) == attack_keys(ALIE)
+    assert [k for _, k, _, _ in attack_keys(MinSum)] == [k for _, k, _, _ in attack_keys(MinMax)] == [
+        "attacker-knowledge", "attack-target", "minmax-direction"]
+
+
+# -- a contributor's attack: its module and one registry line -----------------------------------
+
+class Tiny(ColludingAttack):
+    """A colluding attack a contributor adds."""
+
+    name = "tiny"
+    paper = "nobody, 2026"
+    run_config = {"scale": RunKey("tiny: scale of the mean", check=positive)}
+
+    def __init__(self, scale: float = 0.5, unconfigured: int = 3) -> None:
+        self.scale, self.unconfigured = scale, unconfigured
+
+    def craft(self, known, rnd):
+        return known.mean(0) * self.scale
+
+
+class TinyBackdoor(SotaBackdoor):
+    name = "tiny_backdoor"
+    run_config = {"size": RunKey("attack=tiny_backdoor: patch side", check=positive, default=3)}
+
+
+def _with_attack_keys(monkeypatch):
+    keys = config_module._attack_keys()
+    monkeypatch.setattr(config_module, "ATTACK_KEYS", keys)
+    return keys
+
+
+def test_a_new_attack_needs_only_its_module_and_a_registry_line(monkeypatch):
+    monkeypatch.setitem(COLLUDING_ATTACKS, "tiny", Tiny)
+    monkeypatch.setitem(SOTA_BACKDOORS, "tiny_backdoor", TinyBackdoor)
+    monkeypatch.setitem(LOCAL_MODEL_ATTACKS, "wobble", LocalAttack("wobble", "nobody, 2026", {
+        "amount": RunKey("model-poisoning=wobble: how much", choices=(1, 2, 3), default=2)}))
+    keys = _with_attack_keys(monkeypatch)
+    assert keys["tiny-scale"].default == 0.5 and keys["tiny-scale"].doc == "tiny: scale of the mean"
+    assert "tiny.knowledge" in keys["attacker-knowledge"].params  # the colluding attacks' keys are inherited
+    assert keys["tiny-backdoor-size"].default == 3 and keys["wobble-amount"].choices == (1, 2, 3)
+
+    rows = [k for k, _, _ in ExperimentConfig.docs()]
+    assert rows.index("wobble-amount") < rows.index("tiny-scale") < rows.index("fisher-forgery")
+    assert rows.index("iba-lr") < rows.index("tiny-backdoor-size") < rows.index("attack-start-round")
+    cfg = ExperimentConfig.from_run_config({"tiny-scale": 2.0, "wobble-amount": 3})
+    assert cfg.tiny_scale == 2.0 and cfg.wobble_amount == 3 and cfg.tiny_backdoor_size == 3
+    assert cfg.colluding_params("tiny") == {"scale": 2.0}  # "unconfigured" keeps its default
+    attack = make_colluding("tiny", **cfg.colluding_params("tiny"))
+    assert attack.scale == 2.0 and attack.unconfigured == 3
+    assert torch.equal(attack.craft(torch.ones(2, 3), None), torch.full((3,), 2.0))
+    with pytest.raises(ConfigError, match="'tiny-scale'"):
+        ExperimentConfig.from_run_config({"tiny-scale": -1.0})
+    with pytest.raises(ConfigError, match="'wobble-amount'"):
+        ExperimentConfig.from_run_config({"wobble-amount": 4})
+
+
+@pytest.mark.parametrize("default", [7.0, 1])  # another default, and the same value of another kind
+def test_two_attacks_declaring_one_key_must_agree(monkeypatch, default):
+    monkeypatch.setitem(LOCAL_MODEL_ATTACKS, "first", LocalAttack("first", "", {
+        "factor": RunKey("a factor", key="shared-factor", check=positive, default=1.0)}))
+    monkeypatch.setitem(COLLUDING_ATTACKS, "second", type("Second", (ColludingAttack,), {
+        "name": "second", "run_config": {"factor": RunKey("its factor", key="shared-factor", default=default)}}))
+    with pytest.raises(TypeError, match=f"run-config key 'shared-factor': second.factor defaults to {default!r}"):
+        config_module._attack_keys()
+    monkeypatch.setitem(COLLUDING_ATTACKS, "second", type("Second", (ColludingAttack,), {
+        "name": "second", "run_config": {"factor": RunKey("its factor", key="shared-factor", default=1.0)}}))
+    assert config_module._attack_keys()["shared-factor"].params == ("first.factor", "second.factor")
+
+
+def test_a_shared_declaration_agrees():
+    # boost and signflip declare boost-factor with one RunKey; every colluding attack reads
+    # attacker-knowledge and attack-target from the base class's
+    keys = config_module.ATTACK_KEYS
+    assert keys["boost-factor"].params == ("boost.factor", "signflip.factor")
+    assert {f"{name}.knowledge" for name in COLLUDING_ATTACKS} == set(keys["attacker-knowledge"].params)
+
+
+@pytest.mark.parametrize("declaration, match", [
+    ({"run_config": {"seed": RunKey("mine", key="seed", default=1)}}, "'seed' is declared elsewhere"),
+    ({"run_config": {"theta": RunKey("mine", key="rlr-theta", default=4)}}, "'rlr-theta' is declared elsewhere"),
+    ({"shared_keys": {"theta": "rlr-thetaa"}}, "'rlr-thetaa' is declared nowhere"),
+    ({"run_config": {"size": RunKey("no default anywhere")}}, r"Odd\.size: give its default"),
+])
+def test_a_bad_declaration_fails_naming_the_attack(monkeypatch, declaration, match):
+    monkeypatch.setitem(COLLUDING_ATTACKS, "odd", type("Odd", (ColludingAttack,), {"name": "odd", **declaration}))
+    with pytest.raises(TypeError, match=match):
+        config_module._attack_keys()
