@@ -6,7 +6,9 @@ import copy
 import logging
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from flwr.app import Context
@@ -18,13 +20,8 @@ from flwr.serverapp import Grid
 from fl_defense.checkpoint import load_checkpoint
 from fl_defense.config import ConfigError, ExperimentConfig
 from fl_defense.data import DATASETS, load_split
-from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, ClipNoise, Defense
-from fl_defense.defenses.deepsight import RandomInputProbabilities
-from fl_defense.fisher import ValidationFisher
+from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS, ClipNoise, Defense, ServerContext
 from fl_defense.pretrain import cache_folder, is_cached, pretrain_id
-from fl_defense.training import ServerUpdate
-from fl_defense.data import DATASETS, OOD_SOURCES, load_ood
-from fl_defense.server_tasks import IndicatorTask, PenultimateFeatures
 from fl_defense.models import build_model, get_arrays, set_arrays, trainable_mask
 from fl_defense.strategies import DefenseStrategy
 
@@ -35,33 +32,19 @@ from .recorder import RunFailed, RunRecorder, done_line, failure_line, failure_r
 
 def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
                   server_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Defense:
-    """The configured defense, with what it needs from the server (SDFC's validation Fisher,
-    FLTrust's root-dataset update, both on ``server_data``), RLR's base defense, the
-    pre-aggregation step (bucketing, NNM) and the clip/noise wrapper when asked for."""
+    """The configured defense: its run-config values plus what its class's ``server_parts``
+    builds (SDFC's validation Fisher, FLTrust's root-dataset update, FLARE's PLRs on
+    ``server_data``; DeepSight's probe, BackdoorIndicator's indicator task; RLR's base defense,
+    built here through ``ctx.build``), then the pre-aggregation step (bucketing, NNM) and the
+    clip/noise wrapper when asked for."""
 
     def make(name: str) -> Defense:
-        kwargs = cfg.defense_kwargs(name)
-        if name == "sdfc":  # a private model copy: the Fisher loads parameter vectors into it
-            kwargs["validation_fisher"] = ValidationFisher(copy.deepcopy(model), *server_data,
-                                                           max_samples=cfg.fisher_samples)
-        if name == "fltrust":
-            kwargs["server_update"] = ServerUpdate(copy.deepcopy(model), *server_data, cfg.local_epochs,
-                                                   cfg.batch_size, cfg.learning_rate, cfg.momentum, cfg.seed)
-        if name == "deepsight":  # DDifs: a private model copy's outputs on seeded random inputs
-            kwargs["model_outputs"] = RandomInputProbabilities(
-                copy.deepcopy(model), DATASETS[cfg.dataset].shape, kwargs["num_seeds"], kwargs["num_samples"], cfg.seed)
-        if name == "backdoor_indicator":  # OOD indicator samples from the source paired with the dataset
-            spec = DATASETS[cfg.dataset]
-            source = OOD_SOURCES[cfg.dataset] if kwargs["ood"] == "auto" else kwargs["ood"]
-            kwargs["indicator"] = IndicatorTask(
-                copy.deepcopy(model), load_ood(source, spec.shape, kwargs["ood_samples"], cfg.data_dir, cfg.seed),
-                spec.num_classes, seed=cfg.seed)
-        if name == "flare":  # PLRs of a private model copy on the server's held-out samples
-            kwargs["features"] = PenultimateFeatures(copy.deepcopy(model), server_data[0], kwargs["samples"])
-        if name == "rlr" and cfg.rlr_aggregator in DEFENSES:
-            kwargs["aggregator"] = make(cfg.rlr_aggregator)
-        return DEFENSES[name](**kwargs)
+        cls, kwargs = DEFENSES[name], cfg.defense_kwargs(name)
+        kwargs.update(cls.server_parts(replace(ctx, kwargs=MappingProxyType(dict(kwargs)))))
+        return cls(**kwargs)
 
+    ctx = ServerContext(cfg=cfg, model=lambda: copy.deepcopy(model), server_data=server_data,
+                        spec=DATASETS[cfg.dataset], data_dir=cfg.data_dir, seed=cfg.seed, build=make)
     defense = make(cfg.defense)
     if cfg.pre_aggregation == "bucketing":
         defense = PRE_AGGREGATIONS["bucketing"](defense, bucket_size=cfg.bucket_size, seed=cfg.seed)

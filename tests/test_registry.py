@@ -99,3 +99,87 @@ def test_pre_aggregation_wraps_the_configured_defense(pre, cls):
     defense = build_defense(cfg, torch.nn.Linear(2, 2))
     assert isinstance(defense, ClipNoise) and isinstance(defense.inner, cls) and defense.inner.inner.name == "median"
     assert set(PRE_AGGREGATIONS) == {"bucketing", "nnm"}
+
+
+class Probe:
+    """A server part: a private model copy run on the server's first images."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor) -> None:
+        self.model, self.images = model, images
+
+    def __call__(self, params: torch.Tensor) -> torch.Tensor:
+        torch.nn.utils.vector_to_parameters(params.clone(), self.model.parameters())
+        return self.model(self.images)
+
+
+class Probed(Tiny):
+    """A contributor's defense that needs a part only the server can build: it declares how."""
+
+    name = "probed"
+    run_config = {"samples": RunKey("Probed: server samples the probe runs on", check=lambda v: v >= 1)}
+    server_provided = ("probe",)
+
+    def __init__(self, probe: Probe | None = None, samples: int = 3, server_lr: float = 1.0) -> None:
+        super().__init__(server_lr=server_lr)
+        self.probe, self.samples = probe, samples
+
+    @classmethod
+    def server_parts(cls, ctx):
+        return {"probe": Probe(ctx.model(), ctx.held_out()[0][:ctx.kwargs["samples"]])}
+
+
+def test_a_defense_declares_its_server_parts_and_build_defense_supplies_them(monkeypatch):
+    from dataclasses import replace
+
+    from server_app.app import build_defense
+
+    monkeypatch.setitem(DEFENSES, "probed", Probed)
+    monkeypatch.setattr(config_module, "DEFENSE_KEYS", config_module._defense_keys())
+    cfg = ExperimentConfig.from_run_config({"defense": "rlr", "rlr-aggregator": "probed", "probed-samples": 4,
+                                            "server-fraction": 0.1})
+    model = torch.nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    images = torch.randn(10, 3)
+    server_data = (images, torch.zeros(10, dtype=torch.long))
+
+    defense = build_defense(replace(cfg, defense="probed"), model, server_data)
+    assert isinstance(defense, Probed) and defense.samples == 4  # its run-config value reached the part too
+    assert torch.equal(defense.probe.images, images[:4])
+    assert defense.probe.model is not model and torch.equal(defense.probe.model.weight, before)
+    assert defense.probe(torch.ones(8)).shape == (4, 2)
+    assert torch.equal(model.weight, before)  # the probe loads vectors into its own copy only
+
+    # RLR's declaration builds its base defense through ctx.build, server part included
+    rlr = build_defense(cfg, model, server_data)
+    assert isinstance(rlr.aggregator, Probed) and torch.equal(rlr.aggregator.probe.images, images[:4])
+    assert rlr.aggregator.probe.model is not defense.probe.model
+
+    # a part that needs the server split: start-up refuses a run without one, naming the key
+    with pytest.raises(ConfigError, match="'server-fraction'"):
+        ExperimentConfig.from_run_config({"defense": "rlr", "rlr-aggregator": "probed"})
+    with pytest.raises(ConfigError, match="'server-fraction'"):
+        build_defense(replace(cfg, defense="probed"), model, None)
+
+
+SERVER_BUILT = sorted(name for name, cls in DEFENSES.items() if cls.server_provided)
+
+
+@pytest.mark.parametrize("name", SERVER_BUILT)
+def test_every_server_provided_parameter_comes_from_its_defenses_declaration(name):
+    from dataclasses import replace
+
+    from server_app.app import build_defense
+
+    cls = DEFENSES[name]
+    assert cls.server_parts.__func__ is not Defense.server_parts.__func__
+    cfg = ExperimentConfig.from_run_config({"defense": "rlr", "rlr-aggregator": name, "server-fraction": 0.1,
+                                            "deepsight-num-samples": 20, "backdoor-indicator-ood-samples": 20})
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    server_data = (torch.rand(30, 1, 8, 8), torch.arange(30) % 10)
+    for defense in (build_defense(replace(cfg, defense=name), model, server_data),
+                    build_defense(cfg, model, server_data).aggregator):
+        assert type(defense) is cls
+        for param in cls.server_provided:
+            part = getattr(defense, param)
+            assert part is not None and getattr(part, "model", None) is not model
+        defense.validate()

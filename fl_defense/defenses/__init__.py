@@ -6,7 +6,7 @@ docstring names its paper and equations.
 
 from .alignins import AlignIns
 from .backdoor_indicator import BackdoorIndicator
-from .base import Defense, DefenseResult, RunKey
+from .base import Defense, DefenseResult, RunKey, ServerContext
 from .bucketing import Bucketing
 from .centered_clipping import CenteredClipping
 from .crfl import CRFL
@@ -71,5 +71,5 @@ PRE_AGGREGATIONS: dict[str, type[Defense]] = {
 }
 
 __all__ = ["DEFENSES", "PRE_AGGREGATIONS", "AlignIns", "BackdoorIndicator", "FLARE", "Bucketing", "CenteredClipping", "CRFL", "DeepSight", "DnC", "FreqFed", "MultiMetrics", "NNM",
-           "RFA", "RFLBAT", "RunKey", "SignGuard", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLDetector", "FLTrust", "FedAvg",
+           "RFA", "RFLBAT", "RunKey", "ServerContext", "SignGuard", "Bulyan", "ClipNoise", "Defense", "DefenseResult", "FDCR", "FLAME", "FLDetector", "FLTrust", "FedAvg",
            "Fedward", "FoolsGold", "Krum", "Median", "NormClipping", "RLR", "SDFC", "SignSGD", "TrimmedMean"]

@@ -6,9 +6,9 @@ from typing import Protocol
 
 import torch
 
-from ..data import OOD_CHOICES
+from ..data import OOD_CHOICES, OOD_SOURCES, load_ood
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult, RunKey
+from .base import Defense, DefenseResult, RunKey, ServerContext
 
 
 class Indicator(Protocol):
@@ -98,6 +98,17 @@ class BackdoorIndicator(Defense):
         self.ood_samples = ood_samples
         self.server_lr = server_lr
         self._planted_vir: float | None = None
+
+    @classmethod
+    def server_parts(cls, ctx: ServerContext) -> dict:
+        """The indicator task: a private model copy and ``ood_samples`` OOD samples from ``ood``
+        (auto: the source paired with the dataset, ``OOD_SOURCES``), labels seeded by the run."""
+        from ..server_tasks import IndicatorTask
+
+        kw = ctx.kwargs
+        source = OOD_SOURCES[ctx.cfg.dataset] if kw["ood"] == "auto" else kw["ood"]
+        samples = load_ood(source, ctx.spec.shape, kw["ood_samples"], ctx.data_dir, ctx.seed)
+        return {"indicator": IndicatorTask(ctx.model(), samples, ctx.spec.num_classes, seed=ctx.seed)}
 
     def validate(self) -> None:
         if self.indicator is None or not all(callable(getattr(self.indicator, m, None))

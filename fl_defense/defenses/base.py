@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..run_keys import RunKey
 from ..updates import RoundUpdates
+
+if TYPE_CHECKING:
+    from ..config import ExperimentConfig
+    from ..data import DatasetSpec
 
 
 # Parameters several defenses share keep one run-config key each (and the run's seed).
@@ -34,6 +41,35 @@ class DefenseResult:
     selected: int | None = None
 
 
+@dataclass(frozen=True)
+class ServerContext:
+    """What the server app offers a defense's ``server_parts``: the run config ``cfg``, ``model()``
+    (a private deep copy of the server's model per call, to load parameter vectors into),
+    ``server_data`` (the held-out server split, images and labels, or ``None`` when
+    ``server-fraction`` is 0), the dataset's ``spec``, ``data_dir``, the run's ``seed``,
+    ``build(name)``, which builds another registered defense as the server app builds any (RLR's
+    base defense), and the defense's own run-config values ``kwargs`` (by ``__init__`` parameter;
+    the server app fills the rest once and sets ``kwargs`` per defense)."""
+
+    cfg: "ExperimentConfig"
+    model: Callable[[], torch.nn.Module]
+    server_data: tuple[torch.Tensor, torch.Tensor] | None
+    spec: "DatasetSpec"
+    data_dir: str
+    seed: int
+    build: Callable[[str], "Defense"]
+    kwargs: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+
+    def held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``server_data``, or a ``ConfigError`` naming ``server-fraction`` when there is none."""
+        if self.server_data is None:
+            from ..config import ConfigError  # config imports the defenses
+
+            raise ConfigError("run-config key 'server-fraction': this defense needs a server-held dataset; "
+                              "set it > 0 (e.g. 0.02)")
+        return self.server_data
+
+
 class Defense:
     """Base class: a server-side rule over a round's updates matrix. Knows nothing of Flower.
 
@@ -50,12 +86,13 @@ class Defense:
     # median, ...): then the reference point does not matter and a round can be aggregated
     # without knowing the current global model (Flower's own strategies never need it).
     reference_free: bool = False
-    # The run config: each ``__init__`` parameter is a shared key (SHARED_KEYS), provided by the
-    # server app (``server_provided``: SDFC's validation Fisher, FLTrust's root update), or
-    # declared here with its help (``RunKey``); config.py builds every key from these.
+    # The run config: each ``__init__`` parameter is a shared key (SHARED_KEYS), built by the
+    # server app (``server_provided``: SDFC's validation Fisher, FLTrust's root update, each built
+    # by the class's own ``server_parts``), or declared here with its help (``RunKey``); config.py
+    # builds every key from these.
     run_config: dict[str, RunKey] = {}
     server_provided: tuple[str, ...] = ()
-    # Whether what the server app builds for ``server_provided`` needs the held-out server split
+    # Whether what ``server_parts`` builds needs the held-out server split
     # (``server-fraction`` > 0): SDFC's validation set and FLTrust's root set do; DeepSight's
     # random inputs and BackdoorIndicator's out-of-distribution samples do not.
     needs_server_data: bool = True
@@ -93,6 +130,15 @@ class Defense:
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+    @classmethod
+    def server_parts(cls, ctx: ServerContext) -> dict:
+        """The constructor arguments the server app builds for this defense, by parameter name,
+        from ``ctx`` (called once per run, before construction): every ``server_provided``
+        parameter, and any run-config value it replaces (RLR's base defense by name -> the built
+        defense). Server-only imports go inside the override, so a client never loads them.
+        None by default."""
+        return {}
 
     @classmethod
     def param_names(cls) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult, RunKey
+from .base import Defense, DefenseResult, RunKey, ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,12 @@ class DeepSight(Defense):
         self.num_samples = num_samples
         self.min_cluster_size = min_cluster_size
         self._warned = False
+
+    @classmethod
+    def server_parts(cls, ctx: ServerContext) -> dict:
+        """The DDifs' probe: a private model copy's outputs on seeded random inputs of the data's shape."""
+        return {"model_outputs": RandomInputProbabilities(ctx.model(), ctx.spec.shape, ctx.kwargs["num_seeds"],
+                                                          ctx.kwargs["num_samples"], ctx.seed)}
 
     def validate(self) -> None:
         if not 0 < self.tau <= 1:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult, RunKey
+from .base import Defense, DefenseResult, RunKey, ServerContext
 
 
 def mmd2_matrix(plrs: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, float]:
@@ -106,6 +106,13 @@ class FLARE(Defense):
         self.temperature = temperature
         self.samples = samples
         self.server_lr = server_lr
+
+    @classmethod
+    def server_parts(cls, ctx: ServerContext) -> dict:
+        """The PLRs of a private model copy on ``samples`` of the held-out split's images."""
+        from ..server_tasks import PenultimateFeatures
+
+        return {"features": PenultimateFeatures(ctx.model(), ctx.held_out()[0], ctx.kwargs["samples"])}
 
     def validate(self) -> None:
         if self.features is None or not callable(self.features):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..updates import RoundUpdates
-from .base import Defense, DefenseResult
+from .base import Defense, DefenseResult, ServerContext
 
 
 class FLTrust(Defense):
@@ -34,6 +34,15 @@ class FLTrust(Defense):
                  server_lr: float = 1.0) -> None:
         self.server_update = server_update
         self.server_lr = server_lr
+
+    @classmethod
+    def server_parts(cls, ctx: ServerContext) -> dict:
+        """g_0: a private model copy trained on the held-out split (the root dataset) like a client."""
+        from ..training import ServerUpdate
+
+        cfg = ctx.cfg
+        return {"server_update": ServerUpdate(ctx.model(), *ctx.held_out(), cfg.local_epochs, cfg.batch_size,
+                                              cfg.learning_rate, cfg.momentum, ctx.seed)}
 
     def validate(self) -> None:
         if self.server_update is None or not callable(self.server_update):

@@ -17,7 +17,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import AGGREGATORS, clip_rows, clip_scale, sign_sum
-from .base import Defense, DefenseResult, SeededNoise, no_flags, RunKey
+from .base import Defense, DefenseResult, SeededNoise, ServerContext, no_flags, RunKey
 
 
 class RLR(SeededNoise, Defense):
@@ -80,6 +80,14 @@ class RLR(SeededNoise, Defense):
         self.clip_norm = clip_norm
         self.noise = noise
         self.seed = seed
+
+    @classmethod
+    def server_parts(cls, ctx: ServerContext) -> dict:
+        """RLR on top of another registered defense: that defense, built as the server app builds
+        any (its own run-config keys and server parts), in place of its name."""
+        from . import DEFENSES
+
+        return {"aggregator": ctx.build(ctx.kwargs["aggregator"])} if ctx.kwargs["aggregator"] in DEFENSES else {}
 
     def validate(self) -> None:
         if isinstance(self.theta, bool) or not float(self.theta).is_integer() or self.theta < 1:

@@ -9,7 +9,7 @@ import torch
 
 from ..updates import RoundUpdates
 from .aggregators import column_block_sums, map_column_blocks
-from .base import Defense, DefenseResult, RunKey
+from .base import Defense, DefenseResult, RunKey, ServerContext
 
 REFERENCES = ("client", "global")
 CALIBRATION_MODES = ("server", "client")
@@ -98,6 +98,14 @@ class SDFC(Defense):
         self.temperature = temperature
         self.server_lr = server_lr
         self.flag_ratio = flag_ratio
+
+    @classmethod
+    def server_parts(cls, ctx: ServerContext) -> dict:
+        """F_val: the Fisher of a private model copy (vectors are loaded into it) on the held-out split."""
+        from ..fisher import ValidationFisher
+
+        return {"validation_fisher": ValidationFisher(ctx.model(), *ctx.held_out(),
+                                                      max_samples=ctx.cfg.fisher_samples)}
 
     def validate(self) -> None:
         if self.validation_fisher is None or not callable(self.validation_fisher):
