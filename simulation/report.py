@@ -19,6 +19,28 @@ from pathlib import Path
 SETTING = ["dataset", "partitioner", "dirichlet_alpha", "nir", "attack", "model_poisoning", "malicious_fraction"]
 
 
+def defense_label(config: dict) -> str:
+    """A run's row label: its defense, after its pre-aggregation step when it has one
+    ("nnm + krum", "bucketing + centered_clipping"), so cells that differ only there are told apart."""
+    pre = config.get("pre-aggregation") or "none"
+    return config["defense"] if pre == "none" else f"{pre} + {config['defense']}"
+
+
+def add_labels(table, folders: list[Path]):
+    """The tidy table with each run's ``pre_aggregation`` and row ``label`` (``defense_label``),
+    read from the runs' summaries (runs from before the key existed have none)."""
+    configs = {f.name: json.loads((f / "summary.json").read_text())["config"] for f in folders}
+    table = table.copy()
+    table["pre_aggregation"] = table["cell"].map(lambda c: configs[c].get("pre-aggregation") or "none")
+    table["label"] = table["cell"].map(lambda c: defense_label(configs[c]))
+    return table
+
+
+def _labelled(table):
+    """``table`` with a ``label`` column (the defense name where ``add_labels`` was not applied)."""
+    return table if "label" in table else table.assign(label=table["defense"])
+
+
 def run_folders(root: Path | list[Path]) -> list[Path]:
     """The finished runs under one folder or several, ordered by run name; a name found under
     several folders is taken from the first (shards of one grid name a cell alike everywhere)."""
@@ -50,26 +72,29 @@ def _seconds(series) -> str:
 def weight_plot_runs(table, folders: list[Path]) -> list[Path]:
     """The runs worth a weight heatmap: those of defenses that flag clients (a TPR was recorded),
     one per setting and defense (the lowest seed)."""
+    table = _labelled(table)
     flagging = table[table["tpr"].notna()]
-    chosen = flagging.sort_values("seed").groupby(SETTING + ["defense"], dropna=False)["cell"].first()
+    chosen = flagging.sort_values("seed").groupby(SETTING + ["label"], dropna=False)["cell"].first()
     names = set(chosen)
     return [f for f in folders if f.name in names]
 
 
 def final_table(table) -> str:
-    """Final-round figures, mean ± standard deviation over seeds, one row per setting and defense."""
+    """Final-round figures, mean ± standard deviation over seeds, one row per setting and defense
+    (its row label: ``defense_label``)."""
+    table = _labelled(table)
     last = table[table["round"] == table.groupby("cell")["round"].transform("max")]
     lines = ["| dataset | partition | attack | malicious | defense | seeds | accuracy | attack success "
              "| without trigger | TPR | FPR | round (s) | aggregation (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     later = table[table["round"] > 0]
     per_cell = later.groupby("cell")[["round_seconds", "aggregation_seconds"]].mean()
-    for key, g in last.groupby(SETTING + ["defense"], dropna=False, sort=True):
+    for key, g in last.groupby(SETTING + ["label"], dropna=False, sort=True):
         times = per_cell.loc[g["cell"].unique()]
-        d = dict(zip(SETTING + ["defense"], key))
+        d = dict(zip(SETTING + ["label"], key))
         part = _partition(d)
         attack = d["attack"] + ("" if d["model_poisoning"] == "none" else f"+{d['model_poisoning']}")
-        lines.append(f"| {d['dataset']} | {part} | {attack} | {d['malicious_fraction']} | {d['defense']} | "
+        lines.append(f"| {d['dataset']} | {part} | {attack} | {d['malicious_fraction']} | {d['label']} | "
                      f"{g['seed'].nunique()} | {_mean_std(g['accuracy'])} | {_mean_std(g['attack_success_rate'])} | "
                      f"{_mean_std(g['clean_target_rate'])} | "
                      f"{_mean_std(g['tpr'])} | {_mean_std(g['fpr'])} | {_seconds(times['round_seconds'])} | "
@@ -95,7 +120,8 @@ def window_table(folders: list[Path]) -> str | None:
         rows.append({"dataset": cfg["dataset"], "partitioner": cfg["partitioner"],
                      "dirichlet_alpha": cfg["dirichlet-alpha"], "nir": cfg["nir"], "attack": cfg["attack"],
                      "model_poisoning": cfg["model-poisoning"], "malicious_fraction": cfg["malicious-fraction"],
-                     "defense": cfg["defense"], "window": f"{w['start_round']}-{w['stop_round']}",
+                     "defense": cfg["defense"], "label": defense_label(cfg),
+                     "window": f"{w['start_round']}-{w['stop_round']}",
                      "tail": summary["rounds_completed"] - w["stop_round"], "seed": cfg["seed"], **w})
     if not rows:
         return None
@@ -108,10 +134,10 @@ def window_table(folders: list[Path]) -> str | None:
     lines = ["| dataset | partition | attack | malicious | defense | window | tail | seeds | at window end "
              "| worst in window | rounds to < 0.5 | rounds to < 0.1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, g in table.groupby(SETTING + ["defense", "window", "tail"], dropna=False, sort=True):
-        d = dict(zip(SETTING + ["defense", "window", "tail"], key))
+    for key, g in table.groupby(SETTING + ["label", "window", "tail"], dropna=False, sort=True):
+        d = dict(zip(SETTING + ["label", "window", "tail"], key))
         attack = d["attack"] + ("" if d["model_poisoning"] == "none" else f"+{d['model_poisoning']}")
-        lines.append(f"| {d['dataset']} | {_partition(d)} | {attack} | {d['malicious_fraction']} | {d['defense']} | "
+        lines.append(f"| {d['dataset']} | {_partition(d)} | {attack} | {d['malicious_fraction']} | {d['label']} | "
                      f"{d['window']} | {d['tail']} | {g['seed'].nunique()} | {_mean_std(g['asr_window_end'])} | "
                      f"{_mean_std(g['asr_window_worst'])} | {life(g['lifespan_50'])} | {life(g['lifespan_10'])} |")
     return "\n".join(lines)
@@ -124,9 +150,9 @@ def plot_curves(table, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for i, (key, g) in enumerate(table.groupby(SETTING, dropna=False, sort=True)):
+    for i, (key, g) in enumerate(_labelled(table).groupby(SETTING, dropna=False, sort=True)):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for defense, gd in g.groupby("defense"):
+        for defense, gd in g.groupby("label"):
             curve = gd.groupby("round")[["accuracy", "attack_success_rate"]].mean()
             axes[0].plot(curve.index, curve["accuracy"], label=defense)
             axes[1].plot(curve.index, curve["attack_success_rate"], label=defense)
@@ -180,7 +206,7 @@ def plot_weights(folder: Path, out: Path) -> Path | None:
     c = summary["config"]
     setting = {"partitioner": c.get("partitioner", "iid"), "dirichlet_alpha": c.get("dirichlet-alpha"),
                "nir": c.get("nir")}
-    ax.set_title(f"aggregation weight per client: {c['defense']}, {c.get('dataset')}, {_partition(setting)}, "
+    ax.set_title(f"aggregation weight per client: {defense_label(c)}, {c.get('dataset')}, {_partition(setting)}, "
                  f"malicious {c.get('malicious-fraction')}, seed {c.get('seed')}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
@@ -197,6 +223,7 @@ def plot_fraction(table, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = _labelled(table)
     last = table[table["round"] == table.groupby("cell")["round"].transform("max")]
     others = [k for k in SETTING if k != "malicious_fraction"]
     paths = []
@@ -204,7 +231,7 @@ def plot_fraction(table, out: Path) -> list[Path]:
         if g["malicious_fraction"].nunique() < 2:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.6))
-        for defense, gd in g.groupby("defense"):
+        for defense, gd in g.groupby("label"):
             s = gd.groupby("malicious_fraction")["attack_success_rate"].mean()
             ax.plot(s.index, s.values, marker="o", label=defense)
         d = dict(zip(others, key))
@@ -230,7 +257,7 @@ def write_report(root: Path | list[Path], out: Path, title: str | None = None, n
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("curves_*.png"), *out.glob("weights_*.png"), *out.glob("asr_vs_fraction_*.png")]:
         old.unlink()  # plots of an earlier rendering that this one may not redraw
-    table = tidy_table(folders)
+    table = add_labels(tidy_table(folders), folders)
     table.to_csv(out / "table.csv", index=False)
     curves = plot_curves(table, out)
     weights = [p for p in (plot_weights(f, out) for f in weight_plot_runs(table, folders)) if p is not None]

@@ -74,3 +74,25 @@ def test_the_console_script_is_the_simulation_entry_point():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "fl-defense"]
     assert script.load() is cli.main
+
+
+def test_cells_differing_only_in_pre_aggregation_get_rows_of_their_own(tmp_path):
+    """Krum alone and NNM + Krum, centered clipping alone and after bucketing: four rows labelled
+    by pre-aggregation, each with its own run's figures (one row and a mean of two before)."""
+    from tests.test_shards import _fake_run
+
+    cells = {"krum": {"defense": "krum"}, "nnm-krum": {"defense": "krum", "pre-aggregation": "nnm"},
+             "cc": {"defense": "centered_clipping"},
+             "bucketing-cc": {"defense": "centered_clipping", "pre-aggregation": "bucketing"}}
+    for name, cell in cells.items():
+        _fake_run(tmp_path / "runs" / name, {"attack": "plus", "seed": 1, **cell})
+    text = write_report(tmp_path / "runs", tmp_path / "report").read_text()
+    rows = {r.split("|")[5].strip(): r for r in text.splitlines() if r.startswith("| digits ")}
+    assert set(rows) == {"krum", "nnm + krum", "centered_clipping", "bucketing + centered_clipping"}
+    table = tidy_table([tmp_path / "runs" / n for n in cells])
+    for name, label in (("krum", "krum"), ("nnm-krum", "nnm + krum")):
+        asr = table[(table["cell"] == name) & (table["round"] == 3)]["attack_success_rate"].item()
+        assert f"| {label} | 1 |" in rows[label] and f"| {asr:.3f} |" in rows[label]  # its own run, not a mean
+    assert rows["nnm + krum"].split("|")[8] != rows["krum"].split("|")[8]
+    csv = (tmp_path / "report" / "table.csv").read_text().splitlines()
+    assert "pre_aggregation" in csv[0] and any(",nnm," in line and ",nnm + krum" in line for line in csv[1:])
