@@ -136,8 +136,9 @@ class AlignIns(Defense):
     def aggregate(self, global_params: torch.Tensor, round_updates: RoundUpdates) -> DefenseResult:
         ru = round_updates
         tda, mpsa, norms = self.alignment(global_params, ru)
-        benign = (mz_scores(mpsa) < self.lambda_s) & (mz_scores(tda) < self.lambda_c)
-        info = {"tda": tda.tolist(), "mpsa": mpsa.tolist()}
+        mz_mpsa, mz_tda = mz_scores(mpsa), mz_scores(tda)
+        benign = (mz_mpsa < self.lambda_s) & (mz_tda < self.lambda_c)
+        info = {"tda": tda.tolist(), "mpsa": mpsa.tolist(), "mz-tda": mz_tda.tolist(), "mz-mpsa": mz_mpsa.tolist()}
         adm = torch.as_tensor(benign, device=ru.device)
         if not adm.any():
             return DefenseResult(params=global_params.clone(), weights=torch.zeros(ru.n, device=ru.device),

@@ -219,7 +219,8 @@ class DeepSight(Defense):
         w_update = ru.updates[:, w_sl].double().cpu().numpy().reshape(ru.n, p, -1)
         c = neups(w_update, b_update)
         te = threshold_exceedings(c, self.threshold_factor)
-        suspicious = te <= np.median(te) / 2
+        te_bound = float(np.median(te)) / 2
+        suspicious = te <= te_bound
         labels, parts = self.cluster(global_params, ru, c, b_update)
         accepted = np.zeros(ru.n, dtype=bool)
         for lab in np.unique(labels):
@@ -229,8 +230,12 @@ class DeepSight(Defense):
                     accepted[group] = True
         norms = torch.linalg.vector_norm(ru.updates, dim=1)
         bound = norms.median()
-        info = {"threshold-exceedings": te.tolist(), "suspicious": suspicious.tolist(), "clusters": labels.tolist(),
-                "ensemble": parts, "ddifs": self.model_outputs is not None, "clip-bound": float(bound)}
+        # te-bound, top-label and top-neup say why a model was (not) labelled: its TE against the
+        # bound, and whether one label (a backdoor's target) carries its energy
+        info = {"threshold-exceedings": te.tolist(), "te-bound": te_bound, "suspicious": suspicious.tolist(),
+                "top-label": c.argmax(axis=1).tolist(), "top-neup": np.round(c.max(axis=1), 4).tolist(),
+                "clusters": labels.tolist(), "ensemble": parts, "ddifs": self.model_outputs is not None,
+                "clip-bound": float(bound)}
         adm = torch.as_tensor(accepted, device=ru.device)
         if not adm.any():
             return DefenseResult(params=global_params.clone(), weights=torch.zeros(ru.n, device=ru.device),

@@ -56,17 +56,24 @@ def window_products(z: torch.Tensor, v: torch.Tensor) -> tuple[np.ndarray, np.nd
 
 
 def gap_statistic_k(scores: np.ndarray, k_max: int, refs: int, rng: np.random.Generator, seed: int) -> int:
+    """The number of clusters of the 1-D ``scores`` by the gap statistic (``gap_statistic``)."""
+    return gap_statistic(scores, k_max, refs, rng, seed)[0]
+
+
+def gap_statistic(scores: np.ndarray, k_max: int, refs: int, rng: np.random.Generator,
+                  seed: int) -> tuple[int, list[float], list[float]]:
     """The number of clusters of the 1-D ``scores`` by the gap statistic (Tibshirani, Walther and
     Hastie, 2001) as FLDetector uses it: scores min-max normalised to [0, 1]; for k = 1..k_max,
     W_k is K-means' within-cluster sum of squares and the reference is ``refs`` uniform samples on
     [0, 1] of the same size; Gap(k) = mean_b log W*_kb - log W_k, s_k = sd_b(log W*_kb)
-    sqrt(1 + 1/refs); the answer is the smallest k with Gap(k) >= Gap(k+1) - s_{k+1}."""
+    sqrt(1 + 1/refs); the answer is the smallest k with Gap(k) >= Gap(k+1) - s_{k+1}. Returns it
+    with Gap(1..) and s(1..) as far as they were computed (up to the answer + 1)."""
     from sklearn.cluster import KMeans
 
     x = np.asarray(scores, dtype=np.float64)
     lo, hi = x.min(), x.max()
     if not hi > lo:
-        return 1
+        return 1, [], []
     x = ((x - lo) / (hi - lo)).reshape(-1, 1)
     ks = range(1, min(k_max, len(np.unique(x))) + 1)
 
@@ -83,8 +90,8 @@ def gap_statistic_k(scores: np.ndarray, k_max: int, refs: int, rng: np.random.Ge
             gaps.append(log_ref.mean() - np.log(max(inertia(x, k, 3), 1e-300)))
             sds.append(log_ref.std() * np.sqrt(1.0 + 1.0 / refs))
             if k > 1 and gaps[k - 2] >= gaps[k - 1] - sds[k - 1]:
-                return k - 1
-    return len(gaps)
+                return k - 1, gaps, sds
+    return len(gaps), gaps, sds
 
 
 def two_means_high_cluster(scores: np.ndarray, seed: int) -> np.ndarray:
@@ -199,8 +206,9 @@ class FLDetector(Defense):
             info["suspicious-scores"] = scores.tolist()
             if len(self._s) >= self.window and len(scored) >= 3:
                 rng = np.random.default_rng([self.seed, self._round])
-                k = gap_statistic_k(scores, self.gap_k_max, self.gap_refs, rng, self.seed)
-                info["gap-k"] = k
+                k, gaps, sds = gap_statistic(scores, self.gap_k_max, self.gap_refs, rng, self.seed)
+                # Gap(k) and s_k: how far a round was from finding a second group (Gap(1) >= Gap(2) - s_2 says none)
+                info.update({"gap-k": k, "gap": np.round(gaps, 4).tolist(), "gap-sd": np.round(sds, 4).tolist()})
                 if k > 1:
                     flagged[np.array(scored)[two_means_high_cluster(scores, self.seed)]] = True
         keep = torch.as_tensor(~flagged, device=u.device)
