@@ -26,13 +26,41 @@ def defense_label(config: dict) -> str:
     return config["defense"] if pre == "none" else f"{pre} + {config['defense']}"
 
 
+# Run-config keys that never tell two rows apart: the seed (rows average over it) and bookkeeping.
+NOT_A_VARIANT = {"seed", "run-name", "results-dir", "resume", "pretrain-dir", "data-dir", "device", "checkpoint",
+                 "keep-workspace"}
+
+
+def cell_labels(configs: dict[str, dict]) -> dict[str, str]:
+    """Each run's row label: ``defense_label``, followed by every other run-config key whose value
+    differs among the runs that share its setting (``SETTING``) and that label, e.g.
+    "rlr (rlr-theta=6)" or "sdfc (sdfc-calibration-mode=client)" or "fdcr (fisher-forgery=noise)";
+    so runs that differ in anything but the seed never average into one row."""
+    def setting(cfg: dict) -> tuple:
+        return tuple(json.dumps(cfg.get(k.replace("_", "-"))) for k in SETTING)
+
+    groups: dict[tuple, list[str]] = {}
+    for cell, cfg in configs.items():
+        groups.setdefault((setting(cfg), defense_label(cfg)), []).append(cell)
+    setting_keys = {k.replace("_", "-") for k in SETTING} | {"defense", "pre-aggregation"} | NOT_A_VARIANT
+    labels = {}
+    for (_, base), cells in groups.items():
+        keys = sorted(set().union(*(configs[c] for c in cells)) - setting_keys)
+        varying = [k for k in keys if len({json.dumps(configs[c].get(k)) for c in cells}) > 1]
+        for c in cells:
+            extra = ", ".join(f"{k}={configs[c].get(k)}" for k in varying)
+            labels[c] = f"{base} ({extra})" if extra else base
+    return labels
+
+
 def add_labels(table, folders: list[Path]):
-    """The tidy table with each run's ``pre_aggregation`` and row ``label`` (``defense_label``),
+    """The tidy table with each run's ``pre_aggregation`` and row ``label`` (``cell_labels``),
     read from the runs' summaries (runs from before the key existed have none)."""
     configs = {f.name: json.loads((f / "summary.json").read_text())["config"] for f in folders}
+    labels = cell_labels(configs)
     table = table.copy()
     table["pre_aggregation"] = table["cell"].map(lambda c: configs[c].get("pre-aggregation") or "none")
-    table["label"] = table["cell"].map(lambda c: defense_label(configs[c]))
+    table["label"] = table["cell"].map(labels)
     return table
 
 
@@ -111,6 +139,7 @@ def window_table(folders: list[Path]) -> str | None:
     from fl_defense.config import ExperimentConfig
 
     rows = []
+    labels = cell_labels({f.name: json.loads((f / "summary.json").read_text())["config"] for f in folders})
     for folder in folders:
         summary = json.loads((folder / "summary.json").read_text())
         w = summary.get("attack_window")
@@ -120,7 +149,7 @@ def window_table(folders: list[Path]) -> str | None:
         rows.append({"dataset": cfg["dataset"], "partitioner": cfg["partitioner"],
                      "dirichlet_alpha": cfg["dirichlet-alpha"], "nir": cfg["nir"], "attack": cfg["attack"],
                      "model_poisoning": cfg["model-poisoning"], "malicious_fraction": cfg["malicious-fraction"],
-                     "defense": cfg["defense"], "label": defense_label(cfg),
+                     "defense": cfg["defense"], "label": labels[folder.name],
                      "window": f"{w['start_round']}-{w['stop_round']}",
                      "tail": summary["rounds_completed"] - w["stop_round"], "seed": cfg["seed"], **w})
     if not rows:

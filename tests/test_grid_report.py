@@ -96,3 +96,31 @@ def test_cells_differing_only_in_pre_aggregation_get_rows_of_their_own(tmp_path)
     assert rows["nnm + krum"].split("|")[8] != rows["krum"].split("|")[8]
     csv = (tmp_path / "report" / "table.csv").read_text().splitlines()
     assert "pre_aggregation" in csv[0] and any(",nnm," in line and ",nnm + krum" in line for line in csv[1:])
+
+
+def test_cells_differing_in_any_key_but_the_seed_get_rows_of_their_own(tmp_path):
+    """RLR at two thetas, SDFC in two calibration modes, FDCR with honest and noise-sending
+    attackers: each variant is its own row, labelled by the key that differs; two seeds of one
+    variant still average into one row."""
+    from simulation.report import cell_labels
+    from tests.test_shards import _fake_run
+
+    cells = {"rlr4-s1": {"defense": "rlr", "rlr-theta": 4, "seed": 1}, "rlr4-s2": {"defense": "rlr", "rlr-theta": 4, "seed": 2},
+             "rlr6": {"defense": "rlr", "rlr-theta": 6, "seed": 1},
+             "sdfc-server": {"defense": "sdfc", "sdfc-calibration-mode": "server", "server-fraction": 0.02, "seed": 1},
+             "sdfc-client": {"defense": "sdfc", "sdfc-calibration-mode": "client", "server-fraction": 0.02, "seed": 1},
+             "fdcr-honest": {"defense": "fdcr", "fisher-forgery": "none", "seed": 1},
+             "fdcr-noise": {"defense": "fdcr", "fisher-forgery": "noise", "seed": 1},
+             "fedavg": {"defense": "fedavg", "seed": 1}}
+    for name, cell in cells.items():
+        _fake_run(tmp_path / "runs" / name, {"attack": "plus", **cell})
+    text = write_report(tmp_path / "runs", tmp_path / "report").read_text()
+    rows = {r.split("|")[5].strip(): r for r in text.splitlines() if r.startswith("| digits ")}
+    assert set(rows) == {"rlr (rlr-theta=4)", "rlr (rlr-theta=6)", "sdfc (sdfc-calibration-mode=server)",
+                         "sdfc (sdfc-calibration-mode=client)", "fdcr (fisher-forgery=none)",
+                         "fdcr (fisher-forgery=noise)", "fedavg"}
+    assert "| rlr (rlr-theta=4) | 2 |" in rows["rlr (rlr-theta=4)"]  # two seeds, one row
+    # a key that varies only with the defense (rlr-theta set on RLR's cells alone) labels nothing else
+    labels = cell_labels({"a": {"defense": "rlr", "rlr-theta": 6, "dataset": "digits"},
+                          "b": {"defense": "fedavg", "rlr-theta": 4, "dataset": "digits"}})
+    assert labels == {"a": "rlr", "b": "fedavg"}
