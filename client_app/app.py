@@ -17,9 +17,10 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from fl_defense.attacks import (COLLUDING_ATTACKS, AttackSchedule, boost, gaussian_update, neurotoxin_mask, poison_data,
-                                project_to_ball, scale_to_bound, sign_flip)
-from fl_defense.attacks.adaptive import ADAPTIVE_LOCAL_ATTACKS, HonestShadow, adaptive_fit, mimic_fisher, noise_fisher
+from fl_defense.attacks import (COLLUDING_ATTACKS, AttackSchedule, TrainingTerms, boost, gaussian_update, neurotoxin_mask,
+                                poison_data, project_to_ball, scale_to_bound, sign_flip)
+from fl_defense.attacks.adaptive import (ADAPTIVE_LOCAL_ATTACKS, HonestShadow, adaptive_report, adaptive_terms,
+                                         mimic_fisher, noise_fisher)
 from fl_defense.attacks.collusion import HONEST_UPDATE_KEY, encode_update
 from fl_defense.attacks import PROBE_KEY, SOTA_BACKDOORS
 from fl_defense.attacks.edge_case import pgd_radius
@@ -43,13 +44,6 @@ def attack_schedule(cfg: ExperimentConfig, num_partitions: int) -> AttackSchedul
                           cfg.attack_every, cfg.attack_stop_round)
 
 
-def _chain(first, second):
-    """One training hook running ``first`` then ``second`` (either may be None)."""
-    if first is None or second is None:
-        return first or second
-    return lambda model: (first(model), second(model))
-
-
 class DefenseClient(NumPyClient):
     """Trains locally; when the schedule says so, attacks as configured."""
 
@@ -70,22 +64,24 @@ class DefenseClient(NumPyClient):
     def get_parameters(self, config):
         return get_arrays(self.model)
 
-    def _train(self, images, labels, seed, before_step=None, after_step=None) -> float:
-        if getattr(self, "backdoor", None) is not None:  # a state-of-the-art backdoor's own training (attacks.sota)
-            hooks = before_step, after_step  # the model poisoning's, kept under the backdoor's own
+    def _train(self, images, labels, seed, terms: TrainingTerms = TrainingTerms()) -> float:
+        """Local training with the model poisoning's ``terms`` (and SDFC's client-side calibration,
+        when on, as for any client) in every stage: a state-of-the-art backdoor trains in its own
+        way (attacks.sota), the client's SGD its ``trainer``."""
+        calibration = self.calibration.penalty if self.calibration is not None and self.calibration.active else None
+        terms = terms.plus_penalty(calibration)
+        if getattr(self, "backdoor", None) is not None:
+            def trainer(x, y, s, before_step=None, after_step=None, epochs=None):  # the stage's hooks after the terms'
+                return self._sgd(x, y, s, terms.around(before_step, after_step), epochs)
 
-            def trainer(x, y, s, before_step=None, after_step=None, epochs=None):
-                return self._sgd(x, y, s, _chain(hooks[0], before_step), _chain(hooks[1], after_step), epochs)
+            return self.backdoor.train(self.model, images, labels, self.poisoned, trainer, seed, terms)
+        return self._sgd(images, labels, seed, terms)
 
-            return self.backdoor.train(self.model, images, labels, self.poisoned, trainer, seed)
-        return self._sgd(images, labels, seed, before_step, after_step)
-
-    def _sgd(self, images, labels, seed, before_step=None, after_step=None, epochs=None) -> float:
+    def _sgd(self, images, labels, seed, terms: TrainingTerms = TrainingTerms(), epochs=None) -> float:
         torch.manual_seed(seed)  # dropout masks
-        penalty = self.calibration.penalty if self.calibration is not None and self.calibration.active else None
-        loss = train(self.model, images, labels, epochs or self.cfg.local_epochs, self.cfg.batch_size, self.cfg.learning_rate,
-                     self.cfg.momentum, self.device, seed, before_step=before_step, after_step=after_step,
-                     penalty=penalty)
+        loss = train(self.model, images, labels, epochs or self.cfg.local_epochs, self.cfg.batch_size,
+                     self.cfg.learning_rate * terms.lr_scale, self.cfg.momentum, self.device, seed,
+                     before_step=terms.before_step, after_step=terms.after_step, penalty=terms.penalty)
         self.model.to("cpu")
         return loss
 
@@ -144,30 +140,33 @@ class DefenseClient(NumPyClient):
         return get_arrays(self.model), len(self.images), metrics
 
     def _fit_model(self, parameters, images, labels, seed: int, attacking: bool) -> float:
-        """Train, applying the configured model poisoning when ``attacking``."""
+        """Train, applying the configured model poisoning when ``attacking``: what it adds to
+        training (``TrainingTerms``) reaches every stage of it, a backdoor's own included, and
+        what it does to the trained update follows (attacks.sota says how the two compose)."""
         cfg, params = self.cfg, [p for p in self.model.parameters() if p.requires_grad]
         global_vec = parameters_to_vector(params).detach().clone()
         mode = cfg.model_poisoning if attacking else "none"
-        before = after = None
+        terms = TrainingTerms()
         if mode == "pgd":
-            def after(model):  # reshape, not view: training may hold the weights channels-last
+            def project(model):  # reshape, not view: training may hold the weights channels-last
                 with torch.no_grad():
                     vector_to_parameters(project_to_ball(global_vec, torch.cat([p.detach().reshape(-1) for p in params]),
                                                          pgd_radius(cfg.attack_norm_bound, cfg.model_replacement)).clone(), params)
+            terms = TrainingTerms(after_step=project)
         if mode == "neurotoxin":
             allowed = neurotoxin_mask(self._benign_update(parameters, seed), cfg.neurotoxin_ratio)
 
-            def before(model):
+            def mask(model):
                 offset = 0
                 for p in params:
                     n = p.numel()
                     if p.grad is not None:
                         p.grad.mul_(allowed[offset:offset + n].view_as(p).to(p.grad))
                     offset += n
-        if mode in ADAPTIVE_LOCAL_ATTACKS:  # trains and leaves in the model what the attacker sends
-            penalty = self.calibration.penalty if self.calibration is not None and self.calibration.active else None
-            return adaptive_fit(mode, self.model, images, labels, cfg, seed, self.shadow, self.device, penalty)
-        loss = self._train(images, labels, seed, before, after)
+            terms = TrainingTerms(before_step=mask)
+        if mode in ADAPTIVE_LOCAL_ATTACKS:  # a term in the loss of every stage, then its last step
+            terms = adaptive_terms(mode, params, global_vec, cfg, self.shadow)
+        loss = self._train(images, labels, seed, terms)
         trained = parameters_to_vector(params).detach().clone()
         reported = {
             "none": lambda: trained, "pgd": lambda: (boost(global_vec, trained, cfg.model_replacement) if cfg.model_replacement > 0
@@ -175,6 +174,7 @@ class DefenseClient(NumPyClient):
             "neurotoxin": lambda: trained, "boost": lambda: boost(global_vec, trained, cfg.boost_factor),
             "signflip": lambda: sign_flip(global_vec, trained, cfg.boost_factor),
             "gaussian": lambda: gaussian_update(global_vec, cfg.gaussian_std, seed),
+            **{m: (lambda: adaptive_report(mode, global_vec, trained, cfg, self.shadow)) for m in ADAPTIVE_LOCAL_ATTACKS},
         }[mode]()
         with torch.no_grad():
             vector_to_parameters(reported.clone(), params)

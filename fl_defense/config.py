@@ -157,8 +157,9 @@ class ExperimentConfig:
                               f"attack-start-round {self.attack_start_round} (0: attackers never stop)")
         if self.attack == "semantic" and self.base_label < 0:
             raise ConfigError("run-config key 'base-label': attack=semantic needs the class it redirects (>= 0)")
-        if self.attack in SOTA_BACKDOORS:
-            self._raise(SOTA_BACKDOORS[self.attack].check(self))
+        if self.attack in SOTA_BACKDOORS:  # its own keys, then the model poisoning it runs with (attacks.sota)
+            backdoor = SOTA_BACKDOORS[self.attack]
+            self._raise(backdoor.check(self) or backdoor.check_model_poisoning(self))
         if self.model_replacement > 0 and self.model_poisoning != "pgd":
             raise ConfigError("run-config key 'model-replacement': Wang et al.'s model replacement boosts a PGD "
                               f"update; set model-poisoning=pgd (is {self.model_poisoning!r})")

@@ -13,8 +13,8 @@ from .fang import Fang
 from .ipm import IPM
 from .label_flipping import flip_labels, label_flip
 from .min_max import DIRECTIONS, MinMax, MinSum
-from .model_poisoning import (LOCAL_MODEL_ATTACKS, LocalAttack, boost, gaussian_update, neurotoxin_mask,
-                              project_to_ball, scale_to_bound, sign_flip)
+from .model_poisoning import (LOCAL_MODEL_ATTACKS, LocalAttack, TrainingTerms, boost, gaussian_update,
+                              neurotoxin_mask, project_to_ball, scale_to_bound, sign_flip)
 from .poisoning import (DATA_ATTACKS, POOLS, AttackSchedule, eligible, poison_data, poison_with_trigger, relabel,
                         select_attackers)
 from .triggers import TRIGGERS, Trigger, apply_trigger, make_trigger, plus_mask, trigger_mask
@@ -58,5 +58,5 @@ __all__ = ["ADAPTIVE_LOCAL_ATTACKS", "EVASION_DISTANCES", "FISHER_FORGERIES", "R
            "Fang", "MinMax", "MinSum", "alie_z", "flip_labels", "label_flip", "make_colluding", "POOLS", "TRIGGERS", "AttackSchedule", "Trigger",
            "apply_trigger", "boost", "eligible", "gaussian_update", "make_trigger", "neurotoxin_mask",
            "plus_mask", "poison_data", "poison_with_trigger", "project_to_ball", "relabel", "scale_to_bound",
-           "select_attackers", "sign_flip", "trigger_mask",
+           "select_attackers", "sign_flip", "trigger_mask", "TrainingTerms",
            "A3FL", "CHAMELEON_TRIGGERS", "Chameleon", "EdgeCase", "IBA", "PROBE_KEY", "SOTA_BACKDOORS", "SotaBackdoor"]

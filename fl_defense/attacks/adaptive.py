@@ -15,6 +15,11 @@ the rule of one defense and is a run-config choice.
   and FLAME (cosine distances between models): Bagdasaryan et al., AISTATS 2020, constrain-and-scale section,
   "Evading anomaly detection": loss = alpha L_class + (1 - alpha) L_ano, then norm matching.
 
+``fisher_penalty`` and ``evasion`` are ``TrainingTerms`` (``adaptive_terms``) plus a last step on
+the trained update (``adaptive_report``), so with a state-of-the-art backdoor (``attack=a3fl``,
+``chameleon``, ...) their term reaches every stage of the backdoor's own training
+(``attacks.sota``: after A3FL's and IBA's trigger optimisation, both of Chameleon's stages).
+
 Scale: these attacks cost at most one extra honest training pass and one Fisher diagonal per
 attacker and round (``HonestShadow``), so they run at the papers' own local budget; only the
 federation (clients, rounds) is scaled down in the grids (see docs/attacks.md).
@@ -28,11 +33,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from ..run_keys import RunKey, positive
 from .base import AttackRound, ColludingAttack
-from .model_poisoning import LocalAttack
+from .model_poisoning import LocalAttack, TrainingTerms
 
 FISHER_FORGERIES = ("none", "clean", "mimic", "noise")
 EVASION_DISTANCES = ("l2", "cosine")
@@ -46,8 +51,8 @@ def _penalty_converges(cfg) -> tuple[str, str] | None:
     return None
 
 
-# One attacker alone, in its own training (``adaptive_fit``); model-poisoning choices after
-# model_poisoning.LOCAL_MODEL_ATTACKS.
+# One attacker alone, a term in its own training (``adaptive_terms``, then ``adaptive_report``);
+# model-poisoning choices after model_poisoning.LOCAL_MODEL_ATTACKS.
 ADAPTIVE_LOCAL_ATTACKS: dict[str, LocalAttack] = {a.name: a for a in (
     LocalAttack("fisher_penalty", "adaptive to FDCR (Huang et al., NeurIPS 2024) and SDFC (Huang et al., ECCV 2024)",
                 {"lambda": RunKey("model-poisoning=fisher_penalty: lambda in loss + lambda * sum_i I_i "
@@ -253,50 +258,36 @@ def match_norm(global_vec: torch.Tensor, trained: torch.Tensor, norm: float) -> 
     return trained if current == 0 else global_vec + delta * (norm / current)
 
 
-def adaptive_fit(mode: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg, seed: int,
-                 honest: HonestShadow, device: str = "cpu", extra_penalty=None) -> float:
-    """Train ``model`` (holding the global model) on the attacker's (poisoned) data as ``mode``
-    says and leave in it the model the attacker sends; returns the last epoch's mean loss.
+def adaptive_terms(mode: str, params: list[nn.Parameter], global_vec: torch.Tensor, cfg,
+                   honest: HonestShadow) -> TrainingTerms:
+    """What ``mode`` adds to the attacker's training on its (poisoned) data, in every stage of it (a
+    state-of-the-art backdoor's own stages included: ``attacks.sota``); ``params`` the trainable
+    parameters, holding ``global_vec``:
 
     - ``fisher_penalty``: loss + ``fisher_penalty`` with lambda = ``fisher-penalty-lambda``.
-    - ``evasion``: SGD on alpha L_class + (1 - alpha) L_ano (``evasion-alpha``,
-      ``evasion-distance``), run as SGD with learning rate alpha * eta on L_class + ((1 - alpha) /
-      alpha) L_ano, the same steps (momentum included: its buffer is linear in the gradients);
-      then, with ``evasion-norm-match``, the update rescaled to the norm of the attacker's honest
-      update.
-
-    ``extra_penalty`` (SDFC's client-side calibration, when on) is added to the loss as for any
-    client."""
-    from ..training import train
-
+    - ``evasion``: SGD on alpha L + (1 - alpha) L_ano (``evasion-alpha``, ``evasion-distance``; L
+      the stage's own loss, L_class in plain training), run as SGD with learning rate alpha * eta
+      on L + ((1 - alpha) / alpha) L_ano, the same steps (momentum included: its buffer is linear
+      in the gradients)."""
     if mode not in ADAPTIVE_LOCAL_ATTACKS:
         raise ValueError(f"adaptive mode must be one of {tuple(ADAPTIVE_LOCAL_ATTACKS)}, got {mode!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    global_vec = parameters_to_vector(params).detach().clone()
-    lr = cfg.learning_rate
     if mode == "fisher_penalty":
-        term = fisher_penalty(params, global_vec + honest.update, minmax_importance(honest.fisher),
-                              cfg.fisher_penalty_lambda)
-    else:
-        alpha = cfg.evasion_alpha
-        ano = anomaly_loss(cfg.evasion_distance, params, global_vec)
-        lr = alpha * lr
+        return TrainingTerms(penalty=fisher_penalty(params, global_vec + honest.update,
+                                                    minmax_importance(honest.fisher), cfg.fisher_penalty_lambda))
+    alpha = cfg.evasion_alpha
+    ano = anomaly_loss(cfg.evasion_distance, params, global_vec)
+    return TrainingTerms(penalty=lambda m: ((1 - alpha) / alpha) * ano(m), lr_scale=alpha)
 
-        def term(m: nn.Module) -> torch.Tensor:
-            return ((1 - alpha) / alpha) * ano(m)
-    penalty = term if extra_penalty is None else (lambda m: term(m) + extra_penalty(m))
-    torch.manual_seed(seed)  # dropout masks, as for every client
-    loss = train(model, images, labels, cfg.local_epochs, cfg.batch_size, lr, cfg.momentum, device, seed,
-                 penalty=penalty)
-    model.to("cpu")
+
+def adaptive_report(mode: str, global_vec: torch.Tensor, trained: torch.Tensor, cfg,
+                    honest: HonestShadow) -> torch.Tensor:
+    """The vector the attacker sends once trained: with ``evasion`` and ``evasion-norm-match`` the
+    update rescaled to the norm of its honest update; otherwise what it trained."""
     if mode == "evasion" and cfg.evasion_norm_match:
-        trained = parameters_to_vector(params).detach().clone()
-        reported = match_norm(global_vec, trained, float(torch.linalg.vector_norm(honest.update)))
-        with torch.no_grad():
-            vector_to_parameters(reported.clone(), params)
-    return loss
+        return match_norm(global_vec, trained, float(torch.linalg.vector_norm(honest.update)))
+    return trained
 
 
 __all__ = ["ADAPTIVE_LOCAL_ATTACKS", "EVASION_DISTANCES", "FISHER_FORGERIES", "HonestShadow", "RLRAdaptive",
-           "adaptive_fit", "anomaly_loss", "fisher_penalty", "match_norm", "mimic_fisher", "minmax_importance",
+           "adaptive_report", "adaptive_terms", "anomaly_loss", "fisher_penalty", "match_norm", "mimic_fisher", "minmax_importance",
            "noise_fisher", "sign_sum", "trainable_vector"]

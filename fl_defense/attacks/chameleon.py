@@ -19,6 +19,12 @@ backdoor leans on the facilitators:
 2. classifier fine-tuning: the encoder frozen, the last linear layer trained with cross-entropy
    on the same poisoned set.
 
+Model poisoning acts in both stages (``model_poisoning.TrainingTerms``): PGD projects the whole
+model after every step of either, Neurotoxin masks the gradients of either, and the evasion term
+or the Fisher penalty is added to either stage's loss (alpha L_con + (1 - alpha) L_ano in stage 1,
+alpha L_class + (1 - alpha) L_ano in stage 2), so each constrains the encoder stage 1 moves as
+well as the classifier.
+
 The trigger is a fixed stamp (``chameleon-trigger``). Scaled for 2 CPU cores: the paper trains
 the encoder with a projection head for several local epochs per stage on ResNet-18; here the
 representation entering the model's classifier is used directly (no projection head) for
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..run_keys import RunKey, non_negative, positive
+from .model_poisoning import TrainingTerms
 from .sota import SotaBackdoor, choose_eligible, features_and_logits, last_linear, relabelled
 from .triggers import make_trigger
 
@@ -69,11 +76,13 @@ def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def contrastive_stage(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, original: torch.Tensor,
                       poisoned: torch.Tensor, *, epochs: int, batch_size: int, lr: float, momentum: float,
-                      temperature: float, push: float, seed: int) -> float:
-    """Stage 1: SGD on the encoder's parameters only (the classifier is untouched). Returns the
-    last epoch's mean loss."""
+                      temperature: float, push: float, seed: int, terms: TrainingTerms = TrainingTerms()) -> float:
+    """Stage 1: SGD on the encoder's parameters only (the classifier is untouched), with the model
+    poisoning's ``terms`` as in any training: their penalty added to the contrastive loss, their
+    learning-rate factor, their hooks around each step. Returns the last epoch's mean loss
+    (contrastive loss plus penalty)."""
     params = encoder_parameters(model)
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(params, lr=lr * terms.lr_scale, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     last = 0.0
@@ -85,9 +94,15 @@ def contrastive_stage(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                 continue
             z, _ = features_and_logits(model, images[idx])
             loss = chameleon_loss(z, labels[idx], original[idx], poisoned[idx], temperature, push)
-            opt.zero_grad(set_to_none=True)
+            if terms.penalty is not None:
+                loss = loss + terms.penalty(model)
+            model.zero_grad(set_to_none=True)  # a penalty reaches the classifier too; it is not stepped here
             loss.backward()
+            if terms.before_step is not None:
+                terms.before_step(model)
             opt.step()
+            if terms.after_step is not None:
+                terms.after_step(model)
             total += float(loss.detach()) * len(idx)
         last = total / max(1, len(images))
     return last
@@ -119,14 +134,14 @@ class Chameleon(SotaBackdoor):
         x, y = relabelled(images, labels, idx, trigger, c.target_label)
         return x, y, idx
 
-    def train(self, model, images, labels, poisoned, trainer, seed):
+    def train(self, model, images, labels, poisoned, trainer, seed, terms=TrainingTerms()):
         c = self.cfg
         mask = torch.zeros(len(labels), dtype=torch.bool)
         mask[poisoned] = True
         original = getattr(self, "original", labels)
         contrastive_stage(model, images, labels, original, mask, epochs=c.chameleon_encoder_epochs or c.local_epochs,
                           batch_size=c.batch_size, lr=c.learning_rate, momentum=c.momentum,
-                          temperature=c.chameleon_temperature, push=c.chameleon_push, seed=seed)
+                          temperature=c.chameleon_temperature, push=c.chameleon_push, seed=seed, terms=terms)
         encoder = encoder_parameters(model)
 
         def freeze(m):  # stage 2: only the classifier learns

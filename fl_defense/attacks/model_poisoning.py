@@ -1,15 +1,17 @@
 """Model poisoning: how an attacking client alters the update it sends.
 
 Each function maps (global vector, the client's trained vector) to the vector it reports, or
-shapes training itself (projection for constrain-and-scale, a coordinate mask for Neurotoxin).
-``client_app/app.py`` applies them; each is a ``model-poisoning=`` choice with a registry entry
-(``LocalAttack``) in ``LOCAL_MODEL_ATTACKS`` that declares the run-config keys it reads.
+shapes training itself (projection for constrain-and-scale, a coordinate mask for Neurotoxin: the
+``TrainingTerms`` that reach every stage of an attacker's training, a state-of-the-art backdoor's
+own stages included). ``client_app/app.py`` applies them; each is a ``model-poisoning=`` choice
+with a registry entry (``LocalAttack``) in ``LOCAL_MODEL_ATTACKS`` that declares the run-config
+keys it reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,6 +20,41 @@ from ..run_keys import RunKey, fraction, positive
 
 def _no_problem(cfg) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class TrainingTerms:
+    """What model poisoning adds to an attacker's local training, in every stage that changes the
+    model (``fl_defense.training.train``'s hooks): ``before_step(model)`` after backward
+    (Neurotoxin's gradient mask), ``after_step(model)`` after each optimiser step (PGD's
+    projection), ``penalty(model)``, a scalar added to every batch's loss (the evasion term, the
+    Fisher penalty; SDFC's client-side calibration), and ``lr_scale``, the factor on the learning
+    rate (evasion's alpha). A backdoor that trains a stage with its own loop applies them there
+    (``attacks.sota.SotaBackdoor.train``)."""
+
+    before_step: Callable | None = None
+    after_step: Callable | None = None
+    penalty: Callable | None = None
+    lr_scale: float = 1.0
+
+    def plus_penalty(self, extra: Callable | None) -> "TrainingTerms":
+        """These terms with ``extra`` added to the penalty (after it)."""
+        if extra is None:
+            return self
+        own = self.penalty
+        return replace(self, penalty=extra if own is None else (lambda model: own(model) + extra(model)))
+
+    def around(self, before_step: Callable | None = None, after_step: Callable | None = None) -> "TrainingTerms":
+        """These terms with a stage's own hooks run after theirs (Chameleon's frozen encoder)."""
+        return replace(self, before_step=_chain(self.before_step, before_step),
+                       after_step=_chain(self.after_step, after_step))
+
+
+def _chain(first: Callable | None, second: Callable | None) -> Callable | None:
+    """One hook running ``first`` then ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda model: (first(model), second(model))
 
 
 @dataclass(frozen=True)
