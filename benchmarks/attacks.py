@@ -35,7 +35,8 @@ from fl_defense.updates import ParamLayout
 
 VARIANTS = [("alie", {}), ("alie_backdoor", {}), ("ipm", {}),
             ("min_max", {"direction": "std"}), ("min_max", {"direction": "unit"}), ("min_max", {"direction": "sign"}),
-            ("min_max", {"target": "krum"}), ("min_sum", {"direction": "std"}),
+            ("min_max", {"target": "krum"}), ("min_max", {"target": "trimmed_mean"}), ("min_max", {"target": "median"}),
+            ("min_sum", {"direction": "std"}),
             ("fang", {"target": "krum"}), ("fang", {"target": "trimmed_mean"})]
 
 

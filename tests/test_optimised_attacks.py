@@ -106,15 +106,190 @@ class _BigTensorCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["min_max", "min_sum"])
-def test_the_search_does_not_pass_over_the_matrix_per_step(name):
+@pytest.mark.parametrize("name, target", [("min_max", "agnostic"), ("min_sum", "agnostic"),
+                                          ("min_max", "trimmed_mean"), ("min_max", "median")])
+def test_the_search_does_not_pass_over_the_matrix_per_step(name, target):
     known = _known(30, 2000, dtype=torch.float32)
     counts = []
     for tol in (1e-1, 1e-9):  # ~5 against ~35 bisection steps
         with _BigTensorCalls(known.numel()) as mode:
-            make_colluding(name, direction="std", tol=tol).craft(known, AttackRound(34, 4))
+            make_colluding(name, direction="std", tol=tol, target=target).craft(known, AttackRound(34, 4))
         counts.append(mode.count)
     assert counts[0] == counts[1]  # the same passes for 5 or 35 steps
+
+
+# -- Min-Max tailored to the trimmed mean and the median (sec. IV-A) -----------------------------
+
+def _rule_by_sorting(benign, copies, m, cut):
+    """The trimmed mean (cut at each end) of every column of ``benign`` plus m copies of each
+    candidate row of ``copies`` (G x d), by sorting: G x d."""
+    g = len(copies)
+    cols = np.concatenate([np.broadcast_to(benign, (g, *benign.shape)), np.repeat(copies[:, None], m, axis=1)], axis=1)
+    n = cols.shape[1]
+    return np.sort(cols, axis=1)[:, cut:n - cut].mean(axis=1)
+
+
+def _defense_output(defense, benign, crafted, m):
+    from tests.helpers import round_updates
+
+    d = benign.shape[1]
+    rows = torch.cat([benign, crafted.expand(m, d)]).numpy()
+    return defense.aggregate(torch.zeros(d), round_updates(rows)).params.double()
+
+
+def test_the_closed_form_is_the_sorted_trimmed_mean_for_every_shape():
+    from fl_defense.attacks.agr_tailored import TrimmedObjective
+
+    rng = np.random.default_rng(0)
+    gammas = np.linspace(-6, 6, 25)
+    for k in range(1, 8):
+        for m in range(0, 7):
+            for cut in range(0, (k + m - 1) // 2 + 1):
+                benign = rng.integers(-4, 4, size=(k, 12)) + rng.random((k, 12)) * (k % 2)  # ties in half
+                zero, one = torch.zeros(12, dtype=torch.float64), torch.ones(12, dtype=torch.float64)
+                backend = "torch" if (k + m) % 2 else None  # the other devices' sort, on the CPU
+                obj = TrimmedObjective.build(torch.from_numpy(benign), m, cut, zero, one, backend=backend)
+                expected = _rule_by_sorting(benign, gammas[:, None] * np.ones(12), m, cut)
+                got = np.stack([obj.aggregate(float(g)).numpy() for g in gammas])
+                np.testing.assert_allclose(got, expected, atol=1e-12, err_msg=f"k={k} m={m} cut={cut}")
+
+
+@pytest.mark.parametrize("rule, beta, n", [("trimmed_mean", 0.2, 30), ("trimmed_mean", 0.2, 31),
+                                           ("trimmed_mean", 0.1, 31), ("trimmed_mean", None, 30),
+                                           ("median", None, 30), ("median", None, 31)])
+def test_the_closed_form_is_what_trimmed_mean_and_median_aggregate(rule, beta, n):
+    from fl_defense.defenses import Median, TrimmedMean
+
+    m = 6
+    known = _known(n, 300, seed=n, dtype=torch.float32)
+    attack = MinMax(target=rule, trim_beta=beta)
+    mean, p, obj = attack.objective(known, AttackRound(n, m, "full"))
+    # beta None: the paper's cut of m at each end (m + 0.5 keeps int(beta n) clear of rounding)
+    defense = Median() if rule == "median" else TrimmedMean(beta=(m + 0.5) / n if beta is None else beta)
+    for gamma in (0.0, 0.4, 1.3, 3.0, 25.0):
+        crafted = mean.clone().add_(p, alpha=gamma)  # as craft sends it
+        expected = _defense_output(defense, known[m:], crafted, m)
+        torch.testing.assert_close(obj.aggregate(gamma), expected, rtol=1e-5, atol=1e-6)
+
+
+def _symmetric_round(k=24, m=6, d=40, seed=0):
+    """Own honest updates at mu and benign ones in pairs mu +- z: with the copies at mu both rules
+    return mu, and the deviation grows with gamma until every copy is cut, then stays."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=d)
+    z = rng.normal(size=(k // 2, d)) * rng.uniform(0.5, 2, size=d)
+    return torch.from_numpy(np.concatenate([np.repeat(mu[None], m, 0), mu + z, mu - z]))
+
+
+@pytest.mark.parametrize("rule, beta", [("trimmed_mean", None), ("median", None), ("trimmed_mean", 0.1)])
+def test_the_tailored_gamma_is_a_best_gamma_of_a_fine_grid(rule, beta):
+    known, m, tol = _symmetric_round(), 6, 1e-4
+    n = len(known)
+    mean, p, _ = MinMax(target=rule, trim_beta=beta).objective(known, AttackRound(n, m, "full"))
+    cut = (n - 1) // 2 if rule == "median" else m if beta is None else int(beta * n)
+    benign, mu = known[m:].numpy(), mean.numpy()
+
+    def deviation(gammas):
+        return np.square(_rule_by_sorting(benign, mu + np.asarray(gammas)[:, None] * p.numpy(), m, cut) - mu).sum(1)
+
+    coarse = np.linspace(0, 8, 801)
+    on_coarse = deviation(coarse)
+    if beta == 0.1:  # cut 3 < m: copies stay inside, the deviation grows without bound
+        assert np.all(np.diff(on_coarse) > 0)
+    saturated = coarse[np.argmax(on_coarse >= on_coarse.max() * (1 - 1e-9))]
+    # from below the point where every copy is cut (the search climbs to it), and from above
+    for gamma_init in (0.6 * saturated, 1.3 * saturated, 2.0):
+        attack = MinMax(target=rule, trim_beta=beta, gamma_init=gamma_init, tol=tol)
+        out = attack.craft(known, AttackRound(n, m, "full"))
+        gamma = attack.last_gamma
+        torch.testing.assert_close(out, mean + gamma * p)
+        grid = np.linspace(0, 2 * gamma_init, 8001)[:-1]  # the search's range
+        on_grid = deviation(grid)
+        best = on_grid.max()
+        assert deviation([gamma])[0] >= best * (1 - 1e-9)  # as deviating as the grid's best ...
+        nearest = np.abs(grid[on_grid >= best * (1 - 1e-9)] - gamma).min()
+        assert nearest <= tol + grid[1]  # ... and within the search's tolerance of one of them
+
+
+# The median's deviation stops growing once the copies pass a column's lower middle value; with 6
+# of 30 attackers the agnostic gamma (about 1 std) is past that in every column here, so the two
+# tie; with 10 of 30 that value lies further out and the agnostic update falls short of it.
+@pytest.mark.parametrize("rule, m, gain", [("trimmed_mean", 6, 1.2), ("median", 10, 1.001)])
+def test_the_tailored_update_moves_the_rule_more_than_the_agnostic_one(rule, m, gain):
+    from fl_defense.defenses import Median, TrimmedMean
+
+    n = 30
+    known = _known(n, 2000, seed=3, dtype=torch.float32)
+    defense = Median() if rule == "median" else TrimmedMean(beta=0.2)
+    mu = known.double().mean(0)
+    rnd = AttackRound(n, m, "full")
+    moved = {}
+    for target in ("agnostic", rule):
+        attack = MinMax(target=target, trim_beta=0.2)
+        out = _defense_output(defense, known[m:], attack.craft(known, rnd), m)
+        moved[target] = float(torch.linalg.vector_norm(out - mu))
+    assert moved[rule] > gain * moved["agnostic"]
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
+def test_tailored_min_max_with_partial_knowledge_models_the_round_with_the_attackers_own_updates(rule):
+    from fl_defense.defenses import Median, TrimmedMean
+
+    n, m = 30, 6
+    own = _known(m, 300, seed=5, dtype=torch.float32)  # all partial knowledge holds
+    rnd = AttackRound(n, m, "partial")
+    attack = MinMax(target=rule, trim_beta=0.25)
+    out = attack.craft(own, rnd)
+    mean, p, obj = attack.objective(own, rnd)
+    torch.testing.assert_close(out, mean + attack.last_gamma * p)
+    # the rule over the 2m values the attackers can model: their own updates and m copies
+    defense = Median() if rule == "median" else TrimmedMean(beta=0.25)  # cuts int(0.25 * 12) = 3
+    for gamma in (0.0, 1.0, attack.last_gamma):
+        expected = _defense_output(defense, own, mean.clone().add_(p, alpha=gamma), m)
+        torch.testing.assert_close(obj.aggregate(gamma), expected, rtol=1e-5, atol=1e-6)
+    # and the collusion step never reads a benign client's update for it
+    g, layout, plain = _round()
+    _, _, untouchable = _round(benign_arrays=lambda a: _Untouchable(a))
+    outs = [collude(res, g, layout, MinMax(target=rule), "partial", 1, seed=5)[0] for res in (plain, untouchable)]
+    for a, b in zip(outs[0][6:], outs[1][6:]):
+        assert all(np.array_equal(x, y) for x, y in zip(a.arrays, b.arrays))
+
+
+def test_the_tailored_search_folds_coordinates_and_keeps_the_exact_objective():
+    from fl_defense.attacks.agr_tailored import most_damaging_gamma
+
+    known = _known(30, 3000, seed=7)
+    # skewed columns, both ways: the mean lies beyond some order statistics on the far side too
+    known[:, :300] = torch.relu(known[:, :300]) ** 3
+    known[:, 300:600] = -torch.relu(known[:, 300:600]) ** 3
+    attack = MinMax(target="trimmed_mean", direction="unit", trim_beta=0.2)
+    mean, p, obj = attack.objective(known, AttackRound(30, 6, "full"))
+    live, errors = [], []
+
+    class Checked:
+        def value(self, gamma):
+            v = obj.value(gamma)
+            exact = float((obj.aggregate(gamma) - obj.mean).square().sum())
+            errors.append(abs(v - exact) / exact)
+            live.append(len(obj.mean) if obj.live is None else len(obj.live))
+            return v
+
+        def narrow(self, lo, hi):
+            obj.narrow(lo, hi)
+
+    most_damaging_gamma(Checked(), attack.gamma_init, attack.tol)
+    assert max(errors) < 1e-9
+    assert live[0] == 3000 and live[-1] < 30  # later steps evaluate only the coordinates near a kink
+
+
+def test_tailored_min_max_checks_its_parameters():
+    known = _known(20)
+    with pytest.raises(ValueError, match="trim_beta"):
+        MinMax(target="trimmed_mean", trim_beta=0.5).craft(known, AttackRound(20, 4))
+    with pytest.raises(ValueError, match="gamma_init"):
+        MinMax(target="median", tol=0.0).craft(known, AttackRound(20, 4))
+    with pytest.raises(ValueError, match="min_sum targets agnostic"):
+        MinSum(target="median").craft(known, AttackRound(20, 4))
 
 
 def test_fang_krum_attack_is_what_krum_selects():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .agr_tailored import RULES, TrimmedObjective, most_damaging_gamma, trim_count
 from .base import AttackRound, ColludingAttack, Distances, check_target, column_pass, krum_picks_candidate, largest_feasible
 from ..run_keys import RunKey
 
@@ -54,20 +55,32 @@ class MinMax(ColludingAttack):
     stays within the largest distance between two benign ones. ``target="krum"`` is the same
     paper's Krum-tailored attack (sec. IV-B): the largest gamma Krum (f = m) still selects.
     Distances come from products computed once in one pass (``base.Distances``), never a pass
-    per step."""
+    per step.
+
+    ``target`` "trimmed_mean" or "median" is the paper's AGR-tailored attack on them (sec. IV-A):
+    the gamma that maximises ||mu - f_agr(m copies of mu + gamma p, benign updates)||, mu standing
+    for the benign aggregate, found by Alg. 1's search (``agr_tailored.most_damaging_gamma``,
+    gamma in (0, 2 gamma_init)). The benign updates are the others' with full knowledge, the
+    attackers' own honest ones with partial (``AttackRound.benign_rows``, as the paper's partial
+    knowledge). The trimmed mean cuts int(``trim_beta`` n) at each end of those n values, as
+    ``defenses.TrimmedMean`` does; ``trim_beta=None`` is the paper's assumption that it cuts as
+    many as there are attackers (beta = m / num_clients). One sort of the benign columns gives
+    the few order statistics f depends on; each step of the search reads only those
+    (``agr_tailored.TrimmedObjective``)."""
 
     name = "min_max"
     paper = "Shejwalkar & Houmansadr, NDSS 2021"
     run_config = {"direction": RunKey("min_max, min_sum: perturbation direction (inverse unit vector, std or sign)",
                                       key="minmax-direction", choices=DIRECTIONS)}
-    targets = ("agnostic", "krum")
+    targets = ("agnostic", "krum", "trimmed_mean", "median")
 
     def __init__(self, direction: str = "std", target: str = "agnostic", gamma_init: float = 10.0,
-                 tol: float = 1e-5) -> None:
+                 tol: float = 1e-5, trim_beta: float | None = None) -> None:
         self.direction = direction
         self.target = target
         self.gamma_init = gamma_init
         self.tol = tol
+        self.trim_beta = trim_beta
         self.last_gamma: float | None = None
 
     def _setup(self, known: torch.Tensor):
@@ -82,8 +95,20 @@ class MinMax(ColludingAttack):
         bound = _pairwise_max(dist.gram)
         return lambda g: float(dist.at(g).max()) <= bound
 
+    def objective(self, known: torch.Tensor, rnd: AttackRound) -> tuple[torch.Tensor, torch.Tensor, TrimmedObjective]:
+        """mu, p and the AGR-tailored objective of ``target`` "trimmed_mean" or "median"."""
+        out, _ = pass_with_direction(known, self.direction)
+        benign = known[rnd.benign_rows(len(known))]
+        num_values = len(benign) + rnd.num_attackers
+        cut = trim_count(self.target, num_values, rnd.num_attackers, rnd.num_clients, self.trim_beta)
+        return out["mean"], out["p"], TrimmedObjective.build(benign, rnd.num_attackers, cut, out["mean"], out["p"])
+
     def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
         check_target(self, self.target)
+        if self.target in RULES:
+            mean, p, objective = self.objective(known, rnd)
+            self.last_gamma = most_damaging_gamma(objective, self.gamma_init, self.tol)
+            return mean.add_(p, alpha=self.last_gamma)
         mean, p, dist = self._setup(known)
         gamma = largest_feasible(self.feasible(dist, rnd, known), self.gamma_init, self.tol)
         self.last_gamma = gamma
