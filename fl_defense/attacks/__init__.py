@@ -31,7 +31,7 @@ COLLUDING_ATTACKS: dict[str, type[ColludingAttack]] = {
     "alie": ALIE,                    # Baruch et al., NeurIPS 2019 (Alg. 1)
     "alie_backdoor": ALIEBackdoor,   # Baruch et al., NeurIPS 2019 (sec. 4, Alg. 2)
     "ipm": IPM,                      # Xie et al., UAI 2020
-    "min_max": MinMax,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 6; target krum: sec. IV-B)
+    "min_max": MinMax,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 6; targets krum, trimmed_mean, median: its AGR-tailored attacks)
     "min_sum": MinSum,               # Shejwalkar & Houmansadr, NDSS 2021 (eq. 7)
     "fang": Fang,                    # Fang et al., USENIX Security 2020 (Krum: sec. 3.3; trim/median: sec. 3.4)
     "rlr_adaptive": RLRAdaptive,     # adaptive to RLR, Ozdayi et al., AAAI 2021 (eq. 5): push where the vote clears theta

@@ -61,8 +61,8 @@ class ColludingAttack:
         "knowledge": RunKey("colluding attacks: attackers know their own honest updates only (partial) or the "
                             "round's benign updates too (full)", key="attacker-knowledge", choices=KNOWLEDGE,
                             default="full"),
-        "target": RunKey("colluding attacks: the aggregation rule a tailored attack targets (fang: any; min_max: "
-                         "agnostic, krum)", key="attack-target", choices=TARGETS, default="agnostic"),
+        "target": RunKey("colluding attacks: the aggregation rule a tailored attack targets (fang, min_max: "
+                         "agnostic, krum, trimmed_mean, median; the others: agnostic)", key="attack-target", choices=TARGETS, default="agnostic"),
     }
     # parameter -> a key declared elsewhere that it is set from (a defense's, for an adaptive attack)
     shared_keys: dict[str, str] = {}

@@ -124,6 +124,10 @@ class MinSum(MinMax):
     name = "min_sum"
     targets = ("agnostic",)
 
+    def __init__(self, direction: str = "std", target: str = "agnostic", gamma_init: float = 10.0,
+                 tol: float = 1e-5) -> None:
+        super().__init__(direction, target, gamma_init, tol)
+
     def _setup(self, known: torch.Tensor):
         out, pp = pass_with_direction(known, self.direction, norms=True)
         mean = out["mean"]
