@@ -109,6 +109,19 @@ def _own_step_ran(attack: str, client: DefenseClient, metrics: dict, seen: dict)
     return seen["train"][0]
 
 
+def _composed(monkeypatch, plain_run, attack: str, **keys) -> tuple:
+    """One attacker's round of ``attack`` under the model poisoning ``keys`` name, beside the plain
+    backdoor's (``plain_run``), with the backdoor's own step checked to have run: (params, plain,
+    plain_stage1, g the global vector, seen the spies, client, the model it sent, the
+    TrainingTerms its training used)."""
+    params, plain, plain_stage1 = plain_run(attack)
+    seen = _spy(monkeypatch, attack)
+    client = _client(attack, **keys)
+    sent, metrics = _fit(client, params)
+    terms = _own_step_ran(attack, client, metrics, seen)
+    return params, plain, plain_stage1, _vec(params), seen, client, sent, terms
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -151,12 +164,8 @@ def test_a_backdoor_whose_training_cannot_carry_a_choice_narrows_composes_with()
 def test_the_evasion_term_acts_in_every_stage_of_the_backdoors_training(monkeypatch, plain_run, attack):
     """Bagdasaryan et al.'s alpha L + (1 - alpha) L_ano: the update ends closer to the global model
     than the plain backdoor's; Chameleon's encoder already after its contrastive stage."""
-    params, plain, plain_stage1 = plain_run(attack)
-    g = _vec(params)
-    seen = _spy(monkeypatch, attack)
-    client = _client(attack, **{"model-poisoning": "evasion", "evasion-alpha": 0.5, "evasion-norm-match": False})
-    evading, metrics = _fit(client, params)
-    terms = _own_step_ran(attack, client, metrics, seen)
+    params, plain, plain_stage1, g, seen, client, evading, terms = _composed(
+        monkeypatch, plain_run, attack, **{"model-poisoning": "evasion", "evasion-alpha": 0.5, "evasion-norm-match": False})
     assert terms.lr_scale == 0.5 and terms.penalty is not None
     assert float((evading - g).norm()) < 0.9 * float((plain - g).norm())
     if attack == "chameleon":
@@ -168,12 +177,8 @@ def test_the_fisher_penalty_acts_in_every_stage_of_the_backdoors_training(monkey
     """lambda sum_i I_i (theta_i - theta_ref_i)^2: the importance-weighted update ends nearer the
     attacker's honest one than the plain backdoor's does; Chameleon's already after its contrastive
     stage."""
-    params, plain, plain_stage1 = plain_run(attack)
-    g = _vec(params)
-    seen = _spy(monkeypatch, attack)
-    client = _client(attack, **{"model-poisoning": "fisher_penalty", "fisher-penalty-lambda": 5.0})
-    penalised, metrics = _fit(client, params)
-    terms = _own_step_ran(attack, client, metrics, seen)
+    params, plain, plain_stage1, g, seen, client, penalised, terms = _composed(
+        monkeypatch, plain_run, attack, **{"model-poisoning": "fisher_penalty", "fisher-penalty-lambda": 5.0})
     assert terms.penalty is not None and terms.lr_scale == 1.0
     importance = minmax_importance(client.shadow.fisher).double()
     honest = client.shadow.update.double()
@@ -191,12 +196,8 @@ def test_pgd_projects_every_stage_of_the_backdoors_training(monkeypatch, plain_r
     """Constrain-and-scale: the update sent has exactly the bound's norm; Chameleon's contrastive
     stage already stays inside the ball (without PGD it leaves it)."""
     bound = 0.1
-    params, plain, plain_stage1 = plain_run(attack)
-    g = _vec(params)
-    seen = _spy(monkeypatch, attack)
-    client = _client(attack, **{"model-poisoning": "pgd", "attack-norm-bound": bound})
-    sent, metrics = _fit(client, params)
-    terms = _own_step_ran(attack, client, metrics, seen)
+    params, plain, plain_stage1, g, seen, client, sent, terms = _composed(
+        monkeypatch, plain_run, attack, **{"model-poisoning": "pgd", "attack-norm-bound": bound})
     assert terms.after_step is not None
     assert float((plain - g).norm()) > 2 * bound  # the projection had work to do
     assert float((sent - g).norm()) == pytest.approx(bound, rel=1e-4)
@@ -209,12 +210,8 @@ def test_pgd_projects_every_stage_of_the_backdoors_training(monkeypatch, plain_r
 def test_neurotoxin_masks_every_stage_of_the_backdoors_training(monkeypatch, plain_run, attack):
     """Neurotoxin: the coordinates benign clients change most stay exactly at the global model's,
     in each stage (the plain backdoor changes them)."""
-    params, plain, _ = plain_run(attack)
-    g = _vec(params)
-    seen = _spy(monkeypatch, attack)
-    client = _client(attack, **{"model-poisoning": "neurotoxin", "neurotoxin-ratio": 0.2})
-    sent, metrics = _fit(client, params)
-    terms = _own_step_ran(attack, client, metrics, seen)
+    params, plain, _, g, seen, client, sent, terms = _composed(
+        monkeypatch, plain_run, attack, **{"model-poisoning": "neurotoxin", "neurotoxin-ratio": 0.2})
     assert terms.before_step is not None
     frozen = ~neurotoxin_mask(client._benign_update(params, SEED), 0.2)
     assert int(frozen.sum()) > 0 and bool(((sent - g)[frozen] == 0).all())
@@ -228,12 +225,8 @@ def test_neurotoxin_masks_every_stage_of_the_backdoors_training(monkeypatch, pla
 
 @pytest.mark.parametrize("attack", BACKDOORS)
 def test_boosting_scales_the_backdoors_update(monkeypatch, plain_run, attack):
-    params, plain, _ = plain_run(attack)
-    g = _vec(params)
-    seen = _spy(monkeypatch, attack)
-    client = _client(attack, **{"model-poisoning": "boost", "boost-factor": 4.0})
-    boosted, metrics = _fit(client, params)
-    _own_step_ran(attack, client, metrics, seen)
+    params, plain, _, g, seen, client, boosted, terms = _composed(
+        monkeypatch, plain_run, attack, **{"model-poisoning": "boost", "boost-factor": 4.0})
     torch.testing.assert_close(boosted - g, 4.0 * (plain - g), rtol=1e-4, atol=1e-6)
 
 
