@@ -139,9 +139,10 @@ def window_table(folders: list[Path]) -> str | None:
     from fl_defense.config import ExperimentConfig
 
     rows = []
-    labels = cell_labels({f.name: json.loads((f / "summary.json").read_text())["config"] for f in folders})
+    summaries = {f.name: json.loads((f / "summary.json").read_text()) for f in folders}
+    labels = cell_labels({name: summary["config"] for name, summary in summaries.items()})
     for folder in folders:
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = summaries[folder.name]
         w = summary.get("attack_window")
         if not w or not w["window_closed"]:
             continue
