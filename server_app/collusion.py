@@ -24,6 +24,7 @@ from fl_defense.attacks import COLLUDING_ATTACKS, ColludingAttack, make_colludin
 from fl_defense.attacks.collusion import HONEST_UPDATE_KEY, collude, honest_update_payload
 from fl_defense.config import ExperimentConfig
 from fl_defense.rounds import PARTITION_KEY, ClientResult
+from fl_defense.strategies.message import model_arrays
 from fl_defense.updates import ParamLayout
 
 
@@ -168,7 +169,7 @@ class ColludingMessageStrategy(_CollusionStep, MessageStrategy):
                 metrics[HONEST_UPDATE_KEY] = honest_update_payload(content[HONEST_UPDATE_KEY])
             arrays = None
             if full or HONEST_UPDATE_KEY in content:
-                arrays = _numpy_arrays(content, key)
+                arrays = model_arrays(content, key)
             positions.append(pos)
             client_results.append(ClientResult(str(msg.metadata.src_node_id), arrays, None, metrics))
         rewritten = self._collude(server_round, client_results)
@@ -184,16 +185,6 @@ class ColludingMessageStrategy(_CollusionStep, MessageStrategy):
                                             for k, a in zip(names, after.arrays)})
             out[pos] = _with_content(msg, content)
         return out
-
-
-def _numpy_arrays(content: RecordDict, key: str) -> list | str:
-    """The model arrays of a reply, or the reason there are none (the adapter rejects it later)."""
-    if key not in content.array_records:
-        return f"no ArrayRecord under '{key}'"
-    try:
-        return content.array_records[key].to_numpy_ndarrays()
-    except Exception as err:
-        return f"undecodable ArrayRecord ({err})"
 
 
 def _with_content(msg: Message, content: RecordDict) -> Message:

@@ -128,14 +128,7 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
         if gt is not None:
             ground_truth[cid] = gt
         num_examples = metrics.get(self.weighted_by_key, f"missing '{self.weighted_by_key}'")
-        arrays: object
-        if self.arrayrecord_key in content.array_records:
-            try:
-                arrays = content.array_records[self.arrayrecord_key].to_numpy_ndarrays()
-            except Exception as err:
-                arrays = f"undecodable ArrayRecord ({err})"
-        else:
-            arrays = f"no ArrayRecord under '{self.arrayrecord_key}'"
+        arrays = model_arrays(content, self.arrayrecord_key)
         if len(metric_records) != 1:
             num_examples = f"{len(metric_records)} MetricRecords, expected exactly one"
         if FISHER_KEY in content.array_records:
@@ -153,6 +146,17 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
                 continue
             view[key] = MetricRecord(client_metrics(dict(record))) if isinstance(record, MetricRecord) else record
         return view
+
+
+def model_arrays(content: RecordDict, key: str) -> list[np.ndarray] | str:
+    """The model arrays of a reply's ArrayRecord ``key``, or the reason there are none (a string,
+    which the adapter rejects the result with)."""
+    if key not in content.array_records:
+        return f"no ArrayRecord under '{key}'"
+    try:
+        return content.array_records[key].to_numpy_ndarrays()
+    except Exception as err:
+        return f"undecodable ArrayRecord ({err})"
 
 
 def _maybe_int(v: object) -> object:
