@@ -40,6 +40,26 @@ def attack_success_rate(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return float((preds == target_label).float().mean())
 
 
+def untriggered_figures(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, target_label: int,
+                        base_label: int = -1, floor: bool = True, device: str = "cpu") -> dict[str, float]:
+    """``accuracy`` and, from the same predictions (one pass over the test images instead of up to
+    three), ``clean_target_rate`` (when ``floor``: the eligible images classified as the target
+    without a trigger, ``attack_success_rate(..., trigger=None)``) and ``base_class_accuracy`` (when
+    a base class is set). The same figures as the separate calls: a prediction does not depend on
+    the other images of its batch."""
+    if len(labels) == 0:
+        return {"accuracy": float("nan")}
+    preds = predict(model, images, device=device)
+    out = {"accuracy": float((preds == labels).float().mean())}
+    if floor:
+        keep = eligible(labels, target_label, base_label)
+        out["clean_target_rate"] = float((preds[keep] == target_label).float().mean()) if bool(keep.any()) else float("nan")
+    if base_label >= 0:
+        base = labels == base_label
+        out["base_class_accuracy"] = float((preds[base] == labels[base]).float().mean()) if bool(base.any()) else float("nan")
+    return out
+
+
 def attack_probes(cfg, shape: tuple[int, int, int]) -> dict[str, Trigger | None]:
     """What the central evaluation measures for the configured attack: name -> trigger (None: the
     untriggered base class). ``attack_success_rate`` is the first entry; DBA adds one per piece.

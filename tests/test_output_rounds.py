@@ -66,3 +66,25 @@ def test_a_rerun_under_the_same_name_does_not_keep_the_old_summary(tmp_path):
 def test_run_failure_reads_the_summary(tmp_path, summary, reason):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert run_failure(tmp_path, 3) == reason
+
+
+@pytest.mark.parametrize("base_label", [-1, 3])
+def test_one_pass_gives_the_figures_of_the_separate_passes(base_label):
+    """Accuracy, the floor and the base class's accuracy from one prediction pass equal the three
+    separate calls they replace, on a convolutional model (channels-last batches, a partial last one)."""
+    import torch
+
+    from fl_defense.metrics import accuracy, untriggered_figures
+
+    model = build_model("cnn_small", (1, 28, 28), 10, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1000, 1, 28, 28, generator=g), torch.randint(0, 10, (1000,), generator=g)
+    got = untriggered_figures(model, x, y, 7, base_label)
+    assert got["accuracy"] == accuracy(model, x, y)
+    assert got["clean_target_rate"] == attack_success_rate(model, x, y, None, 7, base_label)
+    if base_label >= 0:
+        base = y == base_label
+        assert got["base_class_accuracy"] == accuracy(model, x[base], y[base])
+    else:
+        assert "base_class_accuracy" not in got
+    assert "clean_target_rate" not in untriggered_figures(model, x, y, 7, base_label, floor=False)
