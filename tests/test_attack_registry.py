@@ -41,9 +41,11 @@ def test_attack_keys_sit_where_pyproject_has_always_listed_them():
     keys = ExperimentConfig.keys()
     block = list(config_module.ATTACK_KEYS)
     first = keys.index("boost-factor")
-    assert keys[first - 1] == "dba-trigger" and keys[first:first + 9] == block[:9]
-    assert keys[first + 9] == "fisher-forgery" and keys[first + 10:first + 10 + len(block) - 9] == block[9:]
-    assert keys[first + 10 + len(block) - 9] == "attack-start-round"
+    head = 10  # the one-attacker and colluding attacks' keys, before fisher-forgery
+    assert keys[first - 1] == "dba-trigger" and keys[first:first + head] == block[:head]
+    assert keys[first + head] == "fisher-forgery"
+    assert keys[first + head + 1:first + head + 1 + len(block) - head] == block[head:]
+    assert keys[first + 1 + len(block)] == "attack-start-round"
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -62,6 +64,7 @@ def test_attack_keys_sit_where_pyproject_has_always_listed_them():
     ({"iba-epsilon": 1.5}, "iba-epsilon"),
     ({"edge-case-samples": 0}, "edge-case-samples"),
     ({"model-replacement": -1.0}, "model-replacement"),
+    ({"minmax-trim-beta": 0.5}, "minmax-trim-beta"),
 ])
 def test_a_bad_value_of_an_attack_key_fails_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -73,6 +76,9 @@ def test_a_bad_value_of_an_attack_key_fails_naming_the_key(overrides, key):
     ({"model-poisoning": "alie", "attack-target": "median"}, "attack-target", "alie targets agnostic"),
     ({"model-poisoning": "fisher_penalty", "fisher-penalty-lambda": 10.0, "learning-rate": 0.1},
      "fisher-penalty-lambda", "must be < 1"),
+    ({"model-poisoning": "min_max", "attack-target": "median", "minmax-trim-beta": 0.2}, "minmax-trim-beta",
+     "only model-poisoning=min_max with attack-target=trimmed_mean"),
+    ({"model-poisoning": "min_sum", "minmax-trim-beta": 0.2}, "minmax-trim-beta", "not model-poisoning=min_sum"),
 ])
 def test_the_configured_attack_checks_the_run_config(overrides, key, message):
     with pytest.raises(ConfigError, match=f"'{key}': .*{message}"):
@@ -87,7 +93,7 @@ def test_a_colluding_attack_is_built_from_its_declarations(name):
                                             "minmax-direction": "sign", "rlr-theta": 6})
     kwargs = cfg.colluding_params()
     assert set(kwargs) <= set(cls.param_names())
-    expected = {"z": 1.5, "epsilon": 0.3, "direction": "sign", "target": "agnostic", "theta": 6}
+    expected = {"z": 1.5, "epsilon": 0.3, "direction": "sign", "target": "agnostic", "theta": 6, "trim_beta": 0.0}
     assert kwargs == {p: v for p, v in expected.items() if p in cls.param_names()}
     attack = make_colluding(name, **kwargs)
     assert all(getattr(attack, p) == v for p, v in kwargs.items())
@@ -96,7 +102,7 @@ def test_a_colluding_attack_is_built_from_its_declarations(name):
 def test_a_subclass_keeps_its_base_declarations_and_keys():
     assert attack_keys(ALIEBackdoor) == attack_keys(ALIE)
     assert [k for _, k, _, _ in attack_keys(MinSum)] == [k for _, k, _, _ in attack_keys(MinMax)] == [
-        "attacker-knowledge", "attack-target", "minmax-direction"]
+        "attacker-knowledge", "attack-target", "minmax-direction", "minmax-trim-beta"]
 
 
 # -- a contributor's attack: its module and one registry line -----------------------------------
@@ -182,3 +188,24 @@ def test_a_bad_declaration_fails_naming_the_attack(monkeypatch, declaration, mat
     monkeypatch.setitem(COLLUDING_ATTACKS, "odd", type("Odd", (ColludingAttack,), {"name": "odd", **declaration}))
     with pytest.raises(TypeError, match=match):
         config_module._attack_keys()
+
+
+def test_minmax_trim_beta_reaches_the_tailored_attack_and_0_is_the_papers_cut():
+    import torch
+
+    from fl_defense.attacks import COLLUDING_ATTACKS
+    from fl_defense.attacks.base import AttackRound
+
+    def crafted(**keys):
+        cfg = ExperimentConfig.from_run_config({"model-poisoning": "min_max", "attack-target": "trimmed_mean", **keys})
+        attack = COLLUDING_ATTACKS["min_max"](**cfg.colluding_params())
+        known = torch.randn(20, 200, generator=torch.Generator().manual_seed(1))
+        return attack, attack.craft(known, AttackRound(20, 4, "full"))
+
+    told, by_key = crafted(**{"minmax-trim-beta": 0.1})
+    paper, by_default = crafted()
+    assert told.trim_beta == 0.1 and paper.trim_beta == 0.0
+    known = torch.randn(20, 200, generator=torch.Generator().manual_seed(1))
+    for beta, expected in ((0.1, by_key), (None, by_default)):  # the attack as the library builds it
+        assert torch.equal(MinMax(target="trimmed_mean", trim_beta=beta).craft(known, AttackRound(20, 4, "full")), expected)
+    assert not torch.equal(by_key, by_default)  # int(0.1 * 20) = 2 cut (the copies stay inside), not the attackers' 4

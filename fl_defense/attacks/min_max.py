@@ -63,15 +63,19 @@ class MinMax(ColludingAttack):
     gamma in (0, 2 gamma_init)). The benign updates are the others' with full knowledge, the
     attackers' own honest ones with partial (``AttackRound.benign_rows``, as the paper's partial
     knowledge). The trimmed mean cuts int(``trim_beta`` n) at each end of those n values, as
-    ``defenses.TrimmedMean`` does; ``trim_beta=None`` is the paper's assumption that it cuts as
-    many as there are attackers (beta = m / num_clients). One sort of the benign columns gives
+    ``defenses.TrimmedMean`` does (run-config key ``minmax-trim-beta``); ``trim_beta`` None or 0 is
+    the paper's assumption that it cuts as many as there are attackers (beta = m / num_clients). One sort of the benign columns gives
     the few order statistics f depends on; each step of the search reads only those
     (``agr_tailored.TrimmedObjective``)."""
 
     name = "min_max"
     paper = "Shejwalkar & Houmansadr, NDSS 2021"
     run_config = {"direction": RunKey("min_max, min_sum: perturbation direction (inverse unit vector, std or sign)",
-                                      key="minmax-direction", choices=DIRECTIONS)}
+                                      key="minmax-direction", choices=DIRECTIONS),
+                  "trim_beta": RunKey("min_max with attack-target=trimmed_mean: the share the attackers assume the "
+                                      "trimmed mean cuts at each end (0: the paper's assumption, as many as there are "
+                                      "attackers, beta = m / n; the defense's trim-beta for attackers that know it)",
+                                      key="minmax-trim-beta", check=lambda v: 0.0 <= v < 0.5, default=0.0)}
     targets = ("agnostic", "krum", "trimmed_mean", "median")
 
     def __init__(self, direction: str = "std", target: str = "agnostic", gamma_init: float = 10.0,
@@ -80,8 +84,17 @@ class MinMax(ColludingAttack):
         self.target = target
         self.gamma_init = gamma_init
         self.tol = tol
-        self.trim_beta = trim_beta
+        self.trim_beta = trim_beta  # 0 or None: the paper's m / n
         self.last_gamma: float | None = None
+
+    @classmethod
+    def check(cls, cfg) -> tuple[str, str] | None:
+        """The base's target check; ``minmax-trim-beta`` is read by Min-Max tailored to the trimmed mean only."""
+        problem = super().check(cfg)
+        if problem is None and cfg.value("minmax-trim-beta") and (cls.name != "min_max" or cfg.attack_target != "trimmed_mean"):
+            return "minmax-trim-beta", (f"only model-poisoning=min_max with attack-target=trimmed_mean reads it, not "
+                                        f"model-poisoning={cfg.model_poisoning} with attack-target={cfg.attack_target}")
+        return problem
 
     def _setup(self, known: torch.Tensor):
         out, pp = pass_with_direction(known, self.direction, gram=True)
@@ -100,7 +113,7 @@ class MinMax(ColludingAttack):
         out, _ = pass_with_direction(known, self.direction)
         benign = known[rnd.benign_rows(len(known))]
         num_values = len(benign) + rnd.num_attackers
-        cut = trim_count(self.target, num_values, rnd.num_attackers, rnd.num_clients, self.trim_beta)
+        cut = trim_count(self.target, num_values, rnd.num_attackers, rnd.num_clients, self.trim_beta or None)
         return out["mean"], out["p"], TrimmedObjective.build(benign, rnd.num_attackers, cut, out["mean"], out["p"])
 
     def craft(self, known: torch.Tensor, rnd: AttackRound) -> torch.Tensor:
