@@ -182,7 +182,8 @@ class RunRecorder:
             fh.write(json.dumps(_finite(row)) + "\n")
         with self._timings_path.open("a") as fh:
             fh.write(json.dumps(timing) + "\n")
-        self.echo(_line(row))
+        self.echo(_line(row, f"pre-trained for {self.cfg.pretrain_rounds} rounds" if self.cfg.pretrain_rounds > 0
+                         else "untrained"))
         if server_round == self.cfg.num_server_rounds:
             self.write_summary()
         return 1.0 - acc, {"accuracy": acc, "attack-success-rate": asr if not math.isnan(asr) else -1.0}
@@ -283,8 +284,9 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _line(row: dict) -> str:
-    s = f"[fl-defense] round {row['round']:>3}" + (" (initial model, untrained)" if row["round"] == 0 else "")
+def _line(row: dict, initial: str = "untrained") -> str:
+    """A round's line; round 0 says what the initial model is (untrained, or pre-trained for N rounds)."""
+    s = f"[fl-defense] round {row['round']:>3}" + (f" (initial model, {initial})" if row["round"] == 0 else "")
     s += f" | accuracy {_fmt(row['accuracy'])} | attack success {_fmt(row['attack_success_rate'])}"
     if "clean_target_rate" in row:
         s += f" ({_fmt(row['clean_target_rate'])} without the trigger)"

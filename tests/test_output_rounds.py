@@ -88,3 +88,9 @@ def test_one_pass_gives_the_figures_of_the_separate_passes(base_label):
     else:
         assert "base_class_accuracy" not in got
     assert "clean_target_rate" not in untriggered_figures(model, x, y, 7, base_label, floor=False)
+
+
+def test_round_0_of_a_pretrained_run_says_pre_trained(tmp_path):
+    rec, lines, model, _ = _recorder(tmp_path, **{"pretrain-rounds": 30})
+    rec.evaluate(0, get_arrays(model), {})
+    assert lines[0].startswith("[fl-defense] round   0 (initial model, pre-trained for 30 rounds) | accuracy")
