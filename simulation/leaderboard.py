@@ -284,9 +284,13 @@ def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
         return (1, nan_last(r["smallest_drop"]), nan_last(r["clean_drop"]), r["defense"])
 
     rows.sort(key=key)
-    for i, r in enumerate(rows, start=1):
+    # a defense without a finished attacked cell has nothing to rank it by: listed last, rank None
+    ranked, unranked = [r for r in rows if r["attacked"]], [r for r in rows if not r["attacked"]]
+    for i, r in enumerate(ranked, start=1):
         r["rank"] = i
-    return rows
+    for r in unranked:
+        r["rank"] = None
+    return ranked + unranked
 
 
 def heatmap_table(summary, metric: str, defenses: list[str], attacks: list[str]) -> str:
@@ -372,7 +376,7 @@ def training_steps(table, roots: list[Path], num_supernodes: int) -> int:
 
 
 def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
-               training_share: float, step_ms: float) -> Path:
+               training_share: float, step_ms: float, note: str | None = None) -> Path:
     """The leaderboard page (index.md), its PNG heatmaps and cells.csv, from finished cells only."""
     table = add_accuracy_drop(collect(board, roots), board.baseline, board.clean)
     out.mkdir(parents=True, exist_ok=True)
@@ -406,7 +410,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"{cfg.attack_stop_round}, then {cfg.num_server_rounds - cfg.attack_stop_round} rounds without attack; "
         f"seeds {', '.join(map(str, board.seeds))}. Every figure: mean ± std over seeds.", "",
         f"**{len(table)} of {total} cells** finished ({len(defenses)} defenses x {len(attacks)} attack columns x "
-        f"{len(board.seeds)} seeds).", "",
+        f"{len(board.seeds)} seed{'s' if len(board.seeds) != 1 else ''}).", "",
         "Command (resumable; `--shard i/k` splits it; `--report-only` regenerates this page from the results "
         "without running a cell):", "", f"    {command}", "",
         f"**CPU time:** {cpu_total / 3600:.2f} h ({cpu_total:,.0f} s), the sum of every cell's process CPU time (user + system of the "
@@ -418,6 +422,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"training, `benchmarks/protocol_round.py`), plus the cells' {steps:,.0f} local SGD steps at "
         f"{step_ms:g} ms each (an assumed step time of a small CNN at this batch size on a GPU, launch-bound; "
         "not measured here). Cells still run one after another, so this is a serial figure.", "",
+        *([f"**How it was run:** {note}", ""] if note else []),
         "## Ranking", "",
         f"By the worst attack: the highest attack success at the window's end over every attack, among the "
         f"defense's attacked cells whose accuracy stays within {QUALIFY_POINTS:g} points of clean "
@@ -427,9 +432,18 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "not in attack success (the plus trigger measured as a reference).", "",
         "| rank | defense | worst attack success | worst attack | qualifying cells | clean accuracy drop "
         "| largest drop under attack |", "|---|---|---|---|---|---|---|"]
+    if len(table) < total:
+        lines[-2:-2] = [f"**Partial:** {len(table)} of {total} cells finished. A defense is ranked on its finished "
+                        "cells only, so its worst attack may be among those not run yet; the qualifying-cells column "
+                        f"says how many of its {len(attacked)} attacked cells have finished.", ""]
     for r in ranking(summary, board.defenses, attacks, board.clean):  # the baseline alone (not chosen) is no entry
+        if r["rank"] is None:
+            lines.append(f"| - | {r['defense']} | - | no attacked cell finished | 0 of {len(attacked)} | "
+                         f"{fmt(r['clean_drop'], None, 1)} | - |")
+            continue
+        of = f" ({r['attacked']} of {len(attacked)} finished)" if r["attacked"] < len(attacked) else ""
         lines.append(f"| {r['rank']} | {r['defense']} | {fmt(r['worst_asr'], r['worst_asr_std'], 3)} | "
-                     f"{r['worst_attack'] or 'none qualifies'} | {r['qualifying']} of {r['attacked']} | "
+                     f"{r['worst_attack'] or 'none qualifies'} | {r['qualifying']} of {r['attacked']}{of} | "
                      f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")
     sections = [
         ("asr_window_end", "Attack success at the window's end", dict(vmin=0, vmax=1, cmap="magma"),
@@ -504,6 +518,8 @@ def main(argv: list[str]) -> None:
                         help="share of a protocol round's CPU time spent in local training, for the GPU "
                              "projection (benchmarks/protocol_round.py, 2026-12-02: 1.85 of 4.54 CPU s a round)")
     parser.add_argument("--gpu-step-ms", type=float, default=1.0, help="assumed GPU time of one local SGD step")
+    parser.add_argument("--note", help="a paragraph for the page: how and where its cells ran (e.g. two shards side "
+                        "by side, so wall-clock times include the other's load)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     path = args.grid or args.grid_file or DEFAULT_GRID
@@ -527,7 +543,8 @@ def main(argv: list[str]) -> None:
             return
     shown = [a for a in argv if a != "--report-only"]
     # the command that runs the cells (and so rewrites this page)
-    drop_next = {"--shard", "--out"} if args.out == DEFAULT_PAGE else {"--shard"}
+    # (--note describes how these results were run, not how to run them)
+    drop_next = {"--shard", "--note", "--out"} if args.out == DEFAULT_PAGE else {"--shard", "--note"}
     kept, skip = [], False
     for a in shown:
         if skip:
@@ -540,7 +557,8 @@ def main(argv: list[str]) -> None:
             continue
         kept.append(a)
     command = "python -m simulation leaderboard " + shlex.join(kept)
-    page = write_page(board, roots, Path(args.out).resolve(), command.strip(), args.training_share, args.gpu_step_ms)
+    page = write_page(board, roots, Path(args.out).resolve(), command.strip(), args.training_share, args.gpu_step_ms,
+                      args.note)
     print(f"[fl-defense] leaderboard page: {page}")
 
 

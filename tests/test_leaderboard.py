@@ -166,8 +166,9 @@ def test_ranking_ties_break_on_the_clean_drop():
         ("E", "clean", [(1, 0.89, 0.0)]), ("E", "x", [(1, 0.90, 0.1)]),
         ("F", "clean", [(1, 0.90, 0.0)]), ("F", "x", [(1, 0.90, 0.1)]),
     ])
-    # equal worst attack success: the smaller clean drop first; fedavg has no attacked cell, so none qualifies
+    # equal worst attack success: the smaller clean drop first; fedavg has no attacked cell: listed, not ranked
     assert [x["defense"] for x in r] == ["F", "E", "fedavg"]
+    assert [x["rank"] for x in r] == [1, 2, None]
 
 
 def test_heatmap_table_has_mean_std_and_marks_missing_cells():
@@ -310,3 +311,27 @@ model-poisoning = "boost"
     assert again.returncode == 0 and again.stdout.count("done earlier") == 4
     assert pd.read_csv(out / "cells.csv").drop(columns=["round_seconds", "aggregation_seconds"]).equals(
         cells.drop(columns=["round_seconds", "aggregation_seconds"]))
+
+
+def test_a_partial_page_says_so_and_ranks_no_defense_without_an_attacked_cell(tmp_path, monkeypatch):
+    path = _board_file(tmp_path, '["flame", "krum"]')
+    board = lb.Leaderboard.load(path)
+    results = tmp_path / "results"
+    for defense, attack, seed, cell in board.cells():
+        if defense == "krum" and attack != "clean" or (defense, attack) == ("flame", "alie"):
+            continue  # krum: its clean cells only; flame: plus only
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    out = tmp_path / "page"
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--report-only",
+             "--note", "two shards side by side"])
+    page = (out / "index.md").read_text()
+    finished = 2 * 4  # fedavg clean (the baseline), flame clean and plus, krum clean; 2 seeds each
+    assert f"**Partial:** {finished} of {len(board.cells())} cells finished" in page
+    ranking = page.split("## Ranking")[1].split("\n## ")[0]
+    assert "| 1 | flame |" in ranking and "qualifying" in ranking
+    assert "| 1 of 1 (1 of 2 finished) |" in ranking  # flame: plus qualifies, alie not run
+    assert "| - | krum | - | no attacked cell finished | 0 of 2 |" in ranking
+    assert "**How it was run:** two shards side by side" in page
+    command = next(line for line in page.splitlines() if line.startswith("    python -m simulation leaderboard"))
+    assert "--note" not in command and "side by side" not in command
