@@ -22,6 +22,9 @@ SHAPING_KEYS = ("fraction-fit", "min-fit-clients", "min-available-clients", "min
                 "dataset", "data-dir", "partitioner", "server-fraction", "local-epochs", "batch-size",
                 "learning-rate", "momentum", "seed", "pretrain-rounds")
 PARTITIONER_KEYS = {"dirichlet": ("dirichlet-alpha",), "pathological": ("classes-per-client",), "nir": ("nir",)}
+# How clients are sampled, when that changes what a seed samples: "node-order" since clients are
+# drawn in node-id order (server_app/sampling.py); a cache built before that is not reused.
+CLIENT_SAMPLING = "node-order"
 
 
 def pretrain_key(cfg: ExperimentConfig, num_supernodes: int) -> dict:
@@ -30,6 +33,7 @@ def pretrain_key(cfg: ExperimentConfig, num_supernodes: int) -> dict:
     key = {k: run_config[k] for k in SHAPING_KEYS + PARTITIONER_KEYS.get(cfg.partitioner, ())}
     key["model"] = cfg.model_name  # "auto" resolved: the same network either way
     key["num-supernodes"] = num_supernodes
+    key["client-sampling"] = CLIENT_SAMPLING
     return key
 
 
@@ -55,7 +59,7 @@ def pretrain_run_config(cfg: ExperimentConfig, num_supernodes: int) -> dict:
     writing its results and checkpoint into the cache folder (resumed if a checkpoint is there)."""
     folder = cache_folder(cfg, num_supernodes)
     key = pretrain_key(cfg, num_supernodes)
-    key.pop("num-supernodes")
+    key.pop("num-supernodes"), key.pop("client-sampling")  # not run-config keys
     return {**key, "model": cfg.model, "num-server-rounds": cfg.pretrain_rounds, "pretrain-rounds": 0,
             "defense": "fedavg", "attack": "none", "model-poisoning": "none", "malicious-fraction": 0.0,
             "pre-aggregation": "none", "clip-norm": 0.0, "noise": 0.0, "device": cfg.device,

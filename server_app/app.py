@@ -28,6 +28,7 @@ from fl_defense.strategies import DefenseStrategy
 from .backdoor_probe import with_backdoor_probe
 from .collusion import with_collusion
 from .recorder import RunFailed, RunRecorder, done_line, failure_line, failure_reason, run_failure
+from .sampling import SortedClientManager
 
 
 def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
@@ -129,7 +130,10 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     if cfg.pretrain_rounds > 0:
         recorder.pretrained_from = pretrain_id(cfg, num_nodes)
     print(f"[fl-defense] {strategy!r} on {cfg.dataset}; results in {recorder.out_dir}", flush=True)
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds - offset))
+    # clients sampled in node-id order: with the simulation's fixed node ids, the same partitions
+    # in the same rounds for every run of a seed (server_app/sampling.py)
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds - offset),
+                               client_manager=SortedClientManager())
 
 
 def connected_nodes(grid: Grid, settle_seconds: float = 3.0) -> int:
@@ -153,7 +157,8 @@ def main(grid: Grid, context: Context) -> None:
         cfg = ExperimentConfig.from_run_config(run_config)
         run_config["run-name"] = results_folder(cfg).name  # the timestamped default, fixed once
         components = build_components(run_config, connected_nodes(grid))
-        start_grid(grid=grid, strategy=components.strategy, config=components.config)
+        start_grid(grid=grid, strategy=components.strategy, config=components.config,
+                   client_manager=components.client_manager)
         out_dir = results_folder(ExperimentConfig.from_run_config(run_config))
         reason = run_failure(out_dir, cfg.num_server_rounds)
         if reason:

@@ -10,6 +10,12 @@ reads which nodes have an undelivered message (one pass over the stored messages
 state only for those, in the same node order and through the same ``get_message_ins`` call, so
 what reaches the clients, and when, is unchanged. A link state without the in-memory layout
 (another Flower version) keeps Flower's own loop.
+
+``patch_node_ids`` gives the simulated nodes fixed ids in partition order (Flower draws random
+ones each run). With the server sampling from its clients in node-id order
+(``server_app.sampling.SortedClientManager``), two runs with the same seed sample the same
+partitions in the same rounds, whatever their defense or attack: the leaderboard's cells of one
+seed are paired.
 """
 
 from __future__ import annotations
@@ -58,4 +64,37 @@ def patch_message_polling() -> bool:
     return True
 
 
-__all__ = ["add_messages_to_queue", "patch_message_polling", "pending_nodes"]
+# The first simulated node's id; node i (partition i) gets FIRST_NODE_ID + i. Far from Flower's
+# reserved ids (0 and the SuperLink's 1).
+FIRST_NODE_ID = 1 << 32
+
+
+def patch_node_ids() -> bool:
+    """Register the simulation's nodes under ids FIRST_NODE_ID + partition id instead of random
+    ones (idempotent); False when this Flower has no such registration to wrap."""
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+        from flwr.server.superlink.linkstate import in_memory_linkstate
+    except ImportError:
+        return False
+    original = getattr(vce_api, "_register_nodes", None)
+    if original is None or not hasattr(in_memory_linkstate, "generate_rand_int_from_bytes"):
+        return False
+    if getattr(original, "fl_defense_fixed_ids", False):
+        return True
+
+    def register_nodes(num_nodes, state_factory):
+        random_ids = in_memory_linkstate.generate_rand_int_from_bytes
+        ids = iter(range(FIRST_NODE_ID, FIRST_NODE_ID + num_nodes))
+        in_memory_linkstate.generate_rand_int_from_bytes = lambda num_bytes, exclude=None: next(ids)
+        try:
+            return original(num_nodes, state_factory)
+        finally:
+            in_memory_linkstate.generate_rand_int_from_bytes = random_ids
+
+    register_nodes.fl_defense_fixed_ids = True
+    vce_api._register_nodes = register_nodes
+    return True
+
+
+__all__ = ["FIRST_NODE_ID", "add_messages_to_queue", "patch_message_polling", "patch_node_ids", "pending_nodes"]

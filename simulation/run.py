@@ -110,9 +110,10 @@ def _federation(overrides: dict, num_supernodes: int, num_cpus: float, num_gpus:
     import server_app.app as sa
     from server_app.recorder import RunFailed, run_failure
 
-    from .engine import patch_message_polling
+    from .engine import patch_message_polling, patch_node_ids
 
     patch_message_polling()  # Flower's engine would poll every node 10 times a second (simulation/engine.py)
+    patch_node_ids()  # node i is partition i, so a seed samples the same partitions in every run
     import torch
 
     # This process is the ServerApp's: its torch work is the central evaluation between rounds, on one

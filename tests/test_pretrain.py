@@ -38,6 +38,14 @@ def test_the_number_of_clients_changes_the_key():
     assert _id(n=4) != _id(n=10)
 
 
+def test_a_cache_built_before_node_order_sampling_is_not_reused(monkeypatch):
+    import fl_defense.pretrain as pretrain
+
+    now = _id()
+    monkeypatch.setattr(pretrain, "CLIENT_SAMPLING", "flower-order")
+    assert _id() != now
+
+
 def test_the_pre_training_run_is_clean_fedavg():
     cfg = ExperimentConfig.from_run_config({**BASE, "defense": "rlr", "attack": "square",
                                             "model-poisoning": "boost", "learning-rate": 0.05})
