@@ -50,14 +50,18 @@ def untriggered_figures(model: nn.Module, images: torch.Tensor, labels: torch.Te
     if len(labels) == 0:
         return {"accuracy": float("nan")}
     preds = predict(model, images, device=device)
-    out = {"accuracy": float((preds == labels).float().mean())}
+    out = {"accuracy": _share(preds == labels)}
     if floor:
-        keep = eligible(labels, target_label, base_label)
-        out["clean_target_rate"] = float((preds[keep] == target_label).float().mean()) if bool(keep.any()) else float("nan")
+        out["clean_target_rate"] = _share(preds[eligible(labels, target_label, base_label)] == target_label)
     if base_label >= 0:
         base = labels == base_label
-        out["base_class_accuracy"] = float((preds[base] == labels[base]).float().mean()) if bool(base.any()) else float("nan")
+        out["base_class_accuracy"] = _share(preds[base] == labels[base])
     return out
+
+
+def _share(hits: torch.Tensor) -> float:
+    """The share of True in ``hits``; NaN when there is none to count."""
+    return float(hits.float().mean()) if len(hits) else float("nan")
 
 
 def attack_probes(cfg, shape: tuple[int, int, int]) -> dict[str, Trigger | None]:

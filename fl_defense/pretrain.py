@@ -59,7 +59,8 @@ def pretrain_run_config(cfg: ExperimentConfig, num_supernodes: int) -> dict:
     writing its results and checkpoint into the cache folder (resumed if a checkpoint is there)."""
     folder = cache_folder(cfg, num_supernodes)
     key = pretrain_key(cfg, num_supernodes)
-    key.pop("num-supernodes"), key.pop("client-sampling")  # not run-config keys
+    for not_a_run_config_key in ("num-supernodes", "client-sampling"):
+        del key[not_a_run_config_key]
     return {**key, "model": cfg.model, "num-server-rounds": cfg.pretrain_rounds, "pretrain-rounds": 0,
             "defense": "fedavg", "attack": "none", "model-poisoning": "none", "malicious-fraction": 0.0,
             "pre-aggregation": "none", "clip-norm": 0.0, "noise": 0.0, "device": cfg.device,

@@ -430,12 +430,11 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "cell's drop. A defense with no qualifying cell ranks after every defense with one, by its smallest "
         "accuracy drop under attack. Untargeted attacks show in the drop (which can disqualify a cell), "
         "not in attack success (the plus trigger measured as a reference).", "",
+        *([f"**Partial:** {len(table)} of {total} cells finished. A defense is ranked on its finished cells only, so "
+           "its worst attack may be among those not run yet; the qualifying-cells column says how many of its "
+           f"{len(attacked)} attacked cells have finished.", ""] if len(table) < total else []),
         "| rank | defense | worst attack success | worst attack | qualifying cells | clean accuracy drop "
         "| largest drop under attack |", "|---|---|---|---|---|---|---|"]
-    if len(table) < total:
-        lines[-2:-2] = [f"**Partial:** {len(table)} of {total} cells finished. A defense is ranked on its finished "
-                        "cells only, so its worst attack may be among those not run yet; the qualifying-cells column "
-                        f"says how many of its {len(attacked)} attacked cells have finished.", ""]
     for r in ranking(summary, board.defenses, attacks, board.clean):  # the baseline alone (not chosen) is no entry
         if r["rank"] is None:
             lines.append(f"| - | {r['defense']} | - | no attacked cell finished | 0 of {len(attacked)} | "

@@ -196,16 +196,16 @@ def test_minmax_trim_beta_reaches_the_tailored_attack_and_0_is_the_papers_cut():
     from fl_defense.attacks import COLLUDING_ATTACKS
     from fl_defense.attacks.base import AttackRound
 
+    known = torch.randn(20, 200, generator=torch.Generator().manual_seed(1))
+
     def crafted(**keys):
         cfg = ExperimentConfig.from_run_config({"model-poisoning": "min_max", "attack-target": "trimmed_mean", **keys})
         attack = COLLUDING_ATTACKS["min_max"](**cfg.colluding_params())
-        known = torch.randn(20, 200, generator=torch.Generator().manual_seed(1))
         return attack, attack.craft(known, AttackRound(20, 4, "full"))
 
     told, by_key = crafted(**{"minmax-trim-beta": 0.1})
     paper, by_default = crafted()
     assert told.trim_beta == 0.1 and paper.trim_beta == 0.0
-    known = torch.randn(20, 200, generator=torch.Generator().manual_seed(1))
     for beta, expected in ((0.1, by_key), (None, by_default)):  # the attack as the library builds it
         assert torch.equal(MinMax(target="trimmed_mean", trim_beta=beta).craft(known, AttackRound(20, 4, "full")), expected)
     assert not torch.equal(by_key, by_default)  # int(0.1 * 20) = 2 cut (the copies stay inside), not the attackers' 4

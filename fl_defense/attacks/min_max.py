@@ -89,9 +89,10 @@ class MinMax(ColludingAttack):
 
     @classmethod
     def check(cls, cfg) -> tuple[str, str] | None:
-        """The base's target check; ``minmax-trim-beta`` is read by Min-Max tailored to the trimmed mean only."""
+        """The base's target check; ``minmax-trim-beta`` is read only where the attack is tailored to
+        the trimmed mean (Min-Sum, which targets no rule, never reads it)."""
         problem = super().check(cfg)
-        if problem is None and cfg.value("minmax-trim-beta") and (cls.name != "min_max" or cfg.attack_target != "trimmed_mean"):
+        if problem is None and cfg.value("minmax-trim-beta") and cfg.attack_target != "trimmed_mean":
             return "minmax-trim-beta", (f"only model-poisoning=min_max with attack-target=trimmed_mean reads it, not "
                                         f"model-poisoning={cfg.model_poisoning} with attack-target={cfg.attack_target}")
         return problem
