@@ -11,9 +11,11 @@ import numpy as np
 import torch
 
 
-def save_checkpoint(path: str | Path, server_round: int, arrays: list[np.ndarray], defense_state: dict) -> None:
+def save_checkpoint(path: str | Path, server_round: int, arrays: list[np.ndarray], defense_state: dict,
+                    sampling_rng: random.Random | None = None) -> None:
     """Write the checkpoint to a temporary file and rename it over the old one: a kill at any
-    moment leaves either the previous or the new checkpoint, never a torn one."""
+    moment leaves either the previous or the new checkpoint, never a torn one. ``sampling_rng``:
+    the client manager's own RNG (server_app.sampling), whose state is kept as "client-sampling"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -23,6 +25,7 @@ def save_checkpoint(path: str | Path, server_round: int, arrays: list[np.ndarray
         "python-random": random.getstate(),
         "numpy-random": np.random.get_state(),
         "torch-random": torch.get_rng_state(),
+        "client-sampling": None if sampling_rng is None else sampling_rng.getstate(),
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:

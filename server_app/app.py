@@ -58,12 +58,14 @@ def build_defense(cfg: ExperimentConfig, model: torch.nn.Module,
 
 def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=None, min_available: int = 0,
                    server_data: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   checkpoint_path: Path | None = None, round_offset: int = 0) -> DefenseStrategy:
+                   checkpoint_path: Path | None = None, round_offset: int = 0,
+                   sampling_rng: random.Random | None = None) -> DefenseStrategy:
     """The legacy-API strategy running the configured defense from ``model``'s parameters."""
     return DefenseStrategy(
         defense=build_defense(cfg, model, server_data),
         checkpoint_path=str(checkpoint_path) if checkpoint_path else None,
         round_offset=round_offset,
+        sampling_rng=sampling_rng,
         fraction_fit=cfg.fraction_fit,
         fraction_evaluate=0.0,  # evaluation is central, on the server's test split
         min_fit_clients=cfg.min_fit_clients,
@@ -94,7 +96,8 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     cfg = ExperimentConfig.from_run_config(run_config)
     cfg.check_federation(num_nodes)
     min_available = cfg.min_available_clients or num_nodes
-    random.seed(cfg.seed)  # Flower's client sampling draws from Python's random module
+    # client sampling draws from its own RNG: Ray's driver draws from the random module meanwhile
+    sampling = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     data_cfg = cfg.data_config(num_partitions=1)  # the server needs only the test split
     spec = data_cfg.spec
@@ -105,7 +108,9 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     if cfg.resume:
         if not checkpoint_path.exists():
             raise ConfigError(f"run-config key 'resume': no checkpoint at {checkpoint_path}")
-        state = load_checkpoint(checkpoint_path)  # also restores the RNGs (client sampling)
+        state = load_checkpoint(checkpoint_path)  # also restores the process RNGs
+        # a checkpoint from before the sampling RNG of its own: its sampling drew from the random module's
+        sampling.setstate(state.get("client-sampling") or state["python-random"])
         set_arrays(model, state["arrays"])
     pretrained = None
     if cfg.pretrain_rounds > 0 and state is None:
@@ -115,13 +120,13 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
                               "python -m simulation.run and grids build it first (flwr run . only reuses one)")
         set_arrays(model, load_checkpoint(pretrained / "checkpoint.pkl", restore_rng=False)["arrays"])
         # client sampling that does not repeat the pre-training's sequence of sampled clients
-        random.seed(f"{cfg.seed}:after-pretraining:{cfg.pretrain_rounds}")
+        sampling.seed(f"{cfg.seed}:after-pretraining:{cfg.pretrain_rounds}")
     offset = state["round"] if state else 0
     recorder = RunRecorder(cfg, model, load_split(data_cfg, "test"), out_dir, resume_round=offset if state else None)
     server_data = load_split(data_cfg, "server") if cfg.server_fraction > 0 else None
     strategy = build_strategy(cfg, model, evaluate_fn=recorder.evaluate, min_available=min_available,
                               server_data=server_data, checkpoint_path=checkpoint_path if cfg.checkpoint else None,
-                              round_offset=offset)
+                              round_offset=offset, sampling_rng=sampling)
     strategy = with_collusion(cfg, strategy, trainable_mask(model))  # simulation only; absent unless configured
     strategy = with_backdoor_probe(cfg, strategy, recorder, spec.shape)  # simulation only: learned triggers
     if state:
@@ -130,10 +135,10 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     if cfg.pretrain_rounds > 0:
         recorder.pretrained_from = pretrain_id(cfg, num_nodes)
     print(f"[fl-defense] {strategy!r} on {cfg.dataset}; results in {recorder.out_dir}", flush=True)
-    # clients sampled in node-id order: with the simulation's fixed node ids, the same partitions
-    # in the same rounds for every run of a seed (server_app/sampling.py)
+    # clients sampled in node-id order with the run's own RNG: with the simulation's fixed node ids,
+    # the same partitions in the same rounds for every run of a seed (server_app/sampling.py)
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds - offset),
-                               client_manager=SortedClientManager())
+                               client_manager=SortedClientManager(sampling, expected=min_available))
 
 
 def connected_nodes(grid: Grid, settle_seconds: float = 3.0) -> int:

@@ -21,15 +21,15 @@ class Proxy(ClientProxy):
     def reconnect(self, *a, **k): ...
 
 
-def _manager(cls, cids):
-    manager = cls()
+def _manager(cls, cids, seed=11):
+    manager = cls(random.Random(seed)) if cls is SortedClientManager else cls()
     for cid in cids:
         manager.register(Proxy(cid))
     return manager
 
 
 def _draws(manager, rounds=5, k=4, seed=11):
-    random.seed(seed)
+    random.seed(seed)  # what Flower's manager draws from; ours has its own RNG, seeded alike
     return [[p.cid for p in manager.sample(k)] for _ in range(rounds)]
 
 
@@ -42,9 +42,53 @@ def test_the_draw_does_not_depend_on_the_order_clients_registered_in():
     assert _draws(_manager(SimpleClientManager, shuffled)) != _draws(_manager(SortedClientManager, shuffled))
 
 
+def test_draws_from_the_random_module_meanwhile_do_not_change_the_sample():
+    """Ray's driver draws from the random module while the ServerApp's thread samples."""
+    cids = [str(i) for i in range(20)]
+
+    def disturbed_draws(manager):
+        random.seed(11)
+        draws = []
+        for _ in range(5):
+            random.getrandbits(64)  # someone else's draw
+            draws.append([p.cid for p in manager.sample(4)])
+        return draws
+
+    undisturbed = _draws(_manager(SortedClientManager, cids))
+    assert disturbed_draws(_manager(SortedClientManager, cids)) == undisturbed
+    # Flower's own manager, undisturbed, draws the same; disturbed, other clients: the flaw this fixes
+    assert _draws(_manager(SimpleClientManager, cids)) == undisturbed
+    assert disturbed_draws(_manager(SimpleClientManager, cids)) != undisturbed
+
+
+def test_a_round_is_sized_once_every_expected_node_registered():
+    import threading
+
+    manager = SortedClientManager(random.Random(0), expected=4)
+    for cid in "12":
+        manager.register(Proxy(cid))
+    late = threading.Timer(0.2, lambda: [manager.register(Proxy(cid)) for cid in "34"])
+    late.start()
+    assert manager.num_available() == 4  # waited for the two late nodes instead of answering 2
+    late.join()
+    assert SortedClientManager(random.Random(0)).num_available() == 0  # nothing expected: no wait
+
+
+def test_the_checkpoint_keeps_the_sampling_rng(tmp_path):
+    from fl_defense.checkpoint import load_checkpoint, save_checkpoint
+
+    rng = random.Random(7)
+    rng.random()
+    save_checkpoint(tmp_path / "c.pkl", 3, [], {}, sampling_rng=rng)
+    restored = random.Random()
+    restored.setstate(load_checkpoint(tmp_path / "c.pkl", restore_rng=False)["client-sampling"])
+    assert restored.random() == rng.random()
+    save_checkpoint(tmp_path / "d.pkl", 3, [], {})
+    assert load_checkpoint(tmp_path / "d.pkl", restore_rng=False)["client-sampling"] is None
+
+
 def test_node_ids_sort_as_numbers_and_a_short_federation_samples_nothing():
-    manager = _manager(SortedClientManager, ["9", "100", "20"])
-    random.seed(0)
+    manager = _manager(SortedClientManager, ["9", "100", "20"], seed=0)
     assert {p.cid for p in manager.sample(3, min_num_clients=3)} == {"9", "20", "100"}
     assert manager.sample(4, min_num_clients=3) == []  # as Flower's: too few clients, no sample
 

@@ -45,7 +45,8 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
     """A Flower ``FedAvg`` whose ``aggregate_fit`` runs a defense from ``fl_defense.defenses``
     (given as ``defense=``; the concrete classes ``RLR``, ``Krum``, ... build theirs)."""
 
-    adapter_extras = {"checkpoint_path": None, "round_offset": 0}
+    # sampling_rng: the client manager's own random.Random (server_app.sampling), kept in the checkpoint
+    adapter_extras = {"checkpoint_path": None, "round_offset": 0, "sampling_rng": None}
 
     def __init__(self, *args, **kwargs) -> None:
         fedavg, own, core, extras = self._split_arguments(args, kwargs)
@@ -53,6 +54,7 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
         super().__init__(**fedavg)
         self._global: list[np.ndarray] | None = None
         self.checkpoint_path = extras.get("checkpoint_path")
+        self.sampling_rng = extras.get("sampling_rng")
         # After a resume Flower counts rounds from 1 again; round_offset maps them to the run's.
         self.round_offset = extras.get("round_offset", 0)
 
@@ -122,7 +124,8 @@ class DefenseStrategy(DefenseAdapter, FlowerFedAvg):
         if new_arrays is not None:
             self._global = new_arrays
         if self.checkpoint_path and self._global is not None:
-            save_checkpoint(self.checkpoint_path, server_round, self._global, self.aggregation.state_dict())
+            save_checkpoint(self.checkpoint_path, server_round, self._global, self.aggregation.state_dict(),
+                            sampling_rng=self.sampling_rng)
         metrics: dict[str, Scalar] = {}
         if self.fit_metrics_aggregation_fn:  # over the results that passed validation, as Flower's over all
             valid = self.aggregation.last_valid
