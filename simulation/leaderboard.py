@@ -4,6 +4,12 @@
     python -m simulation leaderboard --grid simulation/grids/leaderboard.toml --results results/leaderboard
     python -m simulation leaderboard ... --shard 3/8            # cells 3, 11, 19, ... (no page)
     python -m simulation leaderboard ... --report-only --results DIR1 --results DIR2   # page only, no cell runs
+    python -m simulation leaderboard ... --export docs/results/leaderboard/cells       # keep the records
+
+``--export DIR`` copies the records of every finished cell (``RECORD_FILES``: no checkpoint, no
+log) into ``DIR/<cell>``; the committed copy under ``docs/results/leaderboard/cells`` is the page's
+source, and a later run given it as a further ``--results`` folder skips the cells it holds: the
+matrix fills up across machines and sessions without rerunning a cell.
 
 Leaderboard file: a grid file whose ``[fixed]`` table is the protocol, plus
 
@@ -57,6 +63,8 @@ from .grid import ROOT, Grid, cell_cpu_seconds, cell_id, cell_state, parse_shard
 QUALIFY_POINTS = 2.0
 DEFAULT_GRID = "simulation/grids/leaderboard.toml"
 DEFAULT_PAGE = "docs/results/leaderboard"
+# what the page reads of a finished cell (cell_metrics, training_steps): what --export keeps
+RECORD_FILES = ("summary.json", "rounds.jsonl", "timings.jsonl", "cpu.jsonl")
 
 # metric -> (heading, digits); values per cell and seed, mean ± std over seeds in the page
 METRICS = {
@@ -204,12 +212,37 @@ def collect(board: Leaderboard, roots: list[Path]):
     rows = []
     for defense, attack, seed, cell in board.cells():
         name = cell_id(cell)
-        folder = next((r / name for r in roots if cell_state(r / name) == "done"), None)
+        folder = finished_folder(name, roots)
         if folder is None:
             continue
         rows.append({"defense": defense, "attack": attack, "seed": seed, "cell": name, **cell_metrics(folder)})
     return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS, "lifespan_10",
                                        "window_closed", "rounds", "attackers_sampled"])
+
+
+def finished_folder(name: str, roots: list[Path]) -> Path | None:
+    """The first of ``roots`` holding the cell ``name`` finished."""
+    return next((r / name for r in roots if cell_state(r / name) == "done"), None)
+
+
+def export_records(board: Leaderboard, roots: list[Path], dest: Path) -> list[str]:
+    """Copy the records (RECORD_FILES) of the board's cells finished under ``roots`` into
+    ``dest/<cell>``, cells already there left as they are; the names of the cells copied."""
+    import shutil
+
+    copied = []
+    for *_, cell in board.cells():
+        name = cell_id(cell)
+        source = finished_folder(name, roots)
+        if source is None or cell_state(dest / name) == "done" or source == dest / name:
+            continue
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        # summary.json last: a copy cut short is not taken for a finished cell
+        for file in sorted(RECORD_FILES, key=lambda f: f == "summary.json"):
+            if (source / file).exists():
+                shutil.copy2(source / file, dest / name / file)
+        copied.append(name)
+    return copied
 
 
 def add_accuracy_drop(table, baseline: str, clean: str, metric: str = "accuracy_mean"):
@@ -364,7 +397,7 @@ def training_steps(table, roots: list[Path], num_supernodes: int) -> int:
 
     total, pretrained = 0, set()
     for name in table["cell"]:
-        folder = next(r / name for r in roots if cell_state(r / name) == "done")
+        folder = finished_folder(name, roots)
         cfg = ExperimentConfig.from_run_config(json.loads((folder / "summary.json").read_text())["config"])
         total += _steps(folder, cfg.local_epochs, cfg.batch_size)
         if cfg.pretrain_rounds > 0:
@@ -513,6 +546,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--attacks", help="comma-separated subset of the file's attack bundles (the clean one is always in)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the file's)")
     parser.add_argument("--report-only", action="store_true", help="write the page from finished cells; run none")
+    parser.add_argument("--export", metavar="DIR", help="copy the finished cells' records (no checkpoints, no logs) "
+                        "into DIR, run no cell and write no page (commit DIR; pass it as a --results folder later)")
     parser.add_argument("--training-share", type=float, default=0.4,
                         help="share of a protocol round's CPU time spent in local training, for the GPU "
                              "projection (benchmarks/protocol_round.py, 2026-12-02: 1.85 of 4.54 CPU s a round)")
@@ -525,6 +560,10 @@ def main(argv: list[str]) -> None:
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None
     board = Leaderboard.load(path, _csv(args.defenses), _csv(args.attacks), seeds)
     roots = [Path(r).resolve() for r in (args.results or [str(ROOT / "results" / "leaderboard" / board.name)])]
+    if args.export:
+        copied = export_records(board, roots, Path(args.export).resolve())
+        print(f"[fl-defense] {len(copied)} finished cells' records copied to {args.export}")
+        return
     if not args.report_only:
         from fl_defense.data import DATA_CACHE_ENV
 
@@ -533,6 +572,12 @@ def main(argv: list[str]) -> None:
         grid = board.grid()
         if args.shard:
             grid = grid.sharded(*parse_shard(args.shard))
+        # cells finished in the other results folders (another machine's, the committed records) stay as they are
+        elsewhere = [c for c in grid.cells if cell_state(roots[0] / cell_id(c)) != "done"
+                     and finished_folder(cell_id(c), roots[1:]) is not None]
+        if elsewhere:
+            print(f"[fl-defense] {len(elsewhere)} cells finished under the other results folders: not run here")
+            grid = Grid(grid.name, grid.num_supernodes, [c for c in grid.cells if c not in elsewhere], shard=grid.shard)
         t0 = time.time()
         run_grid(grid, roots[0], progress=not args.no_progress)
         print(f"[fl-defense] leaderboard cells done: {len(grid.cells)} ({time.time() - t0:.0f} s) in {roots[0]}")

@@ -262,6 +262,38 @@ def test_report_only_builds_the_page_from_results_and_runs_no_cell(tmp_path, mon
     assert len(cells) == len(board.cells()) - 1
 
 
+def test_exported_records_rebuild_the_same_page_and_their_cells_are_not_run_again(tmp_path, monkeypatch):
+    path = _board_file(tmp_path, '["flame", "krum"]')
+    board = lb.Leaderboard.load(path)
+    results, records = tmp_path / "results", tmp_path / "records"
+    cells = board.cells()
+    for defense, attack, seed, cell in cells[:-2]:  # the last two not finished yet
+        _fake_cell(results / cell_id(cell), cell, 0.01 * (seed - 1))
+    (results / cell_id(cells[-2][3])).mkdir()
+    (results / cell_id(cells[-2][3]) / "checkpoint.pkl").write_bytes(b"partial")  # a cell cut short
+    (results / cell_id(cells[0][3]) / "checkpoint.pkl").write_bytes(b"x" * 10)
+    lb.main(["--grid", str(path), "--results", str(results), "--export", str(records)])
+    exported = sorted(p.name for p in records.iterdir())
+    assert exported == sorted(cell_id(c) for *_, c in cells[:-2])  # finished cells only
+    assert {p.name for p in (records / exported[0]).iterdir()} <= set(lb.RECORD_FILES)  # no checkpoint, no log
+    again = lb.export_records(board, [results], records)
+    assert again == []  # what is there already is left as it is
+
+    def page(*roots):
+        out = tmp_path / f"page{len(roots)}"
+        lb.main(["--grid", str(path), *[a for r in roots for a in ("--results", str(r))], "--out", str(out),
+                 "--report-only"])
+        return pd.read_csv(out / "cells.csv")
+
+    assert page(records).equals(page(results))
+    # a run with the records as a further results folder runs only the cells they lack
+    ran = []
+    monkeypatch.setattr(lb, "run_grid", lambda grid, out, progress=True: ran.extend(cell_id(c) for c in grid.cells))
+    monkeypatch.setattr(lb, "write_page", lambda *a, **k: tmp_path / "unused")
+    lb.main(["--grid", str(path), "--results", str(tmp_path / "fresh"), "--results", str(records)])
+    assert ran == [cell_id(c) for *_, c in cells[-2:]]
+
+
 @pytest.mark.slow
 def test_smoke_leaderboard_runs_cells_and_resumes(tmp_path):
     """2 defenses x (clean + plus + boost), 1 seed, 2 rounds after 1 clean pre-training round, digits:
