@@ -23,8 +23,9 @@ SHAPING_KEYS = ("fraction-fit", "min-fit-clients", "min-available-clients", "min
                 "learning-rate", "momentum", "seed", "pretrain-rounds")
 PARTITIONER_KEYS = {"dirichlet": ("dirichlet-alpha",), "pathological": ("classes-per-client",), "nir": ("nir",)}
 # How clients are sampled, when that changes what a seed samples: "node-order" since clients are
-# drawn in node-id order (server_app/sampling.py); a cache built before that is not reused.
-CLIENT_SAMPLING = "node-order"
+# drawn in node-id order, "node-order-own-rng" since with the client manager's own RNG, which Ray's
+# draws from the random module no longer shift (server_app/sampling.py); an older cache is not reused.
+CLIENT_SAMPLING = "node-order-own-rng"
 
 
 def pretrain_key(cfg: ExperimentConfig, num_supernodes: int) -> dict:
