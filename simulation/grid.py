@@ -146,63 +146,112 @@ class CellFailed(RuntimeError):
     """A grid cell's federation failed; the message says which, why and where its log is."""
 
 
-def run_grid(grid: Grid, out: Path, progress: bool = True) -> list[Path]:
-    """Run every cell not yet done; return the cell folders in grid order."""
+@dataclass
+class CellOutcome:
+    """How one run of a cell's process went."""
+
+    returncode: int
+    reason: str | None  # the run's own FAILED line, if it printed one
+    result: str  # its done line's figures, if it printed one
+
+    def failure(self, folder: Path, label: str) -> CellFailed | None:
+        if self.returncode == 0 and cell_state(folder) == "done":
+            return None
+        return CellFailed(f"cell {label} {folder.name}: "
+                          f"{self.reason or f'its process exited with status {self.returncode}'} (its log: "
+                          f"{folder}.log; run the grid again to resume)")
+
+
+def run_cell(cell: dict, folder: Path, num_supernodes: int, on_round=None, env: dict | None = None) -> CellOutcome:
+    """Run (or resume) one cell in its own process, writing into ``folder``; its CPU time goes to
+    the folder's cpu.jsonl and its output to ``<folder>.log``. ``on_round(r)`` hears each round."""
+    state = cell_state(folder)
+    overrides = {**cell, "results-dir": str(folder.parent), "run-name": folder.name, "resume": state == "partial"}
+    if state == "new" and folder.exists():
+        shutil.rmtree(folder)  # a cell that died before its first checkpoint starts afresh
+    cmd = [sys.executable, "-m", "simulation.run", "--in-process", "--num-supernodes", str(num_supernodes),
+           "--run-config-json", json.dumps(overrides)]
+    wall_before = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
+    meter = TreeCPU(proc.pid).__enter__() if getattr(proc, "pid", None) else None  # the cell and its Ray workers
+    log_lines, reason, result = [], None, ""
+    for line in proc.stdout:
+        log_lines.append(line)
+        if line.startswith(FAILED):
+            reason = line[len(FAILED):].strip()
+        if line.startswith(DONE):
+            result = line[len(DONE):].split("; results in")[0].strip()
+        m = re.match(r"\[fl-defense\] round\s+(\d+)", line)
+        if m and int(m.group(1)) > 0 and on_round is not None:
+            on_round(int(m.group(1)))
+    proc.wait()
+    cpu_seconds = meter.stop() if meter is not None else None
+    if folder.exists() and cpu_seconds is not None:
+        record_cpu(folder, cpu_seconds, time.perf_counter() - wall_before, state)
+    (folder.parent / f"{folder.name}.log").write_text("".join(log_lines[-2000:]))
+    return CellOutcome(proc.returncode, reason, result)
+
+
+def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | None = None,
+             cpus_per_cell: int = 4) -> list[Path]:
+    """Run every cell not yet done; return the cell folders in grid order. With ``ray_address``,
+    the cells run as tasks on that Ray cluster instead (simulation.cluster)."""
+    if ray_address is not None:
+        from .cluster import run_grid_on_ray
+
+        return run_grid_on_ray(grid, out, ray_address, cpus_per_cell)
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"grid{grid.suffix}.json").write_text(json.dumps({"name": grid.name, "shard": grid.shard,
-                                                             "cells": grid.cells}, indent=2))
-    folders = [out / cell_id(c) for c in grid.cells]
-    total_rounds = sum(int(c.get("num-server-rounds", ExperimentConfig().num_server_rounds)) for c in grid.cells)
-    shard = f" (shard {grid.shard[0]} of {grid.shard[1]})" if grid.shard else ""
-    tqdm.write(f"[fl-defense] grid {grid.name}{shard}: {len(grid.cells)} cells of {grid.num_supernodes} simulated clients; "
-               f"results in {out}, each cell's Flower output in <cell>.log there", file=sys.stdout)
+    folders = _prepare(grid, out)
+    total_rounds = sum(_rounds(c) for c in grid.cells)
     bar = tqdm(total=total_rounds, unit="round", disable=not progress, dynamic_ncols=True)
     for i, (cell, folder) in enumerate(zip(grid.cells, folders), start=1):
-        rounds = int(cell.get("num-server-rounds", ExperimentConfig().num_server_rounds))
-        state = cell_state(folder)
-        if state == "done":
+        rounds = _rounds(cell)
+        if cell_state(folder) == "done":
             bar.update(rounds)
             tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: done earlier", file=sys.stdout)
             continue
-        overrides = {**cell, "results-dir": str(out), "run-name": folder.name, "resume": state == "partial"}
-        if state == "new" and folder.exists():
-            shutil.rmtree(folder)  # a cell that died before its first checkpoint starts afresh
-        cmd = [sys.executable, "-m", "simulation.run", "--in-process", "--num-supernodes", str(grid.num_supernodes),
-               "--run-config-json", json.dumps(overrides)]
         bar.set_description(f"cell {i}/{len(grid.cells)} {folder.name}")
-        wall_before = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        meter = TreeCPU(proc.pid).__enter__() if getattr(proc, "pid", None) else None  # the cell and its Ray workers
         done_before = bar.n
-        log_lines, reason, result = [], None, ""
-        for line in proc.stdout:
-            log_lines.append(line)
-            if line.startswith(FAILED):
-                reason = line[len(FAILED):].strip()
-            if line.startswith(DONE):
-                result = line[len(DONE):].split("; results in")[0].strip()
-            m = re.match(r"\[fl-defense\] round\s+(\d+)", line)
-            if m and int(m.group(1)) > 0:
-                bar.n = done_before + int(m.group(1))
-                bar.refresh()
-        proc.wait()
-        cpu_seconds = meter.stop() if meter is not None else None
-        if folder.exists() and cpu_seconds is not None:
-            record_cpu(folder, cpu_seconds, time.perf_counter() - wall_before, state)
-        (folder.parent / f"{folder.name}.log").write_text("".join(log_lines[-2000:]))
-        if proc.returncode != 0 or cell_state(folder) != "done":
+
+        def on_round(r: int) -> None:
+            bar.n = done_before + r
+            bar.refresh()
+
+        outcome = run_cell(cell, folder, grid.num_supernodes, on_round)
+        failure = outcome.failure(folder, f"{i}/{len(grid.cells)}")
+        if failure is not None:
             bar.close()
-            raise CellFailed(f"cell {i}/{len(grid.cells)} {folder.name}: "
-                             f"{reason or f'its process exited with status {proc.returncode}'} (its log: "
-                             f"{folder}.log; run the grid again to resume)")
+            raise failure
         bar.n = done_before + rounds
         bar.refresh()
-        tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: {result}", file=sys.stdout)
+        tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: {outcome.result}", file=sys.stdout)
     bar.close()
     return folders
+
+
+def _rounds(cell: dict) -> int:
+    return int(cell.get("num-server-rounds", ExperimentConfig().num_server_rounds))
+
+
+def _prepare(grid: Grid, out: Path) -> list[Path]:
+    """The results folder with the grid's record (grid.json) and the announcement; the cells' folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"grid{grid.suffix}.json").write_text(json.dumps({"name": grid.name, "shard": grid.shard,
+                                                             "cells": grid.cells}, indent=2))
+    shard = f" (shard {grid.shard[0]} of {grid.shard[1]})" if grid.shard else ""
+    print(f"[fl-defense] grid {grid.name}{shard}: {len(grid.cells)} cells of {grid.num_supernodes} simulated clients; "
+          f"results in {out}, each cell's Flower output in <cell>.log there", flush=True)
+    return [out / cell_id(c) for c in grid.cells]
+
+
+def add_ray_arguments(parser) -> None:
+    parser.add_argument("--ray-address", metavar="ADDR", help="run the cells as tasks on this Ray cluster ('auto': the "
+                        "one `ray start` began here; 'local': a fresh one on this machine); the checkout, data and "
+                        "results folder must be at the same paths on every node (simulation/cluster.py)")
+    parser.add_argument("--cpus-per-cell", type=int, default=4, metavar="N",
+                        help="with --ray-address: the CPUs each cell's task reserves and its simulation uses (default 4)")
 
 
 def tidy_table(folders: list[Path]):
@@ -244,13 +293,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--shard", metavar="i/k", help="run only shard i of k (1 <= i <= k): cells i, i+k, i+2k, ... "
                         "of the grid; then fl-defense report DIR [DIR ...] over every shard's results folder")
+    add_ray_arguments(parser)
     args = parser.parse_args(argv)
     grid = Grid.load(args.grid)
     if args.shard:
         grid = grid.sharded(*parse_shard(args.shard))
     out = Path(args.out or ROOT / "results" / "grids" / grid.name).resolve()
     t0 = time.time()
-    folders = run_grid(grid, out, progress=not args.no_progress)
+    folders = run_grid(grid, out, progress=not args.no_progress, ray_address=args.ray_address,
+                       cpus_per_cell=args.cpus_per_cell)
     table = tidy_table(folders)
     table.to_csv(out / f"table{grid.suffix}.csv", index=False)
     print(f"[fl-defense] done: {len(folders)} cells, {len(table)} rows -> {out / f'table{grid.suffix}.csv'} "

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
 
-from .grid import ROOT, Grid, cell_cpu_seconds, cell_id, cell_state, parse_shard, run_grid
+from .grid import ROOT, Grid, add_ray_arguments, cell_cpu_seconds, cell_id, cell_state, parse_shard, run_grid
 
 QUALIFY_POINTS = 2.0
 DEFAULT_GRID = "simulation/grids/leaderboard.toml"
@@ -555,6 +555,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--note", help="a paragraph for the page: how and where its cells ran (e.g. two shards side "
                         "by side, so wall-clock times include the other's load)")
     parser.add_argument("--no-progress", action="store_true")
+    add_ray_arguments(parser)
     args = parser.parse_args(argv)
     path = args.grid or args.grid_file or DEFAULT_GRID
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None
@@ -579,7 +580,8 @@ def main(argv: list[str]) -> None:
             print(f"[fl-defense] {len(elsewhere)} cells finished under the other results folders: not run here")
             grid = Grid(grid.name, grid.num_supernodes, [c for c in grid.cells if c not in elsewhere], shard=grid.shard)
         t0 = time.time()
-        run_grid(grid, roots[0], progress=not args.no_progress)
+        run_grid(grid, roots[0], progress=not args.no_progress, ray_address=args.ray_address,
+                 cpus_per_cell=args.cpus_per_cell)
         print(f"[fl-defense] leaderboard cells done: {len(grid.cells)} ({time.time() - t0:.0f} s) in {roots[0]}")
         if args.shard:
             print("[fl-defense] a shard writes no page; once every shard is done: "
@@ -588,7 +590,8 @@ def main(argv: list[str]) -> None:
     shown = [a for a in argv if a != "--report-only"]
     # the command that runs the cells (and so rewrites this page)
     # (--note describes how these results were run, not how to run them)
-    drop_next = {"--shard", "--note", "--out"} if args.out == DEFAULT_PAGE else {"--shard", "--note"}
+    # how the cells were run (shard, cluster) is not part of the command that reproduces the page
+    drop_next = {"--shard", "--note", "--ray-address", "--cpus-per-cell"} | ({"--out"} if args.out == DEFAULT_PAGE else set())
     kept, skip = [], False
     for a in shown:
         if skip:

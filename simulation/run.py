@@ -99,6 +99,18 @@ def run(overrides: dict, num_supernodes: int = 10, num_cpus: float = 1, num_gpus
     return _federation(overrides, num_supernodes, num_cpus, num_gpus)
 
 
+RAY_CPUS_ENV = "FL_DEFENSE_RAY_CPUS"
+
+
+def backend_config(num_cpus: float, num_gpus: float) -> dict:
+    """Flower's Ray backend: each virtual client's resources; the Ray instance it starts gets the CPUs
+    in FL_DEFENSE_RAY_CPUS when set (a cell run as a task of simulation.cluster), else all of them."""
+    config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    if os.environ.get(RAY_CPUS_ENV):
+        config["init_args"] = {"num_cpus": int(os.environ[RAY_CPUS_ENV])}
+    return config
+
+
 def _federation(overrides: dict, num_supernodes: int, num_cpus: float, num_gpus: float) -> Path:
     """One federation through Flower's simulation engine; raises ``RunFailed`` without a full result."""
     cfg = ExperimentConfig.from_run_config(overrides)
@@ -132,7 +144,7 @@ def _federation(overrides: dict, num_supernodes: int, num_cpus: float, num_gpus:
     try:
         run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
                        num_supernodes=num_supernodes,
-                       backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}})
+                       backend_config=backend_config(num_cpus, num_gpus))
     finally:
         torch.set_num_threads(threads)  # a caller running federations in its own process keeps its setting
     folder = results_dir(cfg)

@@ -288,7 +288,7 @@ def test_exported_records_rebuild_the_same_page_and_their_cells_are_not_run_agai
     assert page(records).equals(page(results))
     # a run with the records as a further results folder runs only the cells they lack
     ran = []
-    monkeypatch.setattr(lb, "run_grid", lambda grid, out, progress=True: ran.extend(cell_id(c) for c in grid.cells))
+    monkeypatch.setattr(lb, "run_grid", lambda grid, out, **kwargs: ran.extend(cell_id(c) for c in grid.cells))
     monkeypatch.setattr(lb, "write_page", lambda *a, **k: tmp_path / "unused")
     lb.main(["--grid", str(path), "--results", str(tmp_path / "fresh"), "--results", str(records)])
     assert ran == [cell_id(c) for *_, c in cells[-2:]]
