@@ -299,12 +299,17 @@ def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
         qualifying = [(a, s) for a, s in cells if a in drops and drops[a] <= threshold
                       and not math.isnan(s["asr_window_end_mean"])]
         worst = max(qualifying, key=lambda c: c[1]["asr_window_end_mean"], default=None)
+        # a backdoor that lands in the window and fades by its end: the highest round inside it
+        peaks = [(a, c) for a, c in qualifying if not math.isnan(c["asr_window_worst_mean"])]
+        peak = max(peaks, key=lambda c: c[1]["asr_window_worst_mean"], default=None)
         clean_drop = summary.loc[(d, clean)]["accuracy_drop_mean"] if (d, clean) in summary.index else float("nan")
         rows.append({
             "defense": d, "qualifying": len(qualifying), "attacked": len(cells),
             "worst_attack": worst[0] if worst else None,
             "worst_asr": worst[1]["asr_window_end_mean"] if worst else None,
             "worst_asr_std": worst[1]["asr_window_end_std"] if worst else None,
+            "peak_attack": peak[0] if peak else None,
+            "peak_asr": peak[1]["asr_window_worst_mean"] if peak else None,
             "clean_drop": clean_drop,
             "largest_drop": max(drops.values(), default=None),
             "smallest_drop": min(drops.values(), default=None),
@@ -462,20 +467,24 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"{board.baseline} (mean accuracy drop <= {QUALIFY_POINTS:g}, the accuracy averaged over the run's rounds). Lower is better; ties by the clean "
         "cell's drop. A defense with no qualifying cell ranks after every defense with one, by its smallest "
         "accuracy drop under attack. Untargeted attacks show in the drop (which can disqualify a cell), "
-        "not in attack success (the plus trigger measured as a reference).", "",
+        "not in attack success (the plus trigger measured as a reference). The peak column is not ranked on: "
+        "the highest attack success in any round of the window over the same cells, which shows a backdoor "
+        "that lands while the attack lasts and fades before the window's end.", "",
         *([f"**Partial:** {len(table)} of {total} cells finished. A defense is ranked on its finished cells only, so "
            "its worst attack may be among those not run yet; the qualifying-cells column says how many of its "
            f"{len(attacked)} attacked cells have finished.", ""] if len(table) < total else []),
-        "| rank | defense | worst attack success | worst attack | qualifying cells | clean accuracy drop "
-        "| largest drop under attack |", "|---|---|---|---|---|---|---|"]
+        "| rank | defense | worst attack success | worst attack | peak in the window | qualifying cells "
+        "| clean accuracy drop | largest drop under attack |", "|---|---|---|---|---|---|---|---|"]
     for r in ranking(summary, board.defenses, attacks, board.clean):  # the baseline alone (not chosen) is no entry
         if r["rank"] is None:
-            lines.append(f"| - | {r['defense']} | - | no attacked cell finished | 0 of {len(attacked)} | "
+            lines.append(f"| - | {r['defense']} | - | no attacked cell finished | - | 0 of {len(attacked)} | "
                          f"{fmt(r['clean_drop'], None, 1)} | - |")
             continue
         of = f" ({r['attacked']} of {len(attacked)} finished)" if r["attacked"] < len(attacked) else ""
         lines.append(f"| {r['rank']} | {r['defense']} | {fmt(r['worst_asr'], r['worst_asr_std'], 3)} | "
-                     f"{r['worst_attack'] or 'none qualifies'} | {r['qualifying']} of {r['attacked']}{of} | "
+                     f"{r['worst_attack'] or 'none qualifies'} | "
+                     + (f"{r['peak_asr']:.3f} ({r['peak_attack']})" if r["peak_attack"] else "-")
+                     + f" | {r['qualifying']} of {r['attacked']}{of} | "
                      f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")
     sections = [
         ("asr_window_end", "Attack success at the window's end", dict(vmin=0, vmax=1, cmap="magma"),

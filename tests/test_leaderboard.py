@@ -120,9 +120,10 @@ def test_summary_gives_mean_and_sample_std_over_seeds():
 
 
 def _ranked(cells):
-    """cells: (defense, attack, [(seed, accuracy, asr)])."""
-    rows = [{"defense": d, "attack": a, "seed": s, "accuracy_mean": acc, "asr_window_end": asr}
-            for d, a, seeds in cells for s, acc, asr in seeds]
+    """cells: (defense, attack, [(seed, accuracy, asr at the window's end[, peak in the window])])."""
+    rows = [{"defense": d, "attack": a, "seed": s[0], "accuracy_mean": s[1], "asr_window_end": s[2],
+             "asr_window_worst": s[3] if len(s) > 3 else s[2]}
+            for d, a, seeds in cells for s in seeds]
     t = lb.add_accuracy_drop(_table(rows), "fedavg", "clean")
     s = lb.summarise(t)
     defenses = list(dict.fromkeys(d for d, _, _ in cells))
@@ -138,10 +139,10 @@ def test_ranking_by_worst_attack_among_cells_within_two_points():
         ("A", "clean", [(1, 0.89, 0.0), (2, 0.89, 0.0)]),
         ("A", "x", [(1, 0.70, 0.0), (2, 0.70, 0.0)]),
         ("A", "y", [(1, 0.89, 0.30), (2, 0.89, 0.30)]),
-        # B: both qualify (drop 1.5 points is within 2), worst 0.20 (x)
+        # B: both qualify (drop 1.5 points is within 2), worst 0.20 (x); y peaked at 0.9 inside the window
         ("B", "clean", [(1, 0.90, 0.0), (2, 0.90, 0.0)]),
-        ("B", "x", [(1, 0.885, 0.20), (2, 0.885, 0.20)]),
-        ("B", "y", [(1, 0.89, 0.05), (2, 0.89, 0.05)]),
+        ("B", "x", [(1, 0.885, 0.20, 0.25), (2, 0.885, 0.20, 0.25)]),
+        ("B", "y", [(1, 0.89, 0.05, 0.9), (2, 0.89, 0.05, 0.8)]),
         # C: no qualifying cell; its smallest drop under attack is 3 points
         ("C", "clean", [(1, 0.80, 0.0), (2, 0.80, 0.0)]),
         ("C", "x", [(1, 0.87, 0.0), (2, 0.87, 0.0)]),
@@ -154,6 +155,9 @@ def test_ranking_by_worst_attack_among_cells_within_two_points():
     assert [x["defense"] for x in r] == ["B", "A", "fedavg", "C", "D"]
     by = {x["defense"]: x for x in r}
     assert by["B"]["worst_attack"] == "x" and by["B"]["worst_asr"] == pytest.approx(0.20)
+    # the peak is shown, not ranked on: B still ranks first on the window's end
+    assert by["B"]["peak_attack"] == "y" and by["B"]["peak_asr"] == pytest.approx(0.85)
+    assert by["A"]["peak_attack"] == "y"  # x, which ruined A's accuracy, does not count
     assert by["A"]["worst_attack"] == "y" and by["A"]["qualifying"] == 1 and by["A"]["attacked"] == 2
     assert by["fedavg"]["worst_asr"] == pytest.approx(0.90)
     assert by["C"]["worst_attack"] is None and by["C"]["smallest_drop"] == pytest.approx(3.0)
@@ -363,7 +367,8 @@ def test_a_partial_page_says_so_and_ranks_no_defense_without_an_attacked_cell(tm
     ranking = page.split("## Ranking")[1].split("\n## ")[0]
     assert "| 1 | flame |" in ranking and "qualifying" in ranking
     assert "| 1 of 1 (1 of 2 finished) |" in ranking  # flame: plus qualifies, alie not run
-    assert "| - | krum | - | no attacked cell finished | 0 of 2 |" in ranking
+    assert "| - | krum | - | no attacked cell finished | - | 0 of 2 |" in ranking
+    assert "| 0.800 (plus) |" in ranking  # flame's plus cell peaked at 0.8 inside the window
     assert "**How it was run:** two shards side by side" in page
     command = next(line for line in page.splitlines() if line.startswith("    python -m simulation leaderboard"))
     assert "--note" not in command and "side by side" not in command
