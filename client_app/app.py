@@ -60,6 +60,7 @@ class DefenseClient(NumPyClient):
         self.device = cfg.device if cfg.device == "cpu" or torch.cuda.is_available() else "cpu"
         self.images, self.labels = load_partition(data_cfg, partition_id)
         self.schedule = attack_schedule(cfg, num_partitions)
+        self.epochs = cfg.local_epochs  # this round's own training (fit sets it: attackers may train longer)
 
     def get_parameters(self, config):
         return get_arrays(self.model)
@@ -79,7 +80,7 @@ class DefenseClient(NumPyClient):
 
     def _sgd(self, images, labels, seed, terms: TrainingTerms = TrainingTerms(), epochs=None) -> float:
         torch.manual_seed(seed)  # dropout masks
-        loss = train(self.model, images, labels, epochs or self.cfg.local_epochs, self.cfg.batch_size,
+        loss = train(self.model, images, labels, epochs or self.epochs, self.cfg.batch_size,
                      self.cfg.learning_rate * terms.lr_scale, self.cfg.momentum, self.device, seed,
                      before_step=terms.before_step, after_step=terms.after_step, penalty=terms.penalty)
         self.model.to("cpu")
@@ -92,6 +93,8 @@ class DefenseClient(NumPyClient):
         server_round = int(config.get("server-round", 0))
         seed = _seed(cfg.seed, self.partition_id, server_round)
         rank = self.schedule.rank(self.partition_id, server_round)
+        # an attacker's own training may run longer (attacker-local-epochs); every honest model, its shadows' too, local-epochs
+        self.epochs = (cfg.attacker_local_epochs or cfg.local_epochs) if rank is not None else cfg.local_epochs
         # A colluding attacker trains honestly and reports that update under a reserved key; the
         # server's simulation-only collusion step crafts what it sends (fl_defense.attacks.collusion).
         colluding = COLLUDING_ATTACKS.get(cfg.model_poisoning) if rank is not None else None

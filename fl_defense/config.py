@@ -67,6 +67,7 @@ class ExperimentConfig:
     attacker_pool: str = field(default="fixed", metadata=_key("the same attackers every round, or a fresh seeded pool per round", POOLS))
     malicious_fraction: float = field(default=0.1, metadata=_key("share of partitions that attack (seeded, fixed for the run)", check=_fraction))
     poison_rate: float = field(default=0.5, metadata=_key("share of an attacker's eligible samples it poisons", check=_fraction))
+    attacker_local_epochs: int = field(default=0, metadata=_key("local epochs of an attacking client's own training (0: local-epochs, as a benign client; more, a backdoor attacker that trains harder, as in Bagdasaryan et al. 2020); what it would send honestly is still trained for local-epochs", check=_non_negative))
     target_label: int = field(default=7, metadata=_key("label the backdoor redirects to", check=_non_negative))
     base_label: int = field(default=-1, metadata=_key("only this class is poisoned and measured (-1: every non-target class)", check=lambda v: v >= -1))
     defense: str = field(default="rlr", metadata=_key("server defense", tuple(DEFENSES)))

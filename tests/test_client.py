@@ -51,3 +51,33 @@ def test_same_seed_same_update():
     b = _client(2).fit(_client(2).get_parameters({}), {"server-round": 3})[0]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_attackers_train_their_own_epochs_and_everything_honest_trains_local_epochs(monkeypatch):
+    import client_app.app as ca
+
+    attacker = select_attackers(10, 0.1, 42)[0]
+    real_train, epochs = ca.train, []
+
+    def counting(model, images, labels, e, *a, **k):
+        epochs.append(e)
+        return real_train(model, images, labels, e, *a, **k)
+
+    monkeypatch.setattr(ca, "train", counting)
+    c = _client(attacker, **{"attacker-local-epochs": 3})
+    c.fit(c.get_parameters({}), {"server-round": 1})
+    assert epochs == [3]
+    honest = _client((attacker + 1) % 10, **{"attacker-local-epochs": 3})
+    epochs.clear()
+    honest.fit(honest.get_parameters({}), {"server-round": 1})
+    assert epochs == [1]  # local-epochs
+    # a colluding attacker's honest update (what it would have sent) trains local-epochs too
+    epochs.clear()
+    c = _client(attacker, **{"attacker-local-epochs": 3, "model-poisoning": "alie_backdoor"})
+    c.fit(c.get_parameters({}), {"server-round": 1})
+    assert sorted(epochs) == [1, 3]
+    # 0: as a benign client
+    epochs.clear()
+    c = _client(attacker)
+    c.fit(c.get_parameters({}), {"server-round": 1})
+    assert epochs == [1]
