@@ -62,7 +62,8 @@ def test_smoke_grid_runs_resumes_and_reports(tmp_path):
     assert list((tmp_path / "report").glob("weights_*.png")) and list((tmp_path / "report").glob("curves_*.png"))
 
 
-@pytest.mark.parametrize("name", ["smoke", "rlr_fmnist_iid", "rlr_fmnist_iid_allclass", "fdcr_dirichlet", "fedward_nir"])
+@pytest.mark.parametrize("name", ["smoke", "rlr_fmnist_iid", "rlr_fmnist_iid_allclass", "fdcr_dirichlet", "fedward_nir",
+                                  "attacker_epochs"])
 def test_shipped_grids_are_valid(name):
     assert Grid.load(ROOT / "simulation" / "grids" / f"{name}.toml").cells
 
