@@ -583,11 +583,12 @@ def main(argv: list[str]) -> None:
         if args.shard:
             grid = grid.sharded(*parse_shard(args.shard))
         # cells finished in the other results folders (another machine's, the committed records) stay as they are
-        elsewhere = [c for c in grid.cells if cell_state(roots[0] / cell_id(c)) != "done"
-                     and finished_folder(cell_id(c), roots[1:]) is not None]
+        elsewhere = {cell_id(c) for c in grid.cells if cell_state(roots[0] / cell_id(c)) != "done"
+                     and finished_folder(cell_id(c), roots[1:]) is not None}
         if elsewhere:
             print(f"[fl-defense] {len(elsewhere)} cells finished under the other results folders: not run here")
-            grid = Grid(grid.name, grid.num_supernodes, [c for c in grid.cells if c not in elsewhere], shard=grid.shard)
+            grid = Grid(grid.name, grid.num_supernodes, [c for c in grid.cells if cell_id(c) not in elsewhere],
+                        shard=grid.shard)
         t0 = time.time()
         run_grid(grid, roots[0], progress=not args.no_progress, ray_address=args.ray_address,
                  cpus_per_cell=args.cpus_per_cell)
