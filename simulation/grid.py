@@ -25,6 +25,10 @@ the run's own, so it continues exactly where it stopped); one with neither start
 Shards: ``--shard i/k`` (1 <= i <= k) runs cells i, i+k, i+2k, ... of the grid's cell order, so k
 machines or the k tasks of a job array run every cell exactly once; each shard resumes like a whole
 grid. ``fl-defense report DIR1 DIR2 ...`` reports over several results folders.
+
+On a Ray cluster: ``--ray-address ADDR --cpus-per-cell N`` runs the unfinished cells as Ray tasks
+of N CPUs each, every one a cell's process as here with a private Ray instance of its own
+(``simulation.cluster``; the checkout, data and results at the same paths on every node).
 """
 
 from __future__ import annotations

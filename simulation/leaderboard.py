@@ -5,6 +5,7 @@
     python -m simulation leaderboard ... --shard 3/8            # cells 3, 11, 19, ... (no page)
     python -m simulation leaderboard ... --report-only --results DIR1 --results DIR2   # page only, no cell runs
     python -m simulation leaderboard ... --export docs/results/leaderboard/cells       # keep the records
+    python -m simulation leaderboard ... --ray-address auto --cpus-per-cell 4         # cells as Ray tasks
 
 ``--export DIR`` copies the records of every finished cell (``RECORD_FILES``: no checkpoint, no
 log) into ``DIR/<cell>``; the committed copy under ``docs/results/leaderboard/cells`` is the page's
