@@ -8,7 +8,7 @@ which draws from it on the main thread (``ray/_private/worker.py``, some 56 draw
 ServerApp's thread seeds and samples, so one seed sampled different clients in two runs (seen in
 CI: round 1 drew partitions 0, 5, 8 in one run and 4, 5, 9 in the next).
 
-``SortedClientManager`` keeps its clients in node-id order and samples them with its own
+``SortedClientManager`` samples its clients, taken in node-id order, with its own
 ``random.Random`` (``rng``), which nothing else draws from; the checkpoint keeps its state. The
 simulation registers node i under a fixed id in partition order (``simulation.engine.patch_node_ids``),
 so two runs with the same seed sample the same partitions in the same rounds, whatever their
@@ -31,8 +31,8 @@ def _node_order(cid: str):
 
 
 class SortedClientManager(SimpleClientManager):
-    """Flower's SimpleClientManager with its clients kept in node-id order, sampled with its own
-    ``rng`` (Flower's draw, ``rng.sample`` over the clients in that order).
+    """Flower's SimpleClientManager sampling with its own ``rng`` (Flower's draw, ``rng.sample``)
+    over its clients taken in node-id order.
 
     ``expected``: the number of nodes in the federation; ``num_available`` (which sizes a round's
     sample) waits until that many registered, so a round sized before the last nodes arrived does
@@ -44,13 +44,6 @@ class SortedClientManager(SimpleClientManager):
         self.rng = rng if rng is not None else random.Random()
         self.expected = expected
 
-    def register(self, client: ClientProxy) -> bool:
-        if not super().register(client):
-            return False
-        # a new dict swapped in whole: a sample running meanwhile reads the old one intact
-        self.clients = dict(sorted(self.clients.items(), key=lambda item: _node_order(item[0])))
-        return True
-
     def num_available(self) -> int:
         if self.expected:
             self.wait_for(self.expected)  # as Flower's sample waits for its min_num_clients
@@ -59,7 +52,8 @@ class SortedClientManager(SimpleClientManager):
     def sample(self, num_clients: int, min_num_clients: int | None = None,
                criterion: Criterion | None = None) -> list[ClientProxy]:
         self.wait_for(num_clients if min_num_clients is None else min_num_clients)
-        available = [cid for cid, proxy in self.clients.items() if criterion is None or criterion.select(proxy)]
+        available = [cid for cid in sorted(self.clients, key=_node_order)
+                     if criterion is None or criterion.select(self.clients[cid])]
         if num_clients > len(available):
             log(INFO, "Sampling failed: number of available clients (%s) is less than number of "
                 "requested clients (%s).", len(available), num_clients)
