@@ -15,13 +15,16 @@ matrix fills up across machines and sessions without rerunning a cell.
 Leaderboard file: a grid file whose ``[fixed]`` table is the protocol, plus
 
     [leaderboard]
-    defenses = "all"             # every defense in fl_defense.defenses.DEFENSES (or a list)
+    defenses = "all"             # every defense in fl_defense.defenses.DEFENSES and every variant (or a list)
     exclude-defenses = []        # names left out of "all"
     seeds = [1, 2, 3]
     baseline = "fedavg"          # accuracy drop: against this defense's clean cell, seed by seed
     clean = "clean"              # the bundle without attackers
     [defense-keys.norm_clipping] # keys one defense needs (clip-norm for norm clipping)
     clip-norm = 2.0
+    [variants."nnm+krum"]        # a further row: a defense with keys of its own (a pre-aggregation
+    defense = "krum"             # wrapper, a parameter setting); joins "all" after the registry's
+    pre-aggregation = "nnm"
     [attacks.clean]              # a named bundle of run-config keys per attack, in column order
     attack = "none"
     model-poisoning = "none"
@@ -95,6 +98,7 @@ class Leaderboard:
     attacks: dict[str, dict]
     seeds: list[int]
     defense_keys: dict[str, dict] = field(default_factory=dict)
+    variants: dict[str, dict] = field(default_factory=dict)
     baseline: str = "fedavg"
     clean: str = "clean"
     path: str = DEFAULT_GRID
@@ -115,14 +119,22 @@ class Leaderboard:
         clean = board.get("clean", "clean")
         if clean not in bundles:
             raise ConfigError(f"leaderboard file {path}: [attacks.{clean}] (the bundle without attackers) is missing")
+        variants = {name: dict(keys) for name, keys in spec.get("variants", {}).items()}
+        for name, keys in variants.items():
+            if name in DEFENSES:
+                raise ConfigError(f"leaderboard file {path}: [variants.{name}] has a registered defense's name")
+            if keys.get("defense") not in DEFENSES:
+                raise ConfigError(f"leaderboard file {path}: [variants.{name}] defense = {keys.get('defense')!r} "
+                                  f"is not among {', '.join(DEFENSES)}")
         chosen = board.get("defenses", "all")
         exclude = set(board.get("exclude-defenses", []))
-        names = [d for d in DEFENSES if d not in exclude] if chosen == "all" else list(chosen)
+        rows = [*DEFENSES, *variants]
+        names = [d for d in rows if d not in exclude] if chosen == "all" else list(chosen)
         if defenses:
             names = list(defenses)
-        unknown = [d for d in names if d not in DEFENSES]
+        unknown = [d for d in names if d not in rows]
         if unknown:
-            raise ConfigError(f"leaderboard defenses: {', '.join(unknown)} not among {', '.join(DEFENSES)}")
+            raise ConfigError(f"leaderboard defenses: {', '.join(unknown)} not among {', '.join(rows)}")
         baseline = board.get("baseline", "fedavg")
         if attacks:
             missing = [a for a in attacks if a not in bundles]
@@ -134,7 +146,7 @@ class Leaderboard:
         defense_keys = {d: dict(keys) for d, keys in spec.get("defense-keys", {}).items()}
         out = cls(name=meta.get("name", Path(path).stem), num_supernodes=int(meta.get("num-supernodes", 10)),
                   fixed=dict(spec.get("fixed", {})), defenses=names, attacks=bundles, seeds=board_seeds,
-                  defense_keys=defense_keys, baseline=baseline, clean=clean, path=str(path))
+                  defense_keys=defense_keys, variants=variants, baseline=baseline, clean=clean, path=str(path))
         for defense, attack, seed, cell in out.cells():  # a bad cell fails before anything runs
             try:
                 ExperimentConfig.from_run_config(cell).check_federation(out.num_supernodes)
@@ -143,8 +155,12 @@ class Leaderboard:
         return out
 
     def cell_config(self, defense: str, attack: str, seed: int) -> dict:
-        return {**self.fixed, **self.defense_keys.get(defense, {}), **self.attacks[attack],
-                "defense": defense, "seed": seed}
+        """The run config of one cell; ``defense`` is a row: a registered defense or a variant (its
+        ``defense`` with the registered one's keys, then its own)."""
+        own = dict(self.variants.get(defense, {}))
+        base = own.pop("defense", defense)
+        return {**self.fixed, **self.defense_keys.get(base, {}), **own, **self.attacks[attack],
+                "defense": base, "seed": seed}
 
     def cells(self) -> list[tuple[str, str, int, dict]]:
         """(defense, attack, seed, run config) of every cell: seed, then attack, then defense, so a
@@ -530,6 +546,9 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     if board.defense_keys:
         lines += ["", "Defense keys: " + "; ".join(f"{d}: {' '.join(f'{k}={json.dumps(v)}' for k, v in keys.items())}"
                                                   for d, keys in board.defense_keys.items()) + "."]
+    if board.variants:
+        lines += ["", "Variants (rows that are a defense with keys of their own): " + "; ".join(
+            f"{v}: {' '.join(f'{k}={json.dumps(x)}' for k, x in keys.items())}" for v, keys in board.variants.items()) + "."]
     path = out / "index.md"
     path.write_text("\n".join(lines) + "\n")
     return path

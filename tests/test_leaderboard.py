@@ -66,6 +66,48 @@ def test_every_registered_defense_joins_and_subsets_work(tmp_path):
     assert len({cell_id(c) for *_, c in sub.cells()}) == 5
 
 
+VARIANTS = """
+[variants."nnm+krum"]
+defense = "krum"
+pre-aggregation = "nnm"
+[variants."bucketing+norm_clipping"]
+defense = "norm_clipping"
+pre-aggregation = "bucketing"
+bucket-size = 3
+"""
+
+
+def test_variants_are_rows_of_a_defense_with_keys_of_their_own(tmp_path):
+    path = _board_file(tmp_path)
+    path.write_text(path.read_text() + VARIANTS)
+    board = lb.Leaderboard.load(path)
+    assert board.defenses == [*DEFENSES, "nnm+krum", "bucketing+norm_clipping"]  # after the registry's
+    nnm = board.cell_config("nnm+krum", "plus", 1)
+    assert nnm["defense"] == "krum" and nnm["pre-aggregation"] == "nnm" and nnm["attack"] == "plus"
+    assert "pre-aggregation" not in board.cell_config("krum", "plus", 1)  # the plain defense keeps its row
+    assert cell_id(nnm) != cell_id(board.cell_config("krum", "plus", 1))
+    # a variant of a defense with defense keys takes them, then its own
+    bucket = board.cell_config("bucketing+norm_clipping", "clean", 2)
+    assert bucket["clip-norm"] == 2.0 and bucket["bucket-size"] == 3 and bucket["defense"] == "norm_clipping"
+    sub = lb.Leaderboard.load(path, defenses=["nnm+krum"], attacks=["plus"], seeds=[1])
+    assert [(d, a) for d, a, *_ in sub.cells()] == [("fedavg", "clean"), ("nnm+krum", "clean"), ("nnm+krum", "plus")]
+    ExperimentConfig.from_run_config(nnm)  # a valid run config
+
+
+def test_a_variant_must_name_a_registered_defense_and_not_shadow_one(tmp_path):
+    path = _board_file(tmp_path)
+    base = path.read_text()
+    path.write_text(base + '[variants.odd]\ndefense = "nosuch"\n')
+    with pytest.raises(ConfigError, match="variants.odd.*nosuch"):
+        lb.Leaderboard.load(path)
+    path.write_text(base + '[variants.krum]\ndefense = "krum"\n')
+    with pytest.raises(ConfigError, match="variants.krum"):
+        lb.Leaderboard.load(path)
+    path.write_text(base + '[variants.bad]\ndefense = "krum"\npre-aggregation = "nosuch"\n')
+    with pytest.raises(ConfigError, match="defense=bad .*pre-aggregation"):
+        lb.Leaderboard.load(path)
+
+
 def test_bad_choices_fail_naming_what(tmp_path):
     with pytest.raises(ConfigError, match="nosuch"):
         lb.Leaderboard.load(_board_file(tmp_path), defenses=["nosuch"])
