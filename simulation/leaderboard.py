@@ -431,8 +431,11 @@ def training_steps(table, roots: list[Path], num_supernodes: int) -> int:
 
 
 def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
-               training_share: float, step_ms: float, note: str | None = None) -> Path:
-    """The leaderboard page (index.md), its PNG heatmaps and cells.csv, from finished cells only."""
+               training_share: float, step_ms: float, note: str | None = None, title: str | None = None,
+               subset: bool = False) -> Path:
+    """The leaderboard page (index.md), its PNG heatmaps and cells.csv, from finished cells only;
+    ``subset``: the board is a choice of the file's defenses or attacks (a report of its own, the
+    leaderboard's cells reused), which the page's opening says."""
     table = add_accuracy_drop(collect(board, roots), board.baseline, board.clean)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "cells.csv", index=False)
@@ -454,10 +457,13 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     gpu = projected_gpu_seconds(cpu_total, training_share, steps, step_ms)
     flagging = [d for d in defenses if any((d, a) in summary.index and not math.isnan(summary.loc[(d, a)]["tpr_mean"])
                                            for a in attacked)]
+    opening = (f"These defenses and attacks, chosen from the leaderboard file (`{Path(board.path).as_posix()}`; its "
+               f"cells, shared with the full leaderboard), and no attack ({board.clean}), under the benchmark protocol "
+               if subset else
+               f"Every defense against every attack and no attack ({board.clean}), under the benchmark protocol ")
     lines = [
-        f"# Leaderboard: {board.name}", "",
-        f"Every defense against every attack and no attack ({board.clean}), under the benchmark protocol "
-        "([its definition](../../protocol.md)): "
+        f"# {title or f'Leaderboard: {board.name}'}", "",
+        opening + "([its definition](../../protocol.md)): "
         f"{cfg.dataset}, {cfg.model_name}, {board.num_supernodes} clients ({cfg.partitioner}"
         + (f" alpha {cfg.dirichlet_alpha}" if cfg.partitioner == "dirichlet" else "") + f"), {per_round} sampled per "
         f"round, {cfg.malicious_fraction:g} of the population attackers ({cfg.attacker_pool} pool), "
@@ -583,6 +589,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--gpu-step-ms", type=float, default=1.0, help="assumed GPU time of one local SGD step")
     parser.add_argument("--note", help="a paragraph for the page: how and where its cells ran (e.g. two shards side "
                         "by side, so wall-clock times include the other's load)")
+    parser.add_argument("--title", help="the page's heading (default 'Leaderboard: <name>'), for a page of a "
+                        "subset written with --out elsewhere")
     parser.add_argument("--no-progress", action="store_true")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
@@ -635,7 +643,7 @@ def main(argv: list[str]) -> None:
         kept.append(a)
     command = "python -m simulation leaderboard " + shlex.join(kept)
     page = write_page(board, roots, Path(args.out).resolve(), command.strip(), args.training_share, args.gpu_step_ms,
-                      args.note)
+                      args.note, title=args.title, subset=bool(args.defenses or args.attacks))
     print(f"[fl-defense] leaderboard page: {page}")
 
 

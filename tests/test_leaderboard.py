@@ -256,6 +256,26 @@ def _fake_cell(folder: Path, cell: dict, seed_shift: float) -> None:
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
+def test_a_page_of_a_subset_says_so_under_its_title_and_keeps_the_title_in_its_command(tmp_path, monkeypatch):
+    path = _board_file(tmp_path)
+    path.write_text(path.read_text() + VARIANTS)
+    board = lb.Leaderboard.load(path, defenses=["flame", "nnm+krum"], attacks=["plus"], seeds=[1])
+    results = tmp_path / "cells"
+    for defense, attack, seed, cell in board.cells():
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    out = tmp_path / "page"
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--defenses", "flame,nnm+krum",
+             "--attacks", "plus", "--seeds", "1", "--title", "Two defenses", "--report-only"])
+    page = (out / "index.md").read_text()
+    assert page.startswith("# Two defenses\n") and "These defenses and attacks, chosen from the leaderboard file" in page
+    assert "--title 'Two defenses'" in page  # the command rewrites this page, title included
+    assert "| nnm+krum | plus | 1 |" in page  # the variant's row, by its own name
+    assert "Variants (rows that are a defense with keys of their own): nnm+krum: defense=\"krum\"" in page
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--seeds", "1", "--report-only"])
+    assert (out / "index.md").read_text().startswith("# Leaderboard: tiny\n\nEvery defense against every attack")
+
+
 def test_cell_metrics_from_a_constructed_cell(tmp_path):
     board = lb.Leaderboard.load(_board_file(tmp_path, '["flame"]'))
     cell = board.cell_config("flame", "plus", 1)
