@@ -62,7 +62,8 @@ from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
 
-from .grid import ROOT, Grid, add_ray_arguments, cell_cpu_seconds, cell_id, cell_state, parse_shard, run_grid
+from .grid import (ROOT, Grid, add_ray_arguments, cell_capability, cell_cpu_seconds, cell_id, cell_state, parse_shard,
+                   run_grid)
 
 QUALIFY_POINTS = 2.0
 DEFAULT_GRID = "simulation/grids/leaderboard.toml"
@@ -216,6 +217,7 @@ def cell_metrics(folder: Path) -> dict:
         "aggregation_seconds": mean(t.get("aggregation_seconds") for t in timings if t["round"] > 0),
         "round_seconds": mean(t.get("round_seconds") for t in timings if t["round"] > 0),
         "cpu_seconds": cell_cpu_seconds(folder),
+        "capability": cell_capability(folder),
         "rounds": summary["rounds_completed"],
         "attackers_sampled": sum(r.get("num_attackers_sampled") or 0 for r in trained),
     }
@@ -234,7 +236,7 @@ def collect(board: Leaderboard, roots: list[Path]):
             continue
         rows.append({"defense": defense, "attack": attack, "seed": seed, "cell": name, **cell_metrics(folder)})
     return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS, "lifespan_10",
-                                       "window_closed", "rounds", "attackers_sampled"])
+                                       "window_closed", "rounds", "attackers_sampled", "capability"])
 
 
 def finished_folder(name: str, roots: list[Path]) -> Path | None:
@@ -483,6 +485,10 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"training, `benchmarks/protocol_round.py`), plus the cells' {steps:,.0f} local SGD steps at "
         f"{step_ms:g} ms each (an assumed step time of a small CNN at this batch size on a GPU, launch-bound; "
         "not measured here). Cells still run one after another, so this is a serial figure.", "",
+        "**Hosts:** the CPU capability each cell ran with (`torch.backends.cpu.get_cpu_capability()`; kernels, "
+        "and so times and the last digits of results, differ between capabilities): "
+        + ", ".join(f"{cap} {n} cell{'s' if n != 1 else ''}" for cap, n in
+                    table["capability"].fillna("not recorded").value_counts().sort_index().items()) + ".", "",
         *([f"**How it was run:** {note}", ""] if note else []),
         "## Ranking", "",
         f"By the worst attack: the highest attack success at the window's end over every attack, among the "

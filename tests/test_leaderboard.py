@@ -291,6 +291,36 @@ def test_cell_metrics_from_a_constructed_cell(tmp_path):
     assert lb._steps(tmp_path / "c", epochs=2, batch_size=16) == 3 * 10 * 2 * 4
 
 
+def test_cpu_records_name_the_hosts_capability_and_the_page_counts_cells_by_it(tmp_path, monkeypatch):
+    import torch
+
+    from simulation.grid import cell_capability, record_cpu
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    record_cpu(folder, 3.0, 4.0, "new")
+    assert cell_capability(folder) == torch.backends.cpu.get_cpu_capability()
+    (folder / "cpu.jsonl").write_text(json.dumps({"cpu_seconds": 1.0, "capability": "AVX2"}) + "\n"
+                                      + json.dumps({"cpu_seconds": 1.0, "capability": "AVX512"}) + "\n")
+    assert cell_capability(folder) == "AVX2+AVX512"  # resumed on another kind of host
+    (folder / "cpu.jsonl").write_text(json.dumps({"cpu_seconds": 1.0}) + "\n")
+    assert cell_capability(folder) is None  # a record from before capabilities were kept
+
+    path = _board_file(tmp_path, '["flame"]')
+    board = lb.Leaderboard.load(path, seeds=[1])
+    results = tmp_path / "cells"
+    for i, (*_, cell) in enumerate(board.cells()):
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+        if i < 2:
+            (results / cell_id(cell) / "cpu.jsonl").write_text(json.dumps({"cpu_seconds": 1.0, "capability": "AVX2"}))
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(tmp_path / "page"), "--seeds", "1",
+             "--report-only"])
+    page = (tmp_path / "page" / "index.md").read_text()
+    assert f"AVX2 2 cells, not recorded {len(board.cells()) - 2} cells." in page
+    assert list(pd.read_csv(tmp_path / "page" / "cells.csv")["capability"].fillna("-")[:2]) == ["AVX2", "AVX2"]
+
+
 def test_report_only_builds_the_page_from_results_and_runs_no_cell(tmp_path, monkeypatch):
     path = _board_file(tmp_path, '["flame", "krum"]')
     board = lb.Leaderboard.load(path)
