@@ -128,42 +128,29 @@ def cell_state(folder: Path) -> str:
     return "new"
 
 
-def cpu_capability() -> str:
-    """The CPU capability torch's kernels dispatch on here (``torch.backends.cpu.get_cpu_capability()``:
-    AVX2, AVX512, ...): hosts differ between runs, and so do the kernels and their times."""
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def record_cpu(folder: Path, cpu_seconds: float, wall_seconds: float, state: str) -> None:
     """Append one attempt's CPU time (user + system of the cell's process and every process it
-    started, Ray's workers included: simulation.cputime) and the host's CPU capability to the cell's
-    ``cpu.jsonl`` (wall-clock figures stay out of the deterministic summary.json); a resumed cell
-    adds a line, so the sum is the cell's cost."""
+    started, Ray's workers included: simulation.cputime) and the host's CPU capability (which
+    torch's kernels, and so the times, depend on) to the cell's ``cpu.jsonl`` (wall-clock figures
+    stay out of the deterministic summary.json); a resumed cell adds a line, so the sum is the
+    cell's cost."""
+    import torch
+
     with (folder / "cpu.jsonl").open("a") as fh:
         fh.write(json.dumps({"cpu_seconds": round(cpu_seconds, 3), "wall_seconds": round(wall_seconds, 3),
-                             "started_as": state, "capability": cpu_capability()}) + "\n")
+                             "started_as": state, "capability": torch.backends.cpu.get_cpu_capability()}) + "\n")
 
 
-def _cpu_records(folder: Path) -> list[dict] | None:
+def cell_cpu(folder: Path) -> tuple[float | None, str | None]:
+    """The CPU seconds every recorded attempt of a cell took, and the CPU capability they ran with
+    (``+``-joined where a resumed cell ran on hosts of different capability); None for the seconds
+    where there is no record, for the capability where no attempt recorded one (before 2026-12-02)."""
     path = folder / "cpu.jsonl"
     if not path.exists():
-        return None
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def cell_cpu_seconds(folder: Path) -> float | None:
-    """The CPU seconds every recorded attempt of a cell took (None: no record)."""
-    records = _cpu_records(folder)
-    return None if records is None else sum(r["cpu_seconds"] for r in records)
-
-
-def cell_capability(folder: Path) -> str | None:
-    """The CPU capability the cell's attempts ran with, ``+``-joined where a resumed cell ran on
-    hosts of different capability; None where no attempt recorded one (records before 2026-12-02)."""
-    found = sorted({r["capability"] for r in _cpu_records(folder) or [] if r.get("capability")})
-    return "+".join(found) or None
+        return None, None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    found = sorted({r["capability"] for r in records if r.get("capability")})
+    return sum(r["cpu_seconds"] for r in records), "+".join(found) or None
 
 
 class CellFailed(RuntimeError):

@@ -62,8 +62,7 @@ from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
 
-from .grid import (ROOT, Grid, add_ray_arguments, cell_capability, cell_cpu_seconds, cell_id, cell_state, parse_shard,
-                   run_grid)
+from .grid import ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid
 
 QUALIFY_POINTS = 2.0
 DEFAULT_GRID = "simulation/grids/leaderboard.toml"
@@ -198,6 +197,7 @@ def cell_metrics(folder: Path) -> dict:
     if (folder / "timings.jsonl").exists():
         timings = [json.loads(line) for line in (folder / "timings.jsonl").read_text().splitlines() if line.strip()]
     window = summary.get("attack_window") or {}
+    cpu_seconds, capability = cell_cpu(folder)
 
     def mean(values) -> float | None:
         vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -216,8 +216,8 @@ def cell_metrics(folder: Path) -> dict:
         "fpr": summary.get("mean_over_rounds", {}).get("fpr"),
         "aggregation_seconds": mean(t.get("aggregation_seconds") for t in timings if t["round"] > 0),
         "round_seconds": mean(t.get("round_seconds") for t in timings if t["round"] > 0),
-        "cpu_seconds": cell_cpu_seconds(folder),
-        "capability": cell_capability(folder),
+        "cpu_seconds": cpu_seconds,
+        "capability": capability,
         "rounds": summary["rounds_completed"],
         "attackers_sampled": sum(r.get("num_attackers_sampled") or 0 for r in trained),
     }

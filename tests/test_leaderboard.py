@@ -294,17 +294,17 @@ def test_cell_metrics_from_a_constructed_cell(tmp_path):
 def test_cpu_records_name_the_hosts_capability_and_the_page_counts_cells_by_it(tmp_path, monkeypatch):
     import torch
 
-    from simulation.grid import cell_capability, record_cpu
+    from simulation.grid import cell_cpu, record_cpu
 
     folder = tmp_path / "c"
     folder.mkdir()
     record_cpu(folder, 3.0, 4.0, "new")
-    assert cell_capability(folder) == torch.backends.cpu.get_cpu_capability()
+    assert cell_cpu(folder) == (3.0, torch.backends.cpu.get_cpu_capability())
     (folder / "cpu.jsonl").write_text(json.dumps({"cpu_seconds": 1.0, "capability": "AVX2"}) + "\n"
                                       + json.dumps({"cpu_seconds": 1.0, "capability": "AVX512"}) + "\n")
-    assert cell_capability(folder) == "AVX2+AVX512"  # resumed on another kind of host
+    assert cell_cpu(folder) == (2.0, "AVX2+AVX512")  # resumed on another kind of host
     (folder / "cpu.jsonl").write_text(json.dumps({"cpu_seconds": 1.0}) + "\n")
-    assert cell_capability(folder) is None  # a record from before capabilities were kept
+    assert cell_cpu(folder) == (1.0, None)  # a record from before capabilities were kept
 
     path = _board_file(tmp_path, '["flame"]')
     board = lb.Leaderboard.load(path, seeds=[1])
