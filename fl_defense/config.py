@@ -8,6 +8,7 @@ the README's table in step). ``ExperimentConfig.from_run_config`` rejects a bad 
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import MISSING, dataclass, field, fields, replace
 
 from .attacks import (ADAPTIVE_LOCAL_ATTACKS, COLLUDING_ATTACKS, DATA_ATTACKS, LOCAL_MODEL_ATTACKS, MODEL_ATTACKS,
@@ -226,6 +227,16 @@ class ExperimentConfig:
         cls = COLLUDING_ATTACKS[name]
         takes = set(cls.param_names())
         return {param: self.value(key) for param, key, _, _ in attack_keys(cls) if param in takes}
+
+    @property
+    def reads_fisher(self) -> bool:
+        """Whether the configured defense asks the clients for Fisher diagonals: its class says so, or,
+        for RLR, the defense it runs over (the pre-aggregation and clip/noise wrappers pass their
+        inner defense's need through). ``fisher-forgery`` acts only then."""
+        names = [self.defense] + ([self.rlr_aggregator] if self.defense == "rlr" else [])
+        # a class attribute (a property, like RLR's, depends on the instance: its base is named above)
+        return any(isinstance(flag := inspect.getattr_static(DEFENSES[d], "needs_fisher", False), bool) and flag
+                   for d in names if d in DEFENSES)
 
     @property
     def wraps_clip_noise(self) -> bool:

@@ -34,7 +34,20 @@ Leaderboard file: a grid file whose ``[fixed]`` table is the protocol, plus
 
 Cells are defense x attack x seed, each the protocol plus the defense's keys plus the attack's bundle;
 a cell's folder is named by a hash of its run config (``grid.cell_id``), so the page finds every cell
-of the matrix in any of the results folders it is given, and finished cells are never rerun.
+of the matrix in any of the results folders it is given, and finished cells are never rerun. A key
+the row's defense never reads is dropped from its run config (``effective_config``: a forged Fisher
+against a defense that asks for none), so such a column shares the cell of the column without it.
+
+A file of its own can extend another and add or choose columns (a report over the leaderboard's
+cells plus a few of its own; ``simulation/grids/attacks_protocol.toml`` is issue 17's):
+
+    [leaderboard]
+    extends = "leaderboard.toml"     # its tables, updated by this file's (a path relative to this file)
+    attacks = ["alie", "alie_partial"]   # the columns shown and run ("all" by default; --attacks overrides)
+    [attacks.alie_partial]
+    attack = "none"
+    model-poisoning = "alie"
+    attacker-knowledge = "partial"
 
 Per cell: final and mean accuracy (rounds 1..N), the accuracy drop against clean FedAvg (mean
 accuracy, same seed, percentage points), attack success at the window's end, the worst in it, at the run's end and the
@@ -102,6 +115,7 @@ class Leaderboard:
     baseline: str = "fedavg"
     clean: str = "clean"
     path: str = DEFAULT_GRID
+    extends: str | None = None  # the leaderboard file this one extends (read_spec)
 
     @classmethod
     def load(cls, path: str | Path, defenses: list[str] | None = None, attacks: list[str] | None = None,
@@ -110,12 +124,11 @@ class Leaderboard:
         bundle is always in, and so is the baseline defense's clean cell (the accuracy drop's reference)."""
         from fl_defense.defenses import DEFENSES
 
-        try:
-            spec = tomllib.loads(Path(path).read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"leaderboard file {path}: {err}") from None
+        spec = read_spec(Path(path))
         meta, board = spec.get("grid", {}), spec.get("leaderboard", {})
         bundles = {name: dict(keys) for name, keys in spec.get("attacks", {}).items()}
+        if attacks is None and board.get("attacks", "all") != "all":
+            attacks = list(board["attacks"])  # the file's own choice of columns; --attacks overrides it
         clean = board.get("clean", "clean")
         if clean not in bundles:
             raise ConfigError(f"leaderboard file {path}: [attacks.{clean}] (the bundle without attackers) is missing")
@@ -146,7 +159,8 @@ class Leaderboard:
         defense_keys = {d: dict(keys) for d, keys in spec.get("defense-keys", {}).items()}
         out = cls(name=meta.get("name", Path(path).stem), num_supernodes=int(meta.get("num-supernodes", 10)),
                   fixed=dict(spec.get("fixed", {})), defenses=names, attacks=bundles, seeds=board_seeds,
-                  defense_keys=defense_keys, variants=variants, baseline=baseline, clean=clean, path=str(path))
+                  defense_keys=defense_keys, variants=variants, baseline=baseline, clean=clean, path=str(path),
+                  extends=spec.get("extends"))
         for defense, attack, seed, cell in out.cells():  # a bad cell fails before anything runs
             try:
                 ExperimentConfig.from_run_config(cell).check_federation(out.num_supernodes)
@@ -159,8 +173,9 @@ class Leaderboard:
         ``defense`` with the registered one's keys, then its own)."""
         own = dict(self.variants.get(defense, {}))
         base = own.pop("defense", defense)
-        return {**self.fixed, **self.defense_keys.get(base, {}), **own, **self.attacks[attack],
+        cell = {**self.fixed, **self.defense_keys.get(base, {}), **own, **self.attacks[attack],
                 "defense": base, "seed": seed}
+        return effective_config(cell)
 
     def cells(self) -> list[tuple[str, str, int, dict]]:
         """(defense, attack, seed, run config) of every cell: seed, then attack, then defense, so a
@@ -176,16 +191,70 @@ class Leaderboard:
         return out
 
     def grid(self) -> Grid:
-        return Grid(name=self.name, num_supernodes=self.num_supernodes, cells=[c for *_, c in self.cells()])
+        """The cells to run, each once: two columns that give a row the same run config (see
+        ``effective_config``) share its cell."""
+        unique = {cell_id(c): c for *_, c in self.cells()}
+        return Grid(name=self.name, num_supernodes=self.num_supernodes, cells=list(unique.values()))
+
+    def shared_columns(self) -> dict[str, str]:
+        """attack -> the column whose cells it shares for some row (the first in column order)."""
+        first, shared = {}, {}
+        for defense, attack, seed, cell in self.cells():
+            owner = first.setdefault((cell_id(cell)), attack)
+            if owner != attack:
+                shared.setdefault(attack, owner)
+        return shared
+
+
+def read_spec(path: Path) -> dict:
+    """A leaderboard file's tables; with ``[leaderboard] extends = "FILE"`` (a path relative to it),
+    the tables of FILE updated by its own: the same protocol, rows and bundles plus the ones it adds
+    (a report of its own whose shared cells have the same run configs, and so the same folders, as
+    the file it extends). ``extends`` names the file it extends, as given."""
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"leaderboard file {path}: {err}") from None
+    parent = spec.get("leaderboard", {}).pop("extends", None)
+    if parent is None:
+        return spec
+    base_path = path.parent / parent
+    if not base_path.is_file():
+        raise ConfigError(f"leaderboard file {path}: [leaderboard] extends = {parent!r}: no such file next to it")
+    base = read_spec(base_path)
+    base.pop("extends", None)
+    merged = {"extends": parent}
+    for table in {*base, *spec} - {"extends"}:
+        own, inherited = spec.get(table, {}), base.get(table, {})
+        if table == "defense-keys":  # per defense, key by key
+            merged[table] = {d: {**inherited.get(d, {}), **own.get(d, {})} for d in {*inherited, *own}}
+        else:  # bundles and variants keep the base's order, the file's new ones after
+            merged[table] = {**inherited, **own}
+    return merged
+
+
+def effective_config(cell: dict) -> dict:
+    """A cell's run config without the attack keys its defense never reads, so that a column whose
+    only difference is such a key shares the cell of the column without it instead of rerunning the
+    same computation: ``fisher-forgery`` reaches only a defense that asks the clients for Fisher
+    (``ExperimentConfig.reads_fisher``); against any other, a forged-Fisher backdoor is the plain one."""
+    if cell.get("fisher-forgery", "none") != "none" and not ExperimentConfig.from_run_config(cell).reads_fisher:
+        cell = {k: v for k, v in cell.items() if k != "fisher-forgery"}
+    return cell
 
 
 def uncovered_attacks(bundles: dict[str, dict]) -> list[str]:
-    """Attacks in the registries (data poisoning, model poisoning) that no bundle uses."""
-    from fl_defense.attacks import DATA_ATTACKS, MODEL_ATTACKS
+    """Attacks in the registries that no bundle uses: data poisoning and the state-of-the-art
+    backdoors (``attack``), model poisoning (``model-poisoning``), Fisher forgery (``fisher-forgery``,
+    named ``fisher-forgery=<choice>``)."""
+    from fl_defense.attacks import DATA_ATTACKS, FISHER_FORGERIES, MODEL_ATTACKS, SOTA_BACKDOORS
 
-    used = {b.get("attack", ExperimentConfig().attack) for b in bundles.values()}
-    used |= {b.get("model-poisoning", ExperimentConfig().model_poisoning) for b in bundles.values()}
-    return [a for a in (*DATA_ATTACKS, *MODEL_ATTACKS) if a != "none" and a not in used]
+    default = ExperimentConfig()
+    used = {b.get("attack", default.attack) for b in bundles.values()}
+    used |= {b.get("model-poisoning", default.model_poisoning) for b in bundles.values()}
+    forged = {b.get("fisher-forgery", default.fisher_forgery) for b in bundles.values()}
+    return ([a for a in (*DATA_ATTACKS, *SOTA_BACKDOORS, *MODEL_ATTACKS) if a != "none" and a not in used]
+            + [f"fisher-forgery={f}" for f in FISHER_FORGERIES if f != "none" and f not in forged])
 
 
 def cell_metrics(folder: Path) -> dict:
@@ -441,7 +510,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     table = add_accuracy_drop(collect(board, roots), board.baseline, board.clean)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "cells.csv", index=False)
-    total = len(board.cells())
+    total = len(board.grid().cells)
     if table.empty:
         raise FileNotFoundError(f"no finished leaderboard cells under {', '.join(map(str, roots))}")
     summary = summarise(table)
@@ -453,13 +522,17 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     cfg = ExperimentConfig.from_run_config(board.fixed)
     per_round = cfg.check_federation(board.num_supernodes)
 
-    cpu = table["cpu_seconds"].dropna()
+    cells = table.drop_duplicates("cell")  # a cell two columns share is one run
+    finished = len(cells)
+    cpu = cells["cpu_seconds"].dropna()
     cpu_total = float(cpu.sum())
-    steps = training_steps(table, roots, board.num_supernodes)
+    steps = training_steps(cells, roots, board.num_supernodes)
     gpu = projected_gpu_seconds(cpu_total, training_share, steps, step_ms)
     flagging = [d for d in defenses if any((d, a) in summary.index and not math.isnan(summary.loc[(d, a)]["tpr_mean"])
                                            for a in attacked)]
-    opening = (f"These defenses and attacks, chosen from the leaderboard file (`{Path(board.path).as_posix()}`; its "
+    source = (f"`{Path(board.path).as_posix()}`, which extends `{board.extends}`: the columns it adds are its own, "
+              "every other cell is the extended file's" if board.extends else f"`{Path(board.path).as_posix()}`")
+    opening = (f"These defenses and attacks, chosen from the leaderboard file ({source}; its "
                f"cells, shared with the full leaderboard), and no attack ({board.clean}), under the benchmark protocol "
                if subset else
                f"Every defense against every attack and no attack ({board.clean}), under the benchmark protocol ")
@@ -472,13 +545,17 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"{cfg.pretrain_rounds} rounds of clean pre-training, attack window rounds {cfg.attack_start_round}-"
         f"{cfg.attack_stop_round}, then {cfg.num_server_rounds - cfg.attack_stop_round} rounds without attack; "
         f"seeds {', '.join(map(str, board.seeds))}. Every figure: mean ± std over seeds.", "",
-        f"**{len(table)} of {total} cells** finished ({len(defenses)} defenses x {len(attacks)} attack columns x "
-        f"{len(board.seeds)} seed{'s' if len(board.seeds) != 1 else ''}).", "",
+        f"**{finished} of {total} cells** finished ({len(defenses)} defenses x {len(attacks)} attack columns x "
+        f"{len(board.seeds)} seed{'s' if len(board.seeds) != 1 else ''}"
+        + (f"; {len(board.cells()) - total} places of the matrix share a cell with another column ("
+           + "; ".join(f"{a} with {o}" for a, o in board.shared_columns().items())
+           + ") where the row's defense does not read the key that tells them apart: `fisher-forgery` reaches "
+           "only a defense that asks the clients for Fisher" if total < len(board.cells()) else "") + ").", "",
         "Command (resumable; `--shard i/k` splits it; `--report-only` regenerates this page from the results "
         "without running a cell):", "", f"    {command}", "",
         f"**CPU time:** {cpu_total / 3600:.2f} h ({cpu_total:,.0f} s), the sum of every cell's process CPU time (user + system of the "
         f"cell's process and its Ray workers; {len(cpu)} cells with a record"
-        + (f", {len(table) - len(cpu)} without" if len(cpu) < len(table) else "") + "; the clean pre-training of "
+        + (f", {finished - len(cpu)} without" if len(cpu) < finished else "") + "; the clean pre-training of "
         "each seed is counted in the cell that built it). "
         f"**Projected GPU time:** {gpu / 3600:.2f} h ({gpu:,.0f} s): the CPU time less its local-training share "
         f"({training_share:.0%}, the share of a protocol round spent in a plain PyTorch loop doing the same "
@@ -488,7 +565,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "**Hosts:** the CPU capability each cell ran with (`torch.backends.cpu.get_cpu_capability()`; kernels, "
         "and so times and the last digits of results, differ between capabilities): "
         + ", ".join(f"{cap} {n} cell{'s' if n != 1 else ''}" for cap, n in
-                    table["capability"].fillna("not recorded").value_counts().sort_index().items()) + ".", "",
+                    cells["capability"].fillna("not recorded").value_counts().sort_index().items()) + ".", "",
         *([f"**How it was run:** {note}", ""] if note else []),
         "## Ranking", "",
         f"By the worst attack: the highest attack success at the window's end over every attack, among the "
@@ -499,9 +576,9 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "not in attack success (the plus trigger measured as a reference). The peak column is not ranked on: "
         "the highest attack success in any round of the window over the same cells, which shows a backdoor "
         "that lands while the attack lasts and fades before the window's end.", "",
-        *([f"**Partial:** {len(table)} of {total} cells finished. A defense is ranked on its finished cells only, so "
+        *([f"**Partial:** {finished} of {total} cells finished. A defense is ranked on its finished cells only, so "
            "its worst attack may be among those not run yet; the qualifying-cells column says how many of its "
-           f"{len(attacked)} attacked cells have finished.", ""] if len(table) < total else []),
+           f"{len(attacked)} attacked cells have finished.", ""] if finished < total else []),
         "| rank | defense | worst attack success | worst attack | peak in the window | qualifying cells "
         "| clean accuracy drop | largest drop under attack |", "|---|---|---|---|---|---|---|---|"]
     for r in ranking(summary, board.defenses, attacks, board.clean):  # the baseline alone (not chosen) is no entry
@@ -649,7 +726,8 @@ def main(argv: list[str]) -> None:
         kept.append(a)
     command = "python -m simulation leaderboard " + shlex.join(kept)
     page = write_page(board, roots, Path(args.out).resolve(), command.strip(), args.training_share, args.gpu_step_ms,
-                      args.note, title=args.title, subset=bool(args.defenses or args.attacks))
+                      args.note, title=args.title,
+                      subset=bool(args.defenses or args.attacks or board.extends))
     print(f"[fl-defense] leaderboard page: {page}")
 
 

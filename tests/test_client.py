@@ -81,3 +81,21 @@ def test_attackers_train_their_own_epochs_and_everything_honest_trains_local_epo
     c = _client(attacker)
     c.fit(c.get_parameters({}), {"server-round": 1})
     assert epochs == [1]
+
+
+def test_a_forged_fisher_changes_nothing_when_the_server_asks_for_no_fisher():
+    """What lets the leaderboard give a forged-Fisher column the plus cell of every defense that reads
+    no Fisher (simulation.leaderboard.effective_config): without the request an attacker's reply is
+    the same whatever fisher-forgery says; with it, the Fisher differs."""
+    attacker = select_attackers(10, 0.1, 42)[0]
+    replies = {}
+    for forgery in ("none", "clean", "mimic", "noise"):
+        for request in (False, True):
+            c = _client(attacker, **{"fisher-forgery": forgery, "defense": "fedavg"})
+            replies[forgery, request] = c.fit(c.get_parameters({}), {"server-round": 1, FISHER_REQUEST_KEY: request})
+    for forgery in ("clean", "mimic", "noise"):
+        (a, n, m), (b, n0, m0) = replies[forgery, False], replies["none", False]
+        assert n == n0 and m == m0 and FISHER_KEY not in m
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+        assert replies[forgery, True][2][FISHER_KEY] != replies["none", True][2][FISHER_KEY]

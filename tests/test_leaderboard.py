@@ -464,3 +464,82 @@ def test_a_partial_page_says_so_and_ranks_no_defense_without_an_attacked_cell(tm
     assert "**How it was run:** two shards side by side" in page
     command = next(line for line in page.splitlines() if line.startswith("    python -m simulation leaderboard"))
     assert "--note" not in command and "side by side" not in command
+
+
+FORGED = """
+[attacks.fisher_noise]
+attack = "plus"
+fisher-forgery = "noise"
+"""
+
+
+def test_a_forged_fisher_column_shares_the_plus_cell_of_every_defense_that_reads_no_fisher(tmp_path, monkeypatch):
+    path = _board_file(tmp_path, '["fedavg", "fdcr", "sdfc", "flame"]')
+    path.write_text(path.read_text() + FORGED)
+    board = lb.Leaderboard.load(path)
+    for d in ("fedavg", "flame"):  # the forgery has nothing to act on: the same run config, the same cell
+        assert board.cell_config(d, "fisher_noise", 1) == board.cell_config(d, "plus", 1)
+    for d in ("fdcr", "sdfc"):
+        assert board.cell_config(d, "fisher_noise", 1)["fisher-forgery"] == "noise"
+        assert cell_id(board.cell_config(d, "fisher_noise", 1)) != cell_id(board.cell_config(d, "plus", 1))
+    assert board.shared_columns() == {"fisher_noise": "plus"}
+    assert len(board.cells()) == 4 * 4 * 2 and len(board.grid().cells) == 4 * 4 * 2 - 2 * 2  # each cell runs once
+    assert len({cell_id(c) for c in board.grid().cells}) == len(board.grid().cells)
+    results = tmp_path / "cells"
+    for cell in board.grid().cells:
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    out = tmp_path / "page"
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--report-only"])
+    page = (out / "index.md").read_text()
+    assert "**28 of 28 cells** finished" in page and "4 places of the matrix share a cell" in page
+    assert "fisher_noise with plus" in page
+    assert "**CPU time:** 0.12 h (420 s)" in page  # 28 cells x 15 s: a shared cell counted once
+    every = page.split("## Every cell")[1]
+    assert every.count("| flame | fisher_noise | 2 |") == 1  # the column shows the plus cell's figures
+    assert "fisher-forgery=noise" not in page.split("Registered attacks without a bundle here:")[-1]
+
+
+def test_uncovered_attacks_name_the_backdoors_and_forgeries_without_a_bundle():
+    missing = lb.uncovered_attacks({"clean": {"attack": "none", "model-poisoning": "none"},
+                                    "a3fl": {"attack": "a3fl"}, "mimic": {"attack": "plus", "fisher-forgery": "mimic"}})
+    assert "edge_case" in missing and "iba" in missing and "a3fl" not in missing
+    assert "fisher-forgery=noise" in missing and "fisher-forgery=clean" in missing
+    assert "fisher-forgery=mimic" not in missing and "fisher-forgery=none" not in missing
+    shipped = lb.Leaderboard.load(ROOT / "simulation" / "grids" / "leaderboard.toml")
+    assert lb.uncovered_attacks(shipped.attacks) == ["mask"]  # a trigger file of the user's own
+
+
+def test_a_file_that_extends_another_shares_its_cells_and_adds_columns(tmp_path, monkeypatch):
+    base = _board_file(tmp_path, '["flame", "krum"]')
+    child = tmp_path / "child.toml"
+    child.write_text('[leaderboard]\nextends = "board.toml"\nattacks = ["alie", "alie_partial"]\n'
+                     '[fixed]\nnum-server-rounds = 3\n'  # the same value: nothing changes
+                     '[attacks.alie_partial]\nattack = "none"\nmodel-poisoning = "alie"\nattacker-knowledge = "partial"\n')
+    parent, board = lb.Leaderboard.load(base), lb.Leaderboard.load(child)
+    assert board.extends == "board.toml" and board.name == "tiny" and board.defenses == ["flame", "krum"]
+    assert list(board.attacks) == ["clean", "alie", "alie_partial"]  # its own choice of columns
+    assert board.seeds == parent.seeds and board.defense_keys == parent.defense_keys
+    ids = {cell_id(c) for *_, c in parent.cells()}
+    shared = [a for d, a, s, c in board.cells() if cell_id(c) in ids]
+    assert set(shared) == {"clean", "alie"} and len(shared) == 2 + 2 * 2 * 2  # fedavg's clean cells too
+    assert lb.Leaderboard.load(child, attacks=["alie_partial"]).attacks.keys() == {"clean", "alie_partial"}
+    results = tmp_path / "cells"
+    for *_, cell in board.cells():
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    out = tmp_path / "page"
+    lb.main(["--grid", str(child), "--results", str(results), "--out", str(out), "--title", "Child",
+             "--report-only"])
+    assert f"(`{child.as_posix()}`, which extends `board.toml`" in (out / "index.md").read_text()
+    child.write_text('[leaderboard]\nextends = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match="extends = 'nowhere.toml'"):
+        lb.Leaderboard.load(child)
+
+
+def test_the_shipped_report_of_issue_17_reuses_the_leaderboards_full_knowledge_cells():
+    grids = ROOT / "simulation" / "grids"
+    board, report = lb.Leaderboard.load(grids / "leaderboard.toml"), lb.Leaderboard.load(grids / "attacks_protocol.toml")
+    ids = {cell_id(c) for *_, c in board.cells()}
+    for defense, attack, seed, cell in report.cells():
+        assert (cell_id(cell) in ids) is (not attack.endswith("_partial")), (defense, attack)

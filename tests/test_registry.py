@@ -183,3 +183,22 @@ def test_every_server_provided_parameter_comes_from_its_defenses_declaration(nam
             part = getattr(defense, param)
             assert part is not None and getattr(part, "model", None) is not model
         defense.validate()
+
+
+@pytest.mark.parametrize("name", sorted(DEFENSES))
+def test_reads_fisher_says_what_the_built_defense_asks_the_clients_for(name):
+    """``ExperimentConfig.reads_fisher`` (the leaderboard reads it without building a defense) agrees
+    with the built defense's ``needs_fisher``: alone, as RLR's base, and inside both wrappers."""
+    from server_app.app import build_defense
+
+    base = {"defense": name, "server-fraction": 0.1, "deepsight-num-samples": 20, "backdoor-indicator-ood-samples": 20,
+            **({"clip-norm": 1.0} if name == "norm_clipping" else {})}
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    server_data = (torch.rand(30, 1, 8, 8), torch.arange(30) % 10)
+    variants = [base, {**base, "pre-aggregation": "bucketing"}, {**base, "noise": 0.01}]
+    if name != "rlr":
+        variants.append({**base, "defense": "rlr", "rlr-aggregator": name})
+    for keys in variants:
+        cfg = ExperimentConfig.from_run_config(keys)
+        assert cfg.reads_fisher is bool(build_defense(cfg, model, server_data).needs_fisher), keys
+    assert ExperimentConfig.from_run_config(base).reads_fisher is (name in ("fdcr", "sdfc"))
