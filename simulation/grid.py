@@ -33,6 +33,7 @@ of N CPUs each, every one a cell's process as here with a private Ray instance o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -164,9 +165,10 @@ class CellOutcome:
     returncode: int
     reason: str | None  # the run's own FAILED line, if it printed one
     result: str  # its done line's figures, if it printed one
+    elsewhere: bool = False  # another process holds the cell's lock: it runs it, this one did not
 
     def failure(self, folder: Path, label: str) -> CellFailed | None:
-        if self.returncode == 0 and cell_state(folder) == "done":
+        if self.elsewhere or (self.returncode == 0 and cell_state(folder) == "done"):
             return None
         return CellFailed(f"cell {label} {folder.name}: "
                           f"{self.reason or f'its process exited with status {self.returncode}'} (its log: "
@@ -175,7 +177,22 @@ class CellOutcome:
 
 def run_cell(cell: dict, folder: Path, num_supernodes: int, on_round=None, env: dict | None = None) -> CellOutcome:
     """Run (or resume) one cell in its own process, writing into ``folder``; its CPU time goes to
-    the folder's cpu.jsonl and its output to ``<folder>.log``. ``on_round(r)`` hears each round."""
+    the folder's cpu.jsonl and its output to ``<folder>.log``. ``on_round(r)`` hears each round.
+    A cell another process is running (two shards of different cell lists, a report and the
+    leaderboard sharing a results folder) is left to it: ``<folder>.lock`` is held while a cell
+    runs, and a cell whose lock is taken is not started (``CellOutcome.elsewhere``)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return CellOutcome(0, None, "running in another process: left to it", elsewhere=True)
+        if cell_state(folder) == "done":  # finished by the process that held the lock before
+            return CellOutcome(0, None, "done by another process")
+        return _run_cell_locked(cell, folder, num_supernodes, on_round, env)
+
+
+def _run_cell_locked(cell: dict, folder: Path, num_supernodes: int, on_round, env: dict | None) -> CellOutcome:
     state = cell_state(folder)
     overrides = {**cell, "results-dir": str(folder.parent), "run-name": folder.name, "resume": state == "partial"}
     if state == "new" and folder.exists():

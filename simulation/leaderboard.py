@@ -34,9 +34,9 @@ Leaderboard file: a grid file whose ``[fixed]`` table is the protocol, plus
 
 Cells are defense x attack x seed, each the protocol plus the defense's keys plus the attack's bundle;
 a cell's folder is named by a hash of its run config (``grid.cell_id``), so the page finds every cell
-of the matrix in any of the results folders it is given, and finished cells are never rerun. A key
-the row's defense never reads is dropped from its run config (``effective_config``: a forged Fisher
-against a defense that asks for none), so such a column shares the cell of the column without it.
+of the matrix in any of the results folders it is given, and finished cells are never rerun. A
+forged Fisher against a defense that asks the clients for none is dropped from the cell's run config
+(``effective_config``), so such a column shares the cell of the column without it.
 
 A file of its own can extend another and add or choose columns (a report over the leaderboard's
 cells plus a few of its own; ``simulation/grids/attacks_protocol.toml`` is issue 17's):
@@ -116,6 +116,7 @@ class Leaderboard:
     clean: str = "clean"
     path: str = DEFAULT_GRID
     extends: str | None = None  # the leaderboard file this one extends (read_spec)
+    subset: bool = False  # defenses or attacks chosen (arguments, the file's own attacks list)
 
     @classmethod
     def load(cls, path: str | Path, defenses: list[str] | None = None, attacks: list[str] | None = None,
@@ -127,8 +128,11 @@ class Leaderboard:
         spec = read_spec(Path(path))
         meta, board = spec.get("grid", {}), spec.get("leaderboard", {})
         bundles = {name: dict(keys) for name, keys in spec.get("attacks", {}).items()}
-        if attacks is None and board.get("attacks", "all") != "all":
-            attacks = list(board["attacks"])  # the file's own choice of columns; --attacks overrides it
+        if attacks is None and board.get("attacks", "all") != "all":  # the file's own columns; --attacks overrides
+            if not isinstance(board["attacks"], list):
+                raise ConfigError(f"leaderboard file {path}: [leaderboard] attacks must be \"all\" or a list of "
+                                  f"bundle names, not {board['attacks']!r}")
+            attacks = list(board["attacks"])
         clean = board.get("clean", "clean")
         if clean not in bundles:
             raise ConfigError(f"leaderboard file {path}: [attacks.{clean}] (the bundle without attackers) is missing")
@@ -160,10 +164,10 @@ class Leaderboard:
         out = cls(name=meta.get("name", Path(path).stem), num_supernodes=int(meta.get("num-supernodes", 10)),
                   fixed=dict(spec.get("fixed", {})), defenses=names, attacks=bundles, seeds=board_seeds,
                   defense_keys=defense_keys, variants=variants, baseline=baseline, clean=clean, path=str(path),
-                  extends=spec.get("extends"))
-        for defense, attack, seed, cell in out.cells():  # a bad cell fails before anything runs
+                  extends=spec.get("extends"), subset=bool(defenses) or attacks is not None)
+        for defense, attack, seed in out.places():  # a bad cell fails before anything runs
             try:
-                ExperimentConfig.from_run_config(cell).check_federation(out.num_supernodes)
+                ExperimentConfig.from_run_config(out.cell_config(defense, attack, seed)).check_federation(out.num_supernodes)
             except ConfigError as err:
                 raise ConfigError(f"leaderboard cell defense={defense} attack={attack} seed={seed}: {err}") from None
         return out
@@ -177,18 +181,16 @@ class Leaderboard:
                 "defense": base, "seed": seed}
         return effective_config(cell)
 
-    def cells(self) -> list[tuple[str, str, int, dict]]:
-        """(defense, attack, seed, run config) of every cell: seed, then attack, then defense, so a
+    def places(self) -> list[tuple[str, str, int]]:
+        """(defense, attack, seed) of every place of the matrix: seed, then attack, then defense, so a
         round-robin shard gets a share of every defense and attack; the baseline's clean cells
         come first even when the baseline is not among the chosen defenses."""
-        out = []
-        if self.baseline not in self.defenses:
-            out += [(self.baseline, self.clean, s, self.cell_config(self.baseline, self.clean, s)) for s in self.seeds]
-        for seed in self.seeds:
-            for attack in self.attacks:
-                for defense in self.defenses:
-                    out.append((defense, attack, seed, self.cell_config(defense, attack, seed)))
-        return out
+        out = [(self.baseline, self.clean, s) for s in self.seeds] if self.baseline not in self.defenses else []
+        return out + [(d, a, s) for s in self.seeds for a in self.attacks for d in self.defenses]
+
+    def cells(self) -> list[tuple[str, str, int, dict]]:
+        """(defense, attack, seed, run config) of every place (``places``)."""
+        return [(d, a, s, self.cell_config(d, a, s)) for d, a, s in self.places()]
 
     def grid(self) -> Grid:
         """The cells to run, each once: two columns that give a row the same run config (see
@@ -206,7 +208,7 @@ class Leaderboard:
         return shared
 
 
-def read_spec(path: Path) -> dict:
+def read_spec(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """A leaderboard file's tables; with ``[leaderboard] extends = "FILE"`` (a path relative to it),
     the tables of FILE updated by its own: the same protocol, rows and bundles plus the ones it adds
     (a report of its own whose shared cells have the same run configs, and so the same folders, as
@@ -221,7 +223,10 @@ def read_spec(path: Path) -> dict:
     base_path = path.parent / parent
     if not base_path.is_file():
         raise ConfigError(f"leaderboard file {path}: [leaderboard] extends = {parent!r}: no such file next to it")
-    base = read_spec(base_path)
+    if base_path.resolve() in {p.resolve() for p in (*_seen, path)}:
+        raise ConfigError(f"leaderboard file {path}: [leaderboard] extends = {parent!r} extends itself "
+                          "(a cycle of files)")
+    base = read_spec(base_path, (*_seen, path))
     base.pop("extends", None)
     merged = {"extends": parent}
     for table in {*base, *spec} - {"extends"}:
@@ -727,7 +732,7 @@ def main(argv: list[str]) -> None:
     command = "python -m simulation leaderboard " + shlex.join(kept)
     page = write_page(board, roots, Path(args.out).resolve(), command.strip(), args.training_share, args.gpu_step_ms,
                       args.note, title=args.title,
-                      subset=bool(args.defenses or args.attacks or board.extends))
+                      subset=board.subset or bool(board.extends))
     print(f"[fl-defense] leaderboard page: {page}")
 
 

@@ -541,5 +541,19 @@ def test_the_shipped_report_of_issue_17_reuses_the_leaderboards_full_knowledge_c
     grids = ROOT / "simulation" / "grids"
     board, report = lb.Leaderboard.load(grids / "leaderboard.toml"), lb.Leaderboard.load(grids / "attacks_protocol.toml")
     ids = {cell_id(c) for *_, c in board.cells()}
+    own = {"alie_20pct", "min_max_20pct"}  # the papers' attacker share, next to the protocol's
     for defense, attack, seed, cell in report.cells():
-        assert (cell_id(cell) in ids) is (not attack.endswith("_partial")), (defense, attack)
+        assert (cell_id(cell) in ids) is (attack in board.attacks), (defense, attack)
+        assert (attack in board.attacks) is not (attack.endswith("_partial") or attack in own)
+    assert report.subset and report.extends == "leaderboard.toml"
+
+
+def test_a_cycle_of_extended_files_and_a_bad_attacks_choice_fail_naming_the_key(tmp_path):
+    (tmp_path / "a.toml").write_text('[leaderboard]\nextends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('[leaderboard]\nextends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="extends itself"):
+        lb.Leaderboard.load(tmp_path / "a.toml")
+    path = _board_file(tmp_path)
+    path.write_text(path.read_text().replace("seeds = [1, 2]", 'seeds = [1, 2]\nattacks = "alie"'))
+    with pytest.raises(ConfigError, match="attacks must be"):
+        lb.Leaderboard.load(path)

@@ -162,3 +162,39 @@ def test_the_window_table_summarises_lifespans_over_seeds(tmp_path):
     assert cells[5:10] == ["1-2", "2", "3", "0.533 ± 0.306", "0.700 ± 0.200"]
     assert cells[10] == "1.000 ± 1.000"  # lifespans below 0.5: 1, 2, 0
     assert cells[11] == "1.500 ± 0.707 (1 of 3 never)"  # below 0.1: 2, never, 1
+
+
+def test_a_cell_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
+    """Two runs over one results folder (a report and the leaderboard, shards of different cell
+    lists) never run a cell at once: the one that finds the cell's lock taken leaves it, without
+    failing, and a later run (the lock free) runs it."""
+    import fcntl
+
+    import simulation.grid as g
+
+    grid = _grid(tmp_path)
+    out = tmp_path / "out"
+    mine = grid.sharded(1, 4).cells
+    launched = []
+
+    class FakeCell:
+        def __init__(self, cmd, **kwargs):
+            overrides = json.loads(cmd[cmd.index("--run-config-json") + 1])
+            launched.append(overrides["run-name"])
+            cell = {k: v for k, v in overrides.items() if k not in ("results-dir", "run-name", "resume")}
+            _fake_run(Path(overrides["results-dir"]) / overrides["run-name"], cell)
+            self.stdout, self.returncode = [], 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(g.subprocess, "Popen", FakeCell)
+    out.mkdir()
+    busy = cell_id(mine[1])
+    with open(out / f"{busy}.lock", "w") as held:  # another process's run of that cell
+        fcntl.flock(held, fcntl.LOCK_EX)
+        g.run_grid(grid.sharded(1, 4), out, progress=False)
+    assert launched == [cell_id(c) for c in mine if cell_id(c) != busy]
+    assert not (out / busy / "summary.json").exists()
+    g.run_grid(grid.sharded(1, 4), out, progress=False)
+    assert launched[-1] == busy and len(launched) == len(mine)
