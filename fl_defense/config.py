@@ -190,6 +190,13 @@ class ExperimentConfig:
         if self.defense == "rlr" and self.rlr_theta > per_round:
             raise ConfigError(f"run-config key 'rlr-theta': {self.rlr_theta} exceeds the {per_round} clients "
                               f"sampled per round (sign sums cannot reach it; {hint})")
+        cls = DEFENSES.get(self.defense)
+        if cls is not None and not cls.server_provided:  # the rule's own bound (Bulyan's n >= 4f + 3, ...)
+            try:
+                cls(**self.defense_kwargs()).check_num_clients(per_round)
+            except ValueError as err:
+                keys = "'num-malicious'" if "num_malicious" in cls.param_names() else f"of defense {self.defense!r}"
+                raise ConfigError(f"run-config key {keys}: {err} ({per_round} clients sampled per round; {hint})") from None
         return per_round
 
     def data_config(self, num_partitions: int) -> DataConfig:

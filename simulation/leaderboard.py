@@ -117,6 +117,9 @@ class Leaderboard:
     path: str = DEFAULT_GRID
     extends: str | None = None  # the leaderboard file this one extends (read_spec)
     subset: bool = False  # defenses or attacks chosen (arguments, the file's own attacks list)
+    # (defense, attack) -> why the defense cannot run that column's configuration with the protocol's
+    # round (Bulyan told f = 2 of 10: n >= 4f + 3 fails): no cell, "n/a" on the page
+    unsupported: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path, defenses: list[str] | None = None, attacks: list[str] | None = None,
@@ -167,9 +170,15 @@ class Leaderboard:
                   extends=spec.get("extends"), subset=bool(defenses) or attacks is not None)
         for defense, attack, seed in out.places():  # a bad cell fails before anything runs
             try:
-                ExperimentConfig.from_run_config(out.cell_config(defense, attack, seed)).check_federation(out.num_supernodes)
+                cfg = ExperimentConfig.from_run_config(out.cell_config(defense, attack, seed))
             except ConfigError as err:
                 raise ConfigError(f"leaderboard cell defense={defense} attack={attack} seed={seed}: {err}") from None
+            try:
+                cfg.check_federation(out.num_supernodes)
+            except ConfigError as err:  # a column this defense cannot run with the protocol's round: n/a,
+                if attack == out.clean:  # but a row that cannot run without attack is a wrong file
+                    raise ConfigError(f"leaderboard cell defense={defense} attack={attack} seed={seed}: {err}") from None
+                out.unsupported[(defense, attack)] = str(err)
         return out
 
     def cell_config(self, defense: str, attack: str, seed: int) -> dict:
@@ -189,8 +198,8 @@ class Leaderboard:
         return out + [(d, a, s) for s in self.seeds for a in self.attacks for d in self.defenses]
 
     def cells(self) -> list[tuple[str, str, int, dict]]:
-        """(defense, attack, seed, run config) of every place (``places``)."""
-        return [(d, a, s, self.cell_config(d, a, s)) for d, a, s in self.places()]
+        """(defense, attack, seed, run config) of every place (``places``) the defense can run."""
+        return [(d, a, s, self.cell_config(d, a, s)) for d, a, s in self.places() if (d, a) not in self.unsupported]
 
     def grid(self) -> Grid:
         """The cells to run, each once: two columns that give a row the same run config (see
@@ -424,8 +433,9 @@ def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
     return ranked + unranked
 
 
-def heatmap_table(summary, metric: str, defenses: list[str], attacks: list[str]) -> str:
-    """Markdown: defenses as rows, attacks as columns, mean ± std over seeds of ``metric``."""
+def heatmap_table(summary, metric: str, defenses: list[str], attacks: list[str], unsupported=()) -> str:
+    """Markdown: defenses as rows, attacks as columns, mean ± std over seeds of ``metric``; "n/a"
+    where the defense cannot run the column (``unsupported``), "not run" where its cell is missing."""
     digits = METRICS[metric][1]
     lines = ["| defense | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     for d in defenses:
@@ -435,7 +445,7 @@ def heatmap_table(summary, metric: str, defenses: list[str], attacks: list[str])
                 s = summary.loc[(d, a)]
                 cells.append(fmt(s[f"{metric}_mean"], s[f"{metric}_std"], digits))
             else:
-                cells.append("not run")
+                cells.append("n/a" if (d, a) in unsupported else "not run")
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -616,7 +626,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
             continue
         png = plot_heatmap(summary, metric, rows, cols, out / f"heatmap_{metric}.png", **style)
         lines += ["", f"## {heading}", "", text, "", f"![{heading}]({png.name})", "",
-                  heatmap_table(summary, metric, rows, cols)]
+                  heatmap_table(summary, metric, rows, cols, board.unsupported)]
     lines += ["", "## Every cell", "",
               "Final and mean accuracy (rounds 1..N), attack success at the window's end, its worst round, at the "
               "run's end, rounds after the window until it falls below 0.5 (`-`: never within the tail), "
@@ -634,6 +644,9 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     lines += ["", "## Attack bundles", "", "| attack | run-config keys |", "|---|---|"]
     for a, keys in board.attacks.items():
         lines.append(f"| {a} | {' '.join(f'{k}={json.dumps(v)}' for k, v in keys.items())} |")
+    if board.unsupported:
+        lines += ["", "Not applicable (n/a; no cell): " + "; ".join(
+            f"{d} x {a}: {why.split(' (')[0]}" for (d, a), why in board.unsupported.items()) + "."]
     missing = uncovered_attacks(board.attacks)
     if missing:
         lines += ["", f"Registered attacks without a bundle here: {', '.join(missing)}."]

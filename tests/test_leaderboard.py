@@ -557,3 +557,27 @@ def test_a_cycle_of_extended_files_and_a_bad_attacks_choice_fail_naming_the_key(
     path.write_text(path.read_text().replace("seeds = [1, 2]", 'seeds = [1, 2]\nattacks = "alie"'))
     with pytest.raises(ConfigError, match="attacks must be"):
         lb.Leaderboard.load(path)
+
+
+def test_a_column_a_defense_cannot_run_is_not_applicable_and_a_bad_key_still_fails(tmp_path, monkeypatch):
+    path = _board_file(tmp_path, '["fedavg", "bulyan"]')
+    path.write_text(path.read_text() + '[attacks.alie_f2]\nattack = "none"\nmodel-poisoning = "alie"\n'
+                    'num-malicious = 2\n')  # 2 sampled of 10: Bulyan needs 4f + 3 = 11
+    board = lb.Leaderboard.load(path)
+    assert list(board.unsupported) == [("bulyan", "alie_f2")]
+    assert "Bulyan needs n >= 4f + 3" in board.unsupported[("bulyan", "alie_f2")]
+    assert all((d, a) != ("bulyan", "alie_f2") for d, a, *_ in board.cells())
+    assert ("fedavg", "alie_f2", 1) in [(d, a, s) for d, a, s, _ in board.cells()]
+    results = tmp_path / "cells"
+    for *_, cell in board.cells():
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    out = tmp_path / "page"
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--report-only"])
+    page = (out / "index.md").read_text()
+    assert "| bulyan | " in page and " n/a |" in page and "not run" not in page
+    assert "Not applicable (n/a; no cell): bulyan x alie_f2: run-config key 'num-malicious'" in page
+    assert f"**{len(board.cells())} of {len(board.cells())} cells**" in page
+    path.write_text(path.read_text().replace("num-malicious = 2", 'num-malicious = "two"'))
+    with pytest.raises(ConfigError, match="num-malicious"):  # a bad value is no n/a: the file fails
+        lb.Leaderboard.load(path)
