@@ -119,16 +119,11 @@ def test_a_shard_runs_only_its_cells_and_skips_finished_ones(tmp_path, monkeypat
     assert len(table) == 1 + len(mine) * 4 and not (out / "table.csv").exists()
 
 
-def test_a_shard_starts_exactly_its_unfinished_cells(tmp_path, monkeypatch):
-    import simulation.grid as g
+def _fake_cell_process(launched: list):
+    """A stand-in for a cell's process: records the run's name in ``launched`` and writes a
+    finished run where the cell would."""
 
-    grid = _grid(tmp_path)
-    out = tmp_path / "out"
-    mine = grid.sharded(1, 4).cells
-    _fake_run(out / cell_id(mine[0]), mine[0])  # done before: skipped
-    launched = []
-
-    class FakeCell:  # stands in for the cell's process: writes a finished run where it would
+    class FakeCell:
         def __init__(self, cmd, **kwargs):
             overrides = json.loads(cmd[cmd.index("--run-config-json") + 1])
             launched.append(overrides["run-name"])
@@ -139,7 +134,18 @@ def test_a_shard_starts_exactly_its_unfinished_cells(tmp_path, monkeypatch):
         def wait(self):
             return 0
 
-    monkeypatch.setattr(g.subprocess, "Popen", FakeCell)
+    return FakeCell
+
+
+def test_a_shard_starts_exactly_its_unfinished_cells(tmp_path, monkeypatch):
+    import simulation.grid as g
+
+    grid = _grid(tmp_path)
+    out = tmp_path / "out"
+    mine = grid.sharded(1, 4).cells
+    _fake_run(out / cell_id(mine[0]), mine[0])  # done before: skipped
+    launched = []
+    monkeypatch.setattr(g.subprocess, "Popen", _fake_cell_process(launched))
     folders = g.run_grid(grid.sharded(1, 4), out, progress=False)
     assert launched == [cell_id(c) for c in mine[1:]]
     assert [f.name for f in folders] == [cell_id(c) for c in mine]
@@ -176,19 +182,7 @@ def test_a_cell_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
     out = tmp_path / "out"
     mine = grid.sharded(1, 4).cells
     launched = []
-
-    class FakeCell:
-        def __init__(self, cmd, **kwargs):
-            overrides = json.loads(cmd[cmd.index("--run-config-json") + 1])
-            launched.append(overrides["run-name"])
-            cell = {k: v for k, v in overrides.items() if k not in ("results-dir", "run-name", "resume")}
-            _fake_run(Path(overrides["results-dir"]) / overrides["run-name"], cell)
-            self.stdout, self.returncode = [], 0
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(g.subprocess, "Popen", FakeCell)
+    monkeypatch.setattr(g.subprocess, "Popen", _fake_cell_process(launched))
     out.mkdir()
     busy = cell_id(mine[1])
     with open(out / f"{busy}.lock", "w") as held:  # another process's run of that cell
