@@ -84,3 +84,20 @@ def test_flwr_run_with_managed_superlink(tmp_path):
         _check_results(tmp_path / "cli", 2, "fedavg")
     finally:
         stop_managed_superlink(tmp_path / "flwr_home")
+
+
+def test_the_app_bundle_flwr_run_ships_holds_the_app_and_stays_under_flowers_limit():
+    """`flwr run .` packs the checkout into a FAB of at most FAB_MAX_SIZE; the committed leaderboard
+    records alone outgrow it, so pyproject's fab-exclude leaves out what no run reads."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    fab = build_fab_from_disk(ROOT)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert len(fab) < FAB_MAX_SIZE // 4
+    for needed in ("fl_defense/rounds.py", "client_app/app.py", "server_app/app.py", "simulation/run.py"):
+        assert needed in names
+    assert not any(n.startswith(("docs/", "tests/", "benchmarks/")) for n in names)
