@@ -525,6 +525,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     table = add_accuracy_drop(collect(board, roots), board.baseline, board.clean)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "cells.csv", index=False)
+    places = len(board.cells())
     total = len(board.grid().cells)
     if table.empty:
         raise FileNotFoundError(f"no finished leaderboard cells under {', '.join(map(str, roots))}")
@@ -562,10 +563,10 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"seeds {', '.join(map(str, board.seeds))}. Every figure: mean ± std over seeds.", "",
         f"**{finished} of {total} cells** finished ({len(defenses)} defenses x {len(attacks)} attack columns x "
         f"{len(board.seeds)} seed{'s' if len(board.seeds) != 1 else ''}"
-        + (f"; {len(board.cells()) - total} places of the matrix share a cell with another column ("
+        + (f"; {places - total} places of the matrix share a cell with another column ("
            + "; ".join(f"{a} with {o}" for a, o in board.shared_columns().items())
            + ") where the row's defense does not read the key that tells them apart: `fisher-forgery` reaches "
-           "only a defense that asks the clients for Fisher" if total < len(board.cells()) else "") + ").", "",
+           "only a defense that asks the clients for Fisher" if total < places else "") + ").", "",
         "Command (resumable; `--shard i/k` splits it; `--report-only` regenerates this page from the results "
         "without running a cell):", "", f"    {command}", "",
         f"**CPU time:** {cpu_total / 3600:.2f} h ({cpu_total:,.0f} s), the sum of every cell's process CPU time (user + system of the "
