@@ -22,7 +22,13 @@ from .run_keys import fraction as _fraction, non_negative as _non_negative, posi
 
 
 class ConfigError(ValueError):
-    """A run-config value that cannot work; the message names the key."""
+    """A run-config value that cannot work; the message names the key. ``reason``, where given, is
+    the message without its advice (what a table of cells a config cannot run shows); else the
+    message itself."""
+
+    def __init__(self, *args, reason: str | None = None) -> None:
+        super().__init__(*args)
+        self.reason = reason if reason is not None else (str(args[0]) if args else "")
 
 
 def _key(doc: str, choices: tuple | None = None, check=None):
@@ -182,21 +188,27 @@ class ExperimentConfig:
         """Check the config against a federation of ``num_nodes``; return the clients per round."""
         available = self.min_available_clients or num_nodes
         per_round = max(int(available * self.fraction_fit), self.min_fit_clients)
-        hint = (f"the federation has {num_nodes} SuperNodes; simulate a larger one with "
-                f"--federation-config \"num-supernodes=N\" (flwr run) or --num-supernodes N "
-                f"(fl-defense, python -m simulation.run)")
+        size = f"the federation has {num_nodes} SuperNodes"
+        grow = ("simulate a larger one with --federation-config \"num-supernodes=N\" (flwr run) or --num-supernodes N "
+                "(fl-defense, python -m simulation.run)")
+        hint = f"{size}; {grow}"
+
+        def fail(reason: str, advice: str):
+            return ConfigError(f"{reason} ({advice})", reason=reason)
+
         if per_round > max(num_nodes, available):
-            raise ConfigError(f"run-config key 'min-fit-clients': {self.min_fit_clients} clients per round, but {hint}")
+            raise fail(f"run-config key 'min-fit-clients': {self.min_fit_clients} clients per round, but {size}",
+                       grow)
         if self.defense == "rlr" and self.rlr_theta > per_round:
-            raise ConfigError(f"run-config key 'rlr-theta': {self.rlr_theta} exceeds the {per_round} clients "
-                              f"sampled per round (sign sums cannot reach it; {hint})")
+            raise fail(f"run-config key 'rlr-theta': {self.rlr_theta} exceeds the {per_round} clients sampled per round",
+                       f"sign sums cannot reach it; {hint}")
         cls = DEFENSES.get(self.defense)
         if cls is not None and not cls.server_provided:  # the rule's own bound (Bulyan's n >= 4f + 3, ...)
             try:
                 cls(**self.defense_kwargs()).check_num_clients(per_round)
             except ValueError as err:
                 keys = "'num-malicious'" if "num_malicious" in cls.param_names() else f"of defense {self.defense!r}"
-                raise ConfigError(f"run-config key {keys}: {err} ({per_round} clients sampled per round; {hint})") from None
+                raise fail(f"run-config key {keys}: {err}", f"{per_round} clients sampled per round; {hint}") from None
         return per_round
 
     def data_config(self, num_partitions: int) -> DataConfig:

@@ -178,7 +178,7 @@ class Leaderboard:
             except ConfigError as err:  # a column this defense cannot run with the protocol's round: n/a,
                 if attack == out.clean:  # but a row that cannot run without attack is a wrong file
                     raise ConfigError(f"leaderboard cell defense={defense} attack={attack} seed={seed}: {err}") from None
-                out.unsupported[(defense, attack)] = str(err)
+                out.unsupported[(defense, attack)] = err.reason  # the message without its advice
         return out
 
     def cell_config(self, defense: str, attack: str, seed: int) -> dict:
@@ -647,7 +647,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         lines.append(f"| {a} | {' '.join(f'{k}={json.dumps(v)}' for k, v in keys.items())} |")
     if board.unsupported:
         lines += ["", "Not applicable (n/a; no cell): " + "; ".join(
-            f"{d} x {a}: {why.split(' (')[0]}" for (d, a), why in board.unsupported.items()) + "."]
+            f"{d} x {a}: {why}" for (d, a), why in board.unsupported.items()) + "."]
     missing = uncovered_attacks(board.attacks)
     if missing:
         lines += ["", f"Registered attacks without a bundle here: {', '.join(missing)}."]
