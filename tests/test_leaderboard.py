@@ -548,6 +548,19 @@ def test_the_shipped_report_of_issue_17_reuses_the_leaderboards_full_knowledge_c
     assert report.subset and report.extends == "leaderboard.toml"
 
 
+def test_the_shipped_durability_report_boosts_each_backdoor_as_the_leaderboards_boost_column():
+    grids = ROOT / "simulation" / "grids"
+    board, report = lb.Leaderboard.load(grids / "leaderboard.toml"), lb.Leaderboard.load(grids / "durability_protocol.toml")
+    ids = {cell_id(c) for *_, c in board.cells()}
+    boost = board.attacks["boost"]
+    for defense, attack, seed, cell in report.cells():
+        assert (cell_id(cell) in ids) is (attack in ("clean", "boost")), (defense, attack)
+        if attack not in ("clean", "boost"):  # the state-of-the-art backdoor's own bundle, boosted as boost is
+            backdoor = attack.removesuffix("_boost")
+            assert {**board.attacks[backdoor], **boost, "attack": backdoor} == report.attacks[attack], attack
+    assert report.subset and set(report.defenses) <= set(board.defenses)
+
+
 def test_a_cycle_of_extended_files_and_a_bad_attacks_choice_fail_naming_the_key(tmp_path):
     (tmp_path / "a.toml").write_text('[leaderboard]\nextends = "b.toml"\n')
     (tmp_path / "b.toml").write_text('[leaderboard]\nextends = "a.toml"\n')
