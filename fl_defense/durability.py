@@ -8,7 +8,11 @@ Attackers attack in rounds ``start .. stop`` (the window; ``stop`` 0: no end). R
   0.5 / 0.1, that is ``r - stop`` for the first round ``r >= stop`` whose attack success is below
   the threshold: 0 when it is already below at the window's end, 1 when it falls in the first
   round without attack, None when it never does within the run or the window is still open at
-  the run's end (then ``window_closed`` is false).
+  the run's end (then ``window_closed`` is false);
+- ``mean_after_window``: mean attack success over the rounds after the window (the tail without
+  attack), None while the window is open. Under client sampling the attackers may sit out the
+  window's last rounds, so a backdoor can already have faded at its end (lifespan 0); the tail's
+  mean still tells a backdoor that stays at 0.3 from one back at the floor.
 
 Rounds whose attack success is unknown (None or NaN) never count as below a threshold.
 """
@@ -34,6 +38,13 @@ def lifespan(asr: Mapping[int, float | None], stop: int, threshold: float) -> in
     return None
 
 
+def mean_after_window(asr: Mapping[int, float | None], stop: int) -> float | None:
+    """Mean attack success over the recorded rounds after round ``stop`` (unknown ones left out);
+    None when ``stop`` is 0 (no end) or no known round follows it."""
+    after = [asr[r] for r in asr if stop > 0 and r > stop and _known(asr[r])]
+    return sum(after) / len(after) if after else None
+
+
 def window_metrics(asr: Mapping[int, float | None], start: int, stop: int) -> dict:
     """Attack success at the window's end, its worst round, and the lifespans (module docstring),
     from ``asr``: round -> attack success (round 0, the initial model, is never in the window)."""
@@ -53,4 +64,4 @@ def window_metrics(asr: Mapping[int, float | None], start: int, stop: int) -> di
     return out
 
 
-__all__ = ["THRESHOLDS", "lifespan", "window_metrics"]
+__all__ = ["THRESHOLDS", "lifespan", "mean_after_window", "window_metrics"]

@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
+from fl_defense.durability import mean_after_window
 
 from .grid import ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid
 
@@ -91,6 +92,7 @@ METRICS = {
     "asr_window_end": ("attack success at the window's end", 3),
     "asr_window_worst": ("worst attack success in the window", 3),
     "asr_final": ("attack success at the run's end", 3),
+    "asr_after_window": ("mean attack success after the window", 3),
     "lifespan_50": ("rounds after the window to < 0.5", 1),
     "tpr": ("TPR", 2),
     "fpr": ("FPR", 2),
@@ -292,6 +294,8 @@ def cell_metrics(folder: Path) -> dict:
         "asr_window_end": window.get("asr_window_end"),
         "asr_window_worst": window.get("asr_window_worst"),
         "asr_final": summary["final"].get("attack_success_rate"),
+        "asr_after_window": (mean_after_window({r["round"]: r.get("attack_success_rate") for r in rounds},
+                                               window.get("stop_round") or 0) if window.get("window_closed") else None),
         "lifespan_50": window.get("lifespan_50"),
         "lifespan_10": window.get("lifespan_10"),
         "window_closed": window.get("window_closed"),
@@ -611,6 +615,10 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     sections = [
         ("asr_window_end", "Attack success at the window's end", dict(vmin=0, vmax=1, cmap="magma"),
          "Triggered test images of other classes classified as the target, at the attack window's last round."),
+        ("asr_after_window", "Attack success after the window (durability)", dict(vmin=0, vmax=1, cmap="magma"),
+         "The same, averaged over the rounds after the window, when no one attacks: how long the backdoor "
+         "outlives its attackers. With 10 of 100 clients sampled the attackers may sit out the window's last "
+         "rounds, so the window's end can miss a backdoor that the tail still carries."),
         ("accuracy_drop", f"Accuracy drop against clean {board.baseline} (points)", dict(cmap="RdYlGn_r"),
          f"Clean {board.baseline}'s accuracy minus the cell's, seed by seed, in percentage points; the accuracy "
          "is the mean over the run's rounds (one round's swings by about 3 points with 10 of 100 clients "
@@ -630,7 +638,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                   heatmap_table(summary, metric, rows, cols, board.unsupported)]
     lines += ["", "## Every cell", "",
               "Final and mean accuracy (rounds 1..N), attack success at the window's end, its worst round, at the "
-              "run's end, rounds after the window until it falls below 0.5 (`-`: never within the tail), "
+              "run's end, its mean after the window, rounds after the window until it falls below 0.5 (`-`: never within the tail), "
               "TPR/FPR, mean aggregation and round time, and the cell's process CPU time. `cells.csv` has "
               "every seed.", "",
               "| defense | attack | seeds | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",

@@ -6,7 +6,7 @@ import pytest
 
 from fl_defense.attacks.poisoning import AttackSchedule
 from fl_defense.config import ConfigError, ExperimentConfig
-from fl_defense.durability import lifespan, window_metrics
+from fl_defense.durability import lifespan, mean_after_window, window_metrics
 
 
 def seq(*values):
@@ -21,6 +21,12 @@ def test_window_end_worst_and_lifespans():
     assert m["asr_window_worst"] == 0.95 and m["worst_round"] == 3
     assert m["lifespan_50"] == 2  # round 6 is the first below 0.5
     assert m["lifespan_10"] == 4  # round 8
+
+
+def test_mean_after_the_window_is_the_tails_mean_and_none_while_open():
+    asr = seq(0.0, 0.3, 0.9, 0.95, 0.8, 0.6, None, 0.2, 0.05)
+    assert mean_after_window(asr, 4) == pytest.approx((0.6 + 0.2 + 0.05) / 3)  # round 6 unknown: left out
+    assert mean_after_window(asr, 8) is None and mean_after_window(asr, 0) is None
 
 
 def test_never_below_within_the_run():

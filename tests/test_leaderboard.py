@@ -285,6 +285,7 @@ def test_cell_metrics_from_a_constructed_cell(tmp_path):
     assert m["accuracy_mean"] == pytest.approx((0.5 + 0.5 + 0.9) / 3)  # rounds 1..N, not round 0
     assert (m["asr_window_end"], m["asr_window_worst"], m["asr_final"]) == (0.8, 0.8, 0.3)
     assert m["lifespan_50"] == 1 and m["lifespan_10"] is None
+    assert m["asr_after_window"] == 0.3  # round 3, the one round after the window (rounds 1-2)
     assert m["tpr"] == 1.0 and m["fpr"] == pytest.approx(0.1)
     assert m["cpu_seconds"] == 15.0  # every attempt of the cell
     assert m["round_seconds"] == 2.0 and m["aggregation_seconds"] == 0.01
