@@ -170,7 +170,14 @@ class Leaderboard:
                   fixed=dict(spec.get("fixed", {})), defenses=names, attacks=bundles, seeds=board_seeds,
                   defense_keys=defense_keys, variants=variants, baseline=baseline, clean=clean, path=str(path),
                   extends=spec.get("extends"), subset=bool(defenses) or attacks is not None)
-        for defense, attack, seed in out.places():  # a bad cell fails before anything runs
+        # a bad cell fails before anything runs; a cell's seed changes only its "seed" key, so every
+        # (row, column) is checked with the first seed and every seed with the first row's clean cell
+        first: dict[tuple[str, str], int] = {}
+        for defense, attack, seed in out.places():
+            first.setdefault((defense, attack), seed)
+        checks = [(d, a, s) for (d, a), s in first.items()]
+        checks += [(out.baseline, out.clean, s) for s in out.seeds if s != first.get((out.baseline, out.clean))]
+        for defense, attack, seed in checks:
             try:
                 cfg = ExperimentConfig.from_run_config(out.cell_config(defense, attack, seed))
             except ConfigError as err:
