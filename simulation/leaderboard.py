@@ -50,8 +50,10 @@ cells plus a few of its own; ``simulation/grids/attacks_protocol.toml`` is issue
     attacker-knowledge = "partial"
 
 Per cell: final and mean accuracy (rounds 1..N), the accuracy drop against clean FedAvg (mean
-accuracy, same seed, percentage points), attack success at the window's end, the worst in it, at the run's end and the
-lifespan (rounds after the window until below 0.5; ``fl_defense.durability``), TPR/FPR over the
+accuracy, same seed, percentage points), attack success at the window's end, the worst in it, at the run's end, its
+mean after the window and the lifespans (rounds after the window until below 0.5 and 0.1; ``fl_defense.durability``;
+a backdoor still above at the run's end counts as the tail's length plus one and the page marks the mean as a
+lower bound, ``>=``), TPR/FPR over the
 rounds where defined, aggregation and round time, and the process CPU time of the cell
 (``cpu.jsonl``, written by the grid runner). Every table gives mean ± std over seeds.
 
@@ -85,6 +87,7 @@ DEFAULT_PAGE = "docs/results/leaderboard"
 RECORD_FILES = ("summary.json", "rounds.jsonl", "timings.jsonl", "cpu.jsonl")
 
 # metric -> (heading, digits); values per cell and seed, mean ± std over seeds in the page
+LIFESPANS = ("lifespan_50", "lifespan_10")  # right-censored when the tail ends first (lifespans())
 METRICS = {
     "accuracy_final": ("final accuracy", 3),
     "accuracy_mean": ("mean accuracy", 3),
@@ -94,6 +97,7 @@ METRICS = {
     "asr_final": ("attack success at the run's end", 3),
     "asr_after_window": ("mean attack success after the window", 3),
     "lifespan_50": ("rounds after the window to < 0.5", 1),
+    "lifespan_10": ("rounds after the window to < 0.1", 1),
     "tpr": ("TPR", 2),
     "fpr": ("FPR", 2),
     "aggregation_seconds": ("aggregation (s)", 4),
@@ -303,8 +307,7 @@ def cell_metrics(folder: Path) -> dict:
         "asr_final": summary["final"].get("attack_success_rate"),
         "asr_after_window": (mean_after_window({r["round"]: r.get("attack_success_rate") for r in rounds},
                                                window.get("stop_round") or 0) if window.get("window_closed") else None),
-        "lifespan_50": window.get("lifespan_50"),
-        "lifespan_10": window.get("lifespan_10"),
+        **lifespans(window, summary["rounds_completed"]),
         "window_closed": window.get("window_closed"),
         "tpr": summary.get("mean_over_rounds", {}).get("tpr"),
         "fpr": summary.get("mean_over_rounds", {}).get("fpr"),
@@ -315,6 +318,20 @@ def cell_metrics(folder: Path) -> dict:
         "rounds": summary["rounds_completed"],
         "attackers_sampled": sum(r.get("num_attackers_sampled") or 0 for r in trained),
     }
+
+
+def lifespans(window: dict, last_round: int) -> dict:
+    """The lifespans of a closed window (``fl_defense.durability``) as the page averages them: a
+    backdoor that never falls below the threshold within the run's tail is right-censored, its
+    lifespan at least the tail's length plus one; that lower bound is the value, and
+    ``<metric>_censored`` says so. An open window (or none) has no lifespan."""
+    out = {}
+    for m in LIFESPANS:
+        value, censored = window.get(m), False
+        if window.get("window_closed") and value is None:
+            value, censored = last_round - window["stop_round"] + 1, True
+        out[m], out[f"{m}_censored"] = value, censored
+    return out
 
 
 def collect(board: Leaderboard, roots: list[Path]):
@@ -329,8 +346,8 @@ def collect(board: Leaderboard, roots: list[Path]):
         if folder is None:
             continue
         rows.append({"defense": defense, "attack": attack, "seed": seed, "cell": name, **cell_metrics(folder)})
-    return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS, "lifespan_10",
-                                       "window_closed", "rounds", "attackers_sampled", "capability"])
+    return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS,
+                                       *(f"{m}_censored" for m in LIFESPANS), "window_closed", "rounds", "attackers_sampled", "capability"])
 
 
 def finished_folder(name: str, roots: list[Path]) -> Path | None:
@@ -375,7 +392,8 @@ def add_accuracy_drop(table, baseline: str, clean: str, metric: str = "accuracy_
 
 def summarise(table):
     """Per defense and attack: the mean, the standard deviation (ddof 1; NaN with one seed) and the
-    number of seeds of every metric."""
+    number of seeds of every metric; ``<lifespan>_censored``: whether any seed's lifespan is only a
+    lower bound (``lifespans``), which makes the mean one too."""
     import pandas as pd
 
     metrics = [m for m in METRICS if m in table]
@@ -387,6 +405,10 @@ def summarise(table):
     g = numeric.groupby(["defense", "attack"], sort=False)
     out = g[metrics].mean().add_suffix("_mean").join(g[metrics].std(ddof=1).add_suffix("_std"))
     out["seeds"] = g.size()
+    for m in LIFESPANS:
+        if f"{m}_censored" in table:
+            flags = table[["defense", "attack"]].assign(c=table[f"{m}_censored"].fillna(False).astype(bool))
+            out[f"{m}_censored"] = flags.groupby(["defense", "attack"], sort=False)["c"].any()
     return out
 
 
@@ -397,6 +419,17 @@ def fmt(mean: float | None, std: float | None, digits: int) -> str:
     if std is None or (isinstance(std, float) and math.isnan(std)):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary_text(s, metric: str) -> str:
+    """One summary row's ``metric`` as the page shows it: ``fmt``, or '>= m' for a lifespan that some
+    seed's tail ended before (its mean is a lower bound, and no spread is shown)."""
+    import numpy as np
+
+    censored = s.get(f"{metric}_censored")
+    if isinstance(censored, (bool, np.bool_)) and censored:
+        return f">= {s[f'{metric}_mean']:.{METRICS[metric][1]}f}"
+    return fmt(s[f"{metric}_mean"], s[f"{metric}_std"], METRICS[metric][1])
 
 
 def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
@@ -447,14 +480,12 @@ def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
 def heatmap_table(summary, metric: str, defenses: list[str], attacks: list[str], unsupported=()) -> str:
     """Markdown: defenses as rows, attacks as columns, mean ± std over seeds of ``metric``; "n/a"
     where the defense cannot run the column (``unsupported``), "not run" where its cell is missing."""
-    digits = METRICS[metric][1]
     lines = ["| defense | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     for d in defenses:
         cells = []
         for a in attacks:
             if (d, a) in summary.index:
-                s = summary.loc[(d, a)]
-                cells.append(fmt(s[f"{metric}_mean"], s[f"{metric}_std"], digits))
+                cells.append(summary_text(summary.loc[(d, a)], metric))
             else:
                 cells.append("n/a" if (d, a) in unsupported else "not run")
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
@@ -645,7 +676,9 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                   heatmap_table(summary, metric, rows, cols, board.unsupported)]
     lines += ["", "## Every cell", "",
               "Final and mean accuracy (rounds 1..N), attack success at the window's end, its worst round, at the "
-              "run's end, its mean after the window, rounds after the window until it falls below 0.5 (`-`: never within the tail), "
+              "run's end, its mean after the window, rounds after the window until it falls below 0.5 and below 0.1 "
+              "(`>= m`: in some seed it never did within the tail, that seed counted at the tail's length plus one, "
+              "so the mean is a lower bound; `-`: the window never closed), "
               "TPR/FPR, mean aggregation and round time, and the cell's process CPU time. `cells.csv` has "
               "every seed.", "",
               "| defense | attack | seeds | " + " | ".join(METRICS[m][0] for m in METRICS) + " |",
@@ -656,7 +689,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                 continue
             s = summary.loc[(d, a)]
             lines.append(f"| {d} | {a} | {int(s['seeds'])} | "
-                         + " | ".join(fmt(s[f'{m}_mean'], s[f'{m}_std'], METRICS[m][1]) for m in METRICS) + " |")
+                         + " | ".join(summary_text(s, m) for m in METRICS) + " |")
     lines += ["", "## Attack bundles", "", "| attack | run-config keys |", "|---|---|"]
     for a, keys in board.attacks.items():
         lines.append(f"| {a} | {' '.join(f'{k}={json.dumps(v)}' for k, v in keys.items())} |")

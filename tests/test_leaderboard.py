@@ -284,12 +284,33 @@ def test_cell_metrics_from_a_constructed_cell(tmp_path):
     assert m["accuracy_final"] == pytest.approx(0.9)
     assert m["accuracy_mean"] == pytest.approx((0.5 + 0.5 + 0.9) / 3)  # rounds 1..N, not round 0
     assert (m["asr_window_end"], m["asr_window_worst"], m["asr_final"]) == (0.8, 0.8, 0.3)
-    assert m["lifespan_50"] == 1 and m["lifespan_10"] is None
+    assert (m["lifespan_50"], m["lifespan_50_censored"]) == (1, False)
+    # never below 0.1 in the run: right-censored, at least the one-round tail plus one
+    assert (m["lifespan_10"], m["lifespan_10_censored"]) == (2, True)
     assert m["asr_after_window"] == 0.3  # round 3, the one round after the window (rounds 1-2)
     assert m["tpr"] == 1.0 and m["fpr"] == pytest.approx(0.1)
     assert m["cpu_seconds"] == 15.0  # every attempt of the cell
     assert m["round_seconds"] == 2.0 and m["aggregation_seconds"] == 0.01
     assert lb._steps(tmp_path / "c", epochs=2, batch_size=16) == 3 * 10 * 2 * 4
+
+
+def test_a_lifespan_the_tail_ended_first_is_a_lower_bound_and_the_page_says_so():
+    # rounds 0..5, window 1-2: seed 1's backdoor falls below 0.5 two rounds after it, seed 2's never
+    # within the three-round tail (at least 4); an open window has no lifespan at all
+    closed = {"window_closed": True, "stop_round": 2}
+    assert lb.lifespans({**closed, "lifespan_50": 2, "lifespan_10": None}, 5) == {
+        "lifespan_50": 2, "lifespan_50_censored": False, "lifespan_10": 4, "lifespan_10_censored": True}
+    assert lb.lifespans({"window_closed": False, "stop_round": 9, "lifespan_50": None}, 5)["lifespan_50"] is None
+    rows = [{"defense": "fedavg", "attack": "a", "seed": s, **lb.lifespans({**closed, "lifespan_50": l50,
+                                                                               "lifespan_10": l10}, 5)}
+            for s, l50, l10 in [(1, 2, 3), (2, None, 1)]]
+    rows.append({"defense": "fedavg", "attack": "b", "seed": 1, **lb.lifespans({**closed, "lifespan_50": 0,
+                                                                                  "lifespan_10": 1}, 5)})
+    summary = lb.summarise(pd.DataFrame(rows))
+    a, b = summary.loc[("fedavg", "a")], summary.loc[("fedavg", "b")]
+    assert lb.summary_text(a, "lifespan_50") == ">= 3.0"  # (2 + 4) / 2, a bound: seed 2 never fell
+    assert lb.summary_text(a, "lifespan_10") == "2.0 ± 1.4"  # both fell: a mean with its spread
+    assert (lb.summary_text(b, "lifespan_50"), lb.summary_text(b, "lifespan_10")) == ("0.0", "1.0")
 
 
 def test_cpu_records_name_the_hosts_capability_and_the_page_counts_cells_by_it(tmp_path, monkeypatch):
