@@ -171,6 +171,9 @@ class ExperimentConfig:
         if self.model_replacement > 0 and self.model_poisoning != "pgd":
             raise ConfigError("run-config key 'model-replacement': Wang et al.'s model replacement boosts a PGD "
                               f"update; set model-poisoning=pgd (is {self.model_poisoning!r})")
+        if self.value("rlr-adaptive-boost") != 1.0 and self.model_poisoning != "rlr_adaptive":
+            raise ConfigError("run-config key 'rlr-adaptive-boost': only model-poisoning=rlr_adaptive boosts its push; "
+                              f"model-poisoning={self.model_poisoning} does not read it (1: none)")
         if self.attack == "mask" and not self.trigger_file:
             raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
         # the configured model attack's own check (fisher_penalty's lambda, a colluding attack's target)

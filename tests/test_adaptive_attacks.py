@@ -65,6 +65,33 @@ def test_rlr_adaptive_update_is_zero_outside_the_coordinates_it_targets(knowledg
     assert attack.last_targeted == pytest.approx(float(expected.double().mean()))
 
 
+@pytest.mark.parametrize("knowledge", ["partial", "full"])
+def test_a_boosted_rlr_adaptive_scales_its_push_on_the_same_coordinates_only(knowledge):
+    # boosting (model replacement, x factor) scales the push on T; T itself is unchanged (a
+    # positive factor keeps every sign, so the attackers' vote A_j is the same), and outside T
+    # the update is still exactly zero
+    n, m = 10, 3
+    honest_all, poisoned = _rlr_round(n, m)
+    known = honest_all if knowledge == "full" else honest_all[:m]
+    rnd = AttackRound(n, m, knowledge=knowledge, poisoned=poisoned)
+    plain, boosted = RLRAdaptive(theta=4), RLRAdaptive(theta=4, boost=10.0)
+    targeted = plain.targeted(known, rnd)
+    assert torch.equal(boosted.targeted(known, rnd), targeted)
+    out = boosted.craft(known, rnd)
+    assert torch.equal(out[:, ~targeted], torch.zeros_like(out[:, ~targeted]))
+    torch.testing.assert_close(out[:, targeted], 10.0 * poisoned[:, targeted], rtol=0, atol=0)
+    torch.testing.assert_close(out, 10.0 * plain.craft(known, rnd), rtol=0, atol=0)
+
+
+def test_rlr_adaptive_boost_is_a_run_config_key_checked_at_start_up():
+    cfg = ExperimentConfig.from_run_config({"model-poisoning": "rlr_adaptive", "rlr-adaptive-boost": 10.0})
+    assert make_colluding(cfg.model_poisoning, **cfg.colluding_params()).boost == 10.0
+    with pytest.raises(ValueError, match="rlr-adaptive-boost"):
+        ExperimentConfig.from_run_config({"model-poisoning": "rlr_adaptive", "rlr-adaptive-boost": 0.5})
+    with pytest.raises(ValueError, match="rlr-adaptive-boost"):  # read only by rlr_adaptive
+        ExperimentConfig.from_run_config({"model-poisoning": "boost", "rlr-adaptive-boost": 10.0})
+
+
 def test_rlr_adaptive_partial_estimate_with_three_colluders_needs_them_unanimous():
     # n = 10, m = 3, theta = 4: (n - m) s_j = 7 s_j clears 4 only when s_j = +-1
     honest = torch.tensor([[1.0, 1.0, -1.0, 2.0], [1.0, -1.0, -1.0, 3.0], [1.0, 1.0, -1.0, -1.0]])

@@ -41,7 +41,7 @@ def test_attack_keys_sit_where_pyproject_has_always_listed_them():
     keys = ExperimentConfig.keys()
     block = list(config_module.ATTACK_KEYS)
     first = keys.index("boost-factor")
-    head = 10  # the one-attacker and colluding attacks' keys, before fisher-forgery
+    head = 11  # the one-attacker and colluding attacks' keys, before fisher-forgery
     assert keys[first - 1] == "dba-trigger" and keys[first:first + head] == block[:head]
     assert keys[first + head] == "fisher-forgery"
     assert keys[first + head + 1:first + head + 1 + len(block) - head] == block[head:]
@@ -93,7 +93,8 @@ def test_a_colluding_attack_is_built_from_its_declarations(name):
                                             "minmax-direction": "sign", "rlr-theta": 6})
     kwargs = cfg.colluding_params()
     assert set(kwargs) <= set(cls.param_names())
-    expected = {"z": 1.5, "epsilon": 0.3, "direction": "sign", "target": "agnostic", "theta": 6, "trim_beta": 0.0}
+    expected = {"z": 1.5, "epsilon": 0.3, "direction": "sign", "target": "agnostic", "theta": 6, "trim_beta": 0.0,
+                "boost": 1.0}
     assert kwargs == {p: v for p, v in expected.items() if p in cls.param_names()}
     attack = make_colluding(name, **kwargs)
     assert all(getattr(attack, p) == v for p, v in kwargs.items())

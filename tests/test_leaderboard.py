@@ -583,6 +583,23 @@ def test_the_shipped_durability_report_boosts_each_backdoor_as_the_leaderboards_
     assert report.subset and set(report.defenses) <= set(board.defenses)
 
 
+def test_the_shipped_adaptive_boost_report_is_the_boost_column_made_adaptive():
+    grids = ROOT / "simulation" / "grids"
+    board = lb.Leaderboard.load(grids / "leaderboard.toml")
+    report = lb.Leaderboard.load(grids / "adaptive_boost_protocol.toml")
+    ids = {cell_id(c) for *_, c in board.cells()}
+    boost = board.attacks["boost"]
+    for name in ("clean", "mimic", "noise"):  # the boost bundle plus a forged Fisher
+        assert report.attacks[f"boost_fisher_{name}"] == {**boost, "fisher-forgery": name}
+    assert report.attacks["rlr_adaptive_boost"] == {**board.attacks["rlr_adaptive"], "rlr-adaptive-boost": 10.0}
+    for defense, attack, seed, cell in report.cells():
+        reads_fisher = ExperimentConfig.from_run_config(cell).reads_fisher
+        # clean and boost are the leaderboard's cells; a forged Fisher is the boost cell where no Fisher is read
+        shared = attack in ("clean", "boost") or (attack.startswith("boost_fisher") and not reads_fisher)
+        assert (cell_id(cell) in ids) is shared, (defense, attack)
+    assert set(report.defenses) == {"fedavg", "rlr", "fdcr", "sdfc"}
+
+
 def test_a_cycle_of_extended_files_and_a_bad_attacks_choice_fail_naming_the_key(tmp_path):
     (tmp_path / "a.toml").write_text('[leaderboard]\nextends = "b.toml"\n')
     (tmp_path / "b.toml").write_text('[leaderboard]\nextends = "a.toml"\n')
