@@ -171,15 +171,28 @@ class ExperimentConfig:
         if self.model_replacement > 0 and self.model_poisoning != "pgd":
             raise ConfigError("run-config key 'model-replacement': Wang et al.'s model replacement boosts a PGD "
                               f"update; set model-poisoning=pgd (is {self.model_poisoning!r})")
-        if self.value("rlr-adaptive-boost") != 1.0 and self.model_poisoning != "rlr_adaptive":
-            raise ConfigError("run-config key 'rlr-adaptive-boost': only model-poisoning=rlr_adaptive boosts its push; "
-                              f"model-poisoning={self.model_poisoning} does not read it (1: none)")
+        self._raise(self._unread_attack_key())
         if self.attack == "mask" and not self.trigger_file:
             raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
         # the configured model attack's own check (fisher_penalty's lambda, a colluding attack's target)
         self._raise(_model_attack(self.model_poisoning).check(self))
         if self.model == "rlr_cnn" and DATASETS[self.dataset].shape[1] < 8:
             raise ConfigError("run-config key 'model': rlr_cnn needs images of at least 8x8 pixels")
+
+    def _unread_attack_key(self) -> tuple[str, str] | None:
+        """The first attack key set away from its default that neither the configured attack nor
+        the configured model poisoning reads (``attack_readers``): a key that would change nothing
+        is a mistake (a misplaced bundle, a forgotten choice), not a setting."""
+        chosen, readers_of = {self.attack, self.model_poisoning}, attack_readers()
+        for key, spec in ATTACK_KEYS.items():
+            if self.attack_params[key] != spec.default and not chosen & readers_of[key]:
+                by_key: dict[str, list[str]] = {}
+                for name in sorted(readers_of[key]):
+                    by_key.setdefault(_choice_key(name), []).append(name)
+                readers = " or ".join(f"{choice}={'|'.join(names)}" for choice, names in sorted(by_key.items()))
+                return key, (f"{self.attack_params[key]!r} changes nothing: only {readers} read it, and this run has "
+                             f"attack={self.attack}, model-poisoning={self.model_poisoning} (leave it at {spec.default!r})")
+        return None
 
     @staticmethod
     def _raise(problem: tuple[str, str] | None) -> None:
@@ -376,6 +389,23 @@ def _checked(key: str, value: object, kind: type, choices, check, doc: str) -> o
 
 DEFENSE_KEYS = _defense_keys()
 ATTACK_KEYS = _attack_keys()
+
+
+
+def attack_readers(keys: dict[str, DeclaredKey] | None = None) -> dict[str, frozenset[str]]:
+    """Run-config key -> the attack and model-poisoning choices that read it: the attacks that
+    declare it (``ATTACK_KEYS`` by default), plus model-poisoning=pgd for model-replacement
+    (declared by the edge-case backdoor, Wang et al.'s boost of any PGD update, client_app)."""
+    keys = ATTACK_KEYS if keys is None else keys
+    readers = {key: {owner.split(".")[0] for owner in spec.params} for key, spec in keys.items()}
+    readers.get("model-replacement", set()).add("pgd")
+    return {key: frozenset(names) for key, names in readers.items()}
+
+
+def _choice_key(name: str) -> str:
+    """The general key that chooses registered attack ``name``: attack= for the backdoors,
+    model-poisoning= for the others."""
+    return "attack" if name in SOTA_BACKDOORS else "model-poisoning"
 
 
 def _unknown_key(key: str, known: list[str]) -> str:

@@ -5,6 +5,7 @@ attacks' constructor arguments and pyproject's keys all follow from the registri
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from fl_defense import config as config_module
 from fl_defense.attacks import (ADAPTIVE_LOCAL_ATTACKS, ALIE, COLLUDING_ATTACKS, LOCAL_MODEL_ATTACKS, SOTA_BACKDOORS,
                                 ALIEBackdoor, ColludingAttack, LocalAttack, MinMax, MinSum, SotaBackdoor,
                                 make_colluding)
-from fl_defense.config import ConfigError, ExperimentConfig
+from fl_defense.config import ATTACK_KEYS, ConfigError, ExperimentConfig, attack_readers
 from fl_defense.run_keys import RunKey, attack_keys, positive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,14 +84,47 @@ def test_a_bad_value_of_an_attack_key_fails_naming_the_key(overrides, key):
 def test_the_configured_attack_checks_the_run_config(overrides, key, message):
     with pytest.raises(ConfigError, match=f"'{key}': .*{message}"):
         ExperimentConfig.from_run_config(overrides)
-    ExperimentConfig.from_run_config({**overrides, "model-poisoning": "none"})  # only that attack's check
+    # without that attack the key is read by nothing: rejected as such, naming it
+    with pytest.raises(ConfigError, match="changes nothing: only model-poisoning=.*read it"):
+        ExperimentConfig.from_run_config({**overrides, "model-poisoning": "none"})
+
+
+@pytest.mark.parametrize("key", sorted(ATTACK_KEYS))
+def test_an_attack_key_set_for_an_attack_not_configured_fails_naming_the_key(key):
+    """A key away from its default that neither attack= nor model-poisoning= reads changes nothing;
+    the run stops at start-up naming it (a misplaced bundle, not a setting). With any attack that
+    reads it chosen, that check passes it."""
+    spec, readers = ATTACK_KEYS[key], attack_readers()[key]
+    value = _another_valid_value(key)
+    # (model-replacement's own check names the choice it needs: model-poisoning=pgd)
+    with pytest.raises(ConfigError, match=f"run-config key '{key}': .*(changes nothing|set model-poisoning=pgd)"):
+        ExperimentConfig.from_run_config({"attack": "plus", "model-poisoning": "none", key: value})
+    ExperimentConfig.from_run_config({"attack": "plus", "model-poisoning": "none", key: spec.default})
+    base = ExperimentConfig.from_run_config({})
+    for reader in sorted(readers):  # each reader alone accepts it (its other checks aside)
+        choice = {"attack": reader} if reader in SOTA_BACKDOORS else {"model_poisoning": reader}
+        cfg = replace(base, **choice, attack_params={**base.attack_params, key: value})
+        assert cfg._unread_attack_key() is None, reader
+
+
+def _another_valid_value(key: str):
+    """A value of ``key`` other than its default that its own check accepts."""
+    spec = ATTACK_KEYS[key]
+    d = spec.default
+    more = {bool: lambda: [not d], int: lambda: [d + 1, d * 2], float: lambda: [d * 0.5, d + 0.5, 0.2]}
+    candidates = list(spec.choices or ()) + more.get(type(d), lambda: [])()
+    for value in candidates:
+        if value != spec.default and (spec.check is None or spec.check(value)):
+            return value
+    raise AssertionError(f"no other valid value of {key!r} found")
 
 
 @pytest.mark.parametrize("name", sorted(COLLUDING_ATTACKS))
 def test_a_colluding_attack_is_built_from_its_declarations(name):
     cls = COLLUDING_ATTACKS[name]
-    cfg = ExperimentConfig.from_run_config({"model-poisoning": name, "alie-z": 1.5, "ipm-epsilon": 0.3,
-                                            "minmax-direction": "sign", "rlr-theta": 6})
+    keys = {"alie-z": 1.5, "ipm-epsilon": 0.3, "minmax-direction": "sign"}
+    cfg = ExperimentConfig.from_run_config({"model-poisoning": name, "rlr-theta": 6,
+                                            **{k: v for k, v in keys.items() if name in attack_readers()[k]}})
     kwargs = cfg.colluding_params()
     assert set(kwargs) <= set(cls.param_names())
     expected = {"z": 1.5, "epsilon": 0.3, "direction": "sign", "target": "agnostic", "theta": 6, "trim_beta": 0.0,
@@ -146,8 +180,16 @@ def test_a_new_attack_needs_only_its_module_and_a_registry_line(monkeypatch):
     rows = [k for k, _, _ in ExperimentConfig.docs()]
     assert rows.index("wobble-amount") < rows.index("tiny-scale") < rows.index("fisher-forgery")
     assert rows.index("iba-lr") < rows.index("tiny-backdoor-size") < rows.index("attack-start-round")
-    cfg = ExperimentConfig.from_run_config({"tiny-scale": 2.0, "wobble-amount": 3})
-    assert cfg.tiny_scale == 2.0 and cfg.wobble_amount == 3 and cfg.tiny_backdoor_size == 3
+    # a new attack's keys are read by it alone: without it chosen they change nothing and fail
+    with pytest.raises(ConfigError, match="'tiny-scale': 2.0 changes nothing: only model-poisoning=tiny read it"):
+        ExperimentConfig.from_run_config({"tiny-scale": 2.0})
+    with pytest.raises(ConfigError, match="'tiny-backdoor-size': 4 changes nothing: only attack=tiny_backdoor"):
+        ExperimentConfig.from_run_config({"tiny-backdoor-size": 4})
+    base = ExperimentConfig.from_run_config({})
+    cfg = replace(base, model_poisoning="tiny", attack_params={**base.attack_params, "tiny-scale": 2.0})
+    assert cfg._unread_attack_key() is None
+    assert ExperimentConfig.from_run_config({"model-poisoning": "none", "wobble-amount": 2}).wobble_amount == 2
+    assert cfg.tiny_scale == 2.0 and cfg.wobble_amount == 2 and cfg.tiny_backdoor_size == 3
     assert cfg.colluding_params("tiny") == {"scale": 2.0}  # "unconfigured" keeps its default
     attack = make_colluding("tiny", **cfg.colluding_params("tiny"))
     assert attack.scale == 2.0 and attack.unconfigured == 3

@@ -26,10 +26,9 @@ ATTACKER = select_attackers(10, 0.3, 42)[0]
 ROUND = {"server-round": 1}
 SEED = _seed(42, ATTACKER, 1)  # the attacker's training seed in round 1
 # small trigger budgets: the test is about composition, not the triggers' strength
-BASE = {"malicious-fraction": 0.3, "local-epochs": 1, "a3fl-steps": 4, "a3fl-adv-steps": 2, "a3fl-adv-every": 2,
-        "iba-steps": 4}
-OWN = {"edge_case": {"target-label": 1, "edge-case-tail": 0.3, "edge-case-samples": 20}, "a3fl": {}, "chameleon": {},
-       "iba": {}}
+BASE = {"malicious-fraction": 0.3, "local-epochs": 1}
+OWN = {"edge_case": {"target-label": 1, "edge-case-tail": 0.3, "edge-case-samples": 20},
+       "a3fl": {"a3fl-steps": 4, "a3fl-adv-steps": 2, "a3fl-adv-every": 2}, "chameleon": {}, "iba": {"iba-steps": 4}}
 
 # The composition table (docs/attacks.md): what runs with every backdoor, what is refused
 COMPOSING = ("none", "boost", "pgd", "neurotoxin", "evasion", "fisher_penalty", "alie_backdoor", "rlr_adaptive")
