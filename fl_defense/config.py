@@ -307,7 +307,7 @@ class DeclaredKey:
     doc: str
     choices: tuple | None
     check: object
-    params: tuple[str, ...]  # "defense.parameter" / "attack.parameter" it sets
+    params: tuple[str, ...]  # "defense.parameter" / "attack.parameter" it sets (declared, then shared_keys)
     after: str  # the general key it follows in pyproject's order and the docs
 
 
@@ -369,7 +369,9 @@ def _attack_keys() -> dict[str, DeclaredKey]:
                                     f"through shared_keys")
                 _declare(out, key, default, spec, f"{name}.{param}", after)
     for owner, key in shared:
-        if key not in general and key not in DEFENSE_KEYS and key not in out:
+        if key in out:  # another attack's key: this one reads it too
+            out[key] = replace(out[key], params=out[key].params + (owner,))
+        elif key not in general and key not in DEFENSE_KEYS:
             raise TypeError(f"{owner}: shared run-config key {key!r} is declared nowhere")
     return out
 
@@ -391,15 +393,10 @@ DEFENSE_KEYS = _defense_keys()
 ATTACK_KEYS = _attack_keys()
 
 
-
-def attack_readers(keys: dict[str, DeclaredKey] | None = None) -> dict[str, frozenset[str]]:
-    """Run-config key -> the attack and model-poisoning choices that read it: the attacks that
-    declare it (``ATTACK_KEYS`` by default), plus model-poisoning=pgd for model-replacement
-    (declared by the edge-case backdoor, Wang et al.'s boost of any PGD update, client_app)."""
-    keys = ATTACK_KEYS if keys is None else keys
-    readers = {key: {owner.split(".")[0] for owner in spec.params} for key, spec in keys.items()}
-    readers.get("model-replacement", set()).add("pgd")
-    return {key: frozenset(names) for key, names in readers.items()}
+def attack_readers() -> dict[str, frozenset[str]]:
+    """Run-config key -> the attack and model-poisoning choices that read it: every attack whose
+    parameter it sets (``ATTACK_KEYS``' params: declared, or read through ``shared_keys``)."""
+    return {key: frozenset(owner.split(".")[0] for owner in spec.params) for key, spec in ATTACK_KEYS.items()}
 
 
 def _choice_key(name: str) -> str:

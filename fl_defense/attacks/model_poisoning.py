@@ -61,12 +61,14 @@ def _chain(first: Callable | None, second: Callable | None) -> Callable | None:
 class LocalAttack:
     """A model attack one attacker runs alone (``model-poisoning=name``): the paper it follows,
     the run-config keys it reads (``run_config``: name -> ``RunKey`` with its default; read as
-    ``cfg.<key with underscores>``) and ``check(cfg)``, the (key, message) of a configuration it
-    cannot work with, or None (start-up validation)."""
+    ``cfg.<key with underscores>``), the keys it reads that another attack declares
+    (``shared_keys``: parameter -> key) and ``check(cfg)``, the (key, message) of a configuration
+    it cannot work with, or None (start-up validation)."""
 
     name: str
     paper: str = ""
     run_config: dict[str, RunKey] = field(default_factory=dict)
+    shared_keys: dict[str, str] = field(default_factory=dict)
     check: Callable[[object], tuple[str, str] | None] = _no_problem
 
 
@@ -82,7 +84,9 @@ LOCAL_MODEL_ATTACKS: dict[str, LocalAttack] = {a.name: a for a in (
                 {"factor": BOOST_FACTOR}),
     LocalAttack("pgd", "Bagdasaryan et al., AISTATS 2020 (constrain-and-scale); Wang et al., NeurIPS 2020 (PGD)",
                 {"bound": RunKey("model-poisoning=pgd: the L2 bound the attacker keeps to", key="attack-norm-bound",
-                                 check=positive, default=1.0)}),
+                                 check=positive, default=1.0)},
+                # Wang et al.'s model replacement boosts any PGD update; the edge-case backdoor declares it
+                shared_keys={"replacement": "model-replacement"}),
     LocalAttack("neurotoxin", "Zhang et al., ICML 2022",
                 {"ratio": RunKey("model-poisoning=neurotoxin: share of top benign coordinates left alone",
                                  check=fraction, default=0.1)}),
