@@ -80,6 +80,26 @@ def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=No
     )
 
 
+def warmup_notice(cfg: ExperimentConfig, defense: Defense, offset: int = 0) -> str | None:
+    """A line for the start-up output when the defense cannot act for part or all of the attack
+    window (``Defense.first_active_round``: FLDetector fills its L-BFGS window first): its rounds
+    before then aggregate undefended. None when it can act from the attack's first round, when no
+    attack is configured, or when the run resumes (``offset``: the restored state is warmed up)."""
+    if offset or (cfg.attack == "none" and cfg.model_poisoning == "none"):
+        return None
+    first = defense.first_active_round()
+    if first <= cfg.attack_start_round:
+        return None
+    window = f"rounds {cfg.attack_start_round}-{cfg.attack_stop_round or cfg.num_server_rounds}"
+    if cfg.attack_stop_round and first > cfg.attack_stop_round:
+        meets = "it cannot act at all while the attack lasts"
+    else:
+        meets = f"rounds {cfg.attack_start_round}-{first - 1} of the attack meet the undefended aggregate"
+    return (f"[fl-defense] note: {cfg.defense} acts from round {first} of this run (it needs the earlier "
+            f"rounds' history first); the attack window is {window}, so {meets} "
+            f"(attack-start-round delays the attack)")
+
+
 def results_folder(cfg: ExperimentConfig) -> Path:
     """Where the run writes; a relative results-dir resolves against this process's directory."""
     name = cfg.run_name or f"{cfg.defense}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -127,6 +147,7 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     strategy = build_strategy(cfg, model, evaluate_fn=recorder.evaluate, min_available=min_available,
                               server_data=server_data, checkpoint_path=checkpoint_path if cfg.checkpoint else None,
                               round_offset=offset, sampling_rng=sampling)
+    notice = warmup_notice(cfg, strategy.aggregation.defense, offset)
     strategy = with_collusion(cfg, strategy, trainable_mask(model))  # simulation only; absent unless configured
     strategy = with_backdoor_probe(cfg, strategy, recorder, spec.shape)  # simulation only: learned triggers
     if state:
@@ -135,6 +156,8 @@ def build_components(run_config: dict, num_nodes: int) -> ServerAppComponents:
     if cfg.pretrain_rounds > 0:
         recorder.pretrained_from = pretrain_id(cfg, num_nodes)
     print(f"[fl-defense] {strategy!r} on {cfg.dataset}; results in {recorder.out_dir}", flush=True)
+    if notice:
+        print(notice, flush=True)
     # clients sampled in node-id order with the run's own RNG: with the simulation's fixed node ids,
     # the same partitions in the same rounds for every run of a seed (server_app/sampling.py)
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg.num_server_rounds - offset),

@@ -233,3 +233,51 @@ def test_both_apis_agree_over_rounds_and_ignore_ground_truth():
             for ra, rb in zip(base, out):
                 for a, b in zip(ra, rb):
                     np.testing.assert_array_equal(a, b)
+
+
+def test_detection_waits_for_a_full_window_and_says_from_which_round():
+    """The L-BFGS window holds pairs of consecutive global models: none after round 1, N after
+    round N + 1, so the gap statistic first runs in round N + 2 (``first_active_round``). Attackers
+    present from round 1 go unflagged until then, and are flagged once it runs."""
+    n, attackers = 12, [9, 10, 11]
+    fed = Quadratic(n, seed=3)
+    fld = FLDetector(window=3, seed=0)
+    assert fld.first_active_round() == 5
+    w = np.zeros(D)
+    ids = [f"c{i}" for i in range(n)]
+    judged, flagged_at = [], {}
+    for t in range(1, 10):
+        res = fld.aggregate(torch.tensor(w, dtype=torch.float32), rnd(fed.updates(w, list(range(n)), attackers, t), ids))
+        if "gap-k" in res.info:
+            judged.append(t)
+        flagged_at[t] = np.flatnonzero(res.flagged.numpy()).tolist()
+        w = res.params.double().numpy()
+    assert judged[0] == fld.first_active_round()
+    assert all(flagged_at[t] == [] for t in range(1, fld.first_active_round()))
+    assert flagged_at[9] == attackers
+    # a defense without a warm-up acts from the first round; a wrapper reports the defense it wraps
+    from fl_defense.defenses import DEFENSES, PRE_AGGREGATIONS
+
+    assert DEFENSES["fedavg"]().first_active_round() == 1
+    assert PRE_AGGREGATIONS["bucketing"](FLDetector(window=7), bucket_size=2).first_active_round() == 9
+
+
+def test_start_up_says_when_the_attack_window_ends_before_the_defense_can_act():
+    from fl_defense.config import ExperimentConfig
+    from fl_defense.defenses import DEFENSES
+    from server_app.app import warmup_notice
+
+    def notice(defense, **keys):
+        cfg = ExperimentConfig.from_run_config({"defense": defense.name, "attack": "plus", "num-server-rounds": 20,
+                                                "attack-start-round": 1, "attack-stop-round": 10, **keys})
+        return warmup_notice(cfg, defense)
+
+    line = notice(FLDetector(window=10))
+    assert "fldetector acts from round 12" in line and "cannot act at all" in line
+    line = notice(FLDetector(window=3))
+    assert "rounds 1-4 of the attack meet the undefended aggregate" in line
+    assert notice(FLDetector(window=3), **{"attack-start-round": 5}) is None
+    assert notice(FLDetector(window=3), attack="none") is None
+    assert notice(DEFENSES["fedavg"]()) is None
+    cfg = ExperimentConfig.from_run_config({"defense": "fldetector", "attack": "plus"})
+    assert warmup_notice(cfg, FLDetector(window=10), offset=5) is None  # a resumed run's state is warm

@@ -123,6 +123,19 @@ class Defense:
                 return child.broadcast(global_params)
         return None
 
+    def first_active_round(self) -> int:
+        """The first round of a run (counting from 1, the first this instance aggregates) in which
+        the rule can act on what it has learned from earlier rounds: 1 for a rule that judges
+        each round on its own; later for one that must first fill a history (FLDetector's
+        L-BFGS window). Before it the rule aggregates without judging, so an attack that ends
+        earlier meets the undefended aggregate (``server_app`` says so at start-up). A wrapper
+        reports the defense it wraps."""
+        for attr in ("inner", "aggregator"):
+            child = getattr(self, attr, None)
+            if isinstance(child, Defense):
+                return child.first_active_round()
+        return 1
+
     # State kept across rounds (none by default); saved with checkpoints.
     def state_dict(self) -> dict:
         return {}

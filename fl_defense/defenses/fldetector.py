@@ -177,6 +177,11 @@ class FLDetector(Defense):
         self._models: dict[int, torch.Tensor] = {}  # round -> global model it started from
         self._scores: dict[str, list[float]] = {}  # client id -> last N normalised distances
 
+    def first_active_round(self) -> int:
+        """Round N + 2: a pair needs two consecutive global models, so the window holds N pairs
+        after round N + 1 (fewer when a pair lacks curvature and is skipped)."""
+        return self.window + 2
+
     def validate(self) -> None:
         for p, lo in (("window", 1), ("gap_k_max", 2), ("gap_refs", 1)):
             v = getattr(self, p)
