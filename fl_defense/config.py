@@ -172,6 +172,7 @@ class ExperimentConfig:
             raise ConfigError("run-config key 'model-replacement': Wang et al.'s model replacement boosts a PGD "
                               f"update; set model-poisoning=pgd (is {self.model_poisoning!r})")
         self._raise(self._unread_attack_key())
+        self._raise(self._unread_defense_key())
         if self.attack == "mask" and not self.trigger_file:
             raise ConfigError("run-config key 'trigger-file': attack=mask needs a .npy H x W array")
         # the configured model attack's own check (fisher_penalty's lambda, a colluding attack's target)
@@ -192,6 +193,27 @@ class ExperimentConfig:
                 readers = " or ".join(f"{choice}={'|'.join(names)}" for choice, names in sorted(by_key.items()))
                 return key, (f"{self.attack_params[key]!r} changes nothing: only {readers} read it, and this run has "
                              f"attack={self.attack}, model-poisoning={self.model_poisoning} (leave it at {spec.default!r})")
+        return None
+
+    def _unread_defense_key(self) -> tuple[str, str] | None:
+        """The first defense key set away from its default that the configured defense does not
+        read (nor, under RLR, the defense it runs over: ``rlr-aggregator``), or ``bucket-size``
+        without bucketing: like an attack key nobody reads, a setting that would change nothing."""
+        runs = {self.defense} | ({self.rlr_aggregator} if self.defense == "rlr" else set())
+        attacks = {self.attack, self.model_poisoning}
+        for key, spec in DEFENSE_KEYS.items():
+            value = self.defense_params[key]
+            readers = sorted({owner.split(".")[0] for owner in spec.params})
+            attackers = sorted(defense_key_attack_readers().get(key, ()))
+            if value != spec.default and not runs & set(readers) and not attacks & set(attackers):
+                via = " (or defense=rlr with rlr-aggregator naming it)" if readers != ["rlr"] else ""
+                also = "".join(f" or {_choice_key(a)}={a}" for a in attackers)
+                return key, (f"{value!r} changes nothing: only defense={'|'.join(readers)}{via}{also} read it, and this "
+                             f"run has defense={self.defense} (leave it at {spec.default!r})")
+        default_bucket = _field_default("bucket_size")
+        if self.bucket_size != default_bucket and self.pre_aggregation != "bucketing":
+            return "bucket-size", (f"{self.bucket_size!r} changes nothing without pre-aggregation=bucketing (this run "
+                                   f"has pre-aggregation={self.pre_aggregation}; leave it at {default_bucket!r})")
         return None
 
     @staticmethod
@@ -397,6 +419,23 @@ def attack_readers() -> dict[str, frozenset[str]]:
     """Run-config key -> the attack and model-poisoning choices that read it: every attack whose
     parameter it sets (``ATTACK_KEYS``' params: declared, or read through ``shared_keys``)."""
     return {key: frozenset(owner.split(".")[0] for owner in spec.params) for key, spec in ATTACK_KEYS.items()}
+
+
+def defense_key_attack_readers() -> dict[str, frozenset[str]]:
+    """Defense key -> the attacks that read it through ``shared_keys`` (rlr_adaptive reads
+    rlr-theta: it plays against RLR's threshold)."""
+    out: dict[str, set[str]] = {}
+    for _, registry in ATTACK_REGISTRIES:
+        for name, attack in registry.items():
+            for _, key, _, spec in attack_keys(attack):
+                if spec is None and key in DEFENSE_KEYS:
+                    out.setdefault(key, set()).add(name)
+    return {key: frozenset(names) for key, names in out.items()}
+
+
+def _field_default(name: str) -> object:
+    """The default of ExperimentConfig's general field ``name``."""
+    return next(f.default for f in fields(ExperimentConfig) if f.name == name)
 
 
 def _choice_key(name: str) -> str:

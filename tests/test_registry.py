@@ -4,6 +4,7 @@ checks) and pyproject's keys all follow from a defense's own declaration."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 import tomllib
 from pathlib import Path
 
@@ -202,3 +203,45 @@ def test_reads_fisher_says_what_the_built_defense_asks_the_clients_for(name):
         cfg = ExperimentConfig.from_run_config(keys)
         assert cfg.reads_fisher is bool(build_defense(cfg, model, server_data).needs_fisher), keys
     assert ExperimentConfig.from_run_config(base).reads_fisher is (name in ("fdcr", "sdfc"))
+
+
+def _another_defense_value(key: str):
+    """A value of defense key ``key`` other than its default that its own check accepts."""
+    spec = config_module.DEFENSE_KEYS[key]
+    d = spec.default
+    more = {bool: lambda: [not d], int: lambda: [d + 1, d * 2, 2], float: lambda: [d * 0.5, d + 0.5, 0.2, 2.0]}
+    for value in list(spec.choices or ()) + more.get(type(d), lambda: [])():
+        if value != d and (spec.check is None or spec.check(value)):
+            return value
+    raise AssertionError(f"no other valid value of {key!r} found")
+
+
+@pytest.mark.parametrize("key", sorted(config_module.DEFENSE_KEYS))
+def test_a_defense_key_set_for_a_defense_not_configured_fails_naming_the_key(key):
+    """A defense's own key away from its default, under a defense that does not read it, changes
+    nothing: start-up stops naming it and its readers. Each reader accepts it, and so does RLR
+    running over a reader (rlr-aggregator), and an attack that reads it (rlr_adaptive: rlr-theta)."""
+    spec = config_module.DEFENSE_KEYS[key]
+    readers = sorted({owner.split(".")[0] for owner in spec.params})
+    value = _another_defense_value(key)
+    with pytest.raises(ConfigError, match=f"run-config key '{key}': {value!r} changes nothing: only "
+                                          f"defense={'|'.join(readers)}"):
+        ExperimentConfig.from_run_config({"defense": "fedavg", key: value})
+    ExperimentConfig.from_run_config({"defense": "fedavg", key: spec.default})
+    base = ExperimentConfig.from_run_config({"defense": "fedavg"})
+    params = {**base.defense_params, key: value}
+    for reader in readers:
+        assert replace(base, defense=reader, defense_params=params)._unread_defense_key() is None, reader
+        if reader in DEFENSES and reader != "rlr":
+            under_rlr = replace(base, defense="rlr", defense_params={**params, "rlr-aggregator": reader})
+            assert under_rlr._unread_defense_key() is None, reader
+    for attack in config_module.defense_key_attack_readers().get(key, ()):
+        assert replace(base, model_poisoning=attack, defense_params=params)._unread_defense_key() is None
+
+
+def test_bucket_size_without_bucketing_fails_naming_the_key():
+    with pytest.raises(ConfigError, match="'bucket-size': 4 changes nothing without pre-aggregation=bucketing"):
+        ExperimentConfig.from_run_config({"defense": "krum", "bucket-size": 4})
+    with pytest.raises(ConfigError, match="'bucket-size'"):
+        ExperimentConfig.from_run_config({"defense": "krum", "pre-aggregation": "nnm", "bucket-size": 4})
+    ExperimentConfig.from_run_config({"defense": "krum", "pre-aggregation": "bucketing", "bucket-size": 4})
