@@ -165,6 +165,13 @@ def test_a_defense_declares_its_server_parts_and_build_defense_supplies_them(mon
 SERVER_BUILT = sorted(name for name, cls in DEFENSES.items() if cls.server_provided)
 
 
+def _small_probes(name: str) -> dict:
+    """DeepSight's and BackdoorIndicator's probe sizes cut for a test, for that defense only (a
+    defense key under a defense that does not read it is refused)."""
+    return {"deepsight": {"deepsight-num-samples": 20},
+            "backdoor_indicator": {"backdoor-indicator-ood-samples": 20}}.get(name, {})
+
+
 @pytest.mark.parametrize("name", SERVER_BUILT)
 def test_every_server_provided_parameter_comes_from_its_defenses_declaration(name):
     from dataclasses import replace
@@ -174,7 +181,7 @@ def test_every_server_provided_parameter_comes_from_its_defenses_declaration(nam
     cls = DEFENSES[name]
     assert cls.server_parts.__func__ is not Defense.server_parts.__func__
     cfg = ExperimentConfig.from_run_config({"defense": "rlr", "rlr-aggregator": name, "server-fraction": 0.1,
-                                            "deepsight-num-samples": 20, "backdoor-indicator-ood-samples": 20})
+                                            **_small_probes(name)})
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
     server_data = (torch.rand(30, 1, 8, 8), torch.arange(30) % 10)
     for defense in (build_defense(replace(cfg, defense=name), model, server_data),
@@ -192,7 +199,7 @@ def test_reads_fisher_says_what_the_built_defense_asks_the_clients_for(name):
     with the built defense's ``needs_fisher``: alone, as RLR's base, and inside both wrappers."""
     from server_app.app import build_defense
 
-    base = {"defense": name, "server-fraction": 0.1, "deepsight-num-samples": 20, "backdoor-indicator-ood-samples": 20,
+    base = {"defense": name, "server-fraction": 0.1, **_small_probes(name),
             **({"clip-norm": 1.0} if name == "norm_clipping" else {})}
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
     server_data = (torch.rand(30, 1, 8, 8), torch.arange(30) % 10)
