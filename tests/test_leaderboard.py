@@ -115,7 +115,10 @@ def test_bad_choices_fail_naming_what(tmp_path):
         lb.Leaderboard.load(_board_file(tmp_path), attacks=["dba"])
     # a cell the protocol cannot run fails at load, naming the cell and the key
     with pytest.raises(ConfigError, match="defense=rlr .*rlr-theta"):
-        lb.Leaderboard.load(_board_file(tmp_path, '["rlr"]', "rlr-theta = 50"))
+        lb.Leaderboard.load(_board_file(tmp_path, '["rlr"]', "[defense-keys.rlr]\nrlr-theta = 50"))
+    # a defense key in [fixed] reaches every row, and the baseline's cells do not read it
+    with pytest.raises(ConfigError, match="defense=fedavg .*'rlr-theta': 5 changes nothing: only defense=rlr"):
+        lb.Leaderboard.load(_board_file(tmp_path, '["rlr"]', "rlr-theta = 5"))
 
 
 def test_uncovered_attacks_are_named():
