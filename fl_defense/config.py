@@ -201,11 +201,13 @@ class ExperimentConfig:
         without bucketing: like an attack key nobody reads, a setting that would change nothing."""
         runs = {self.defense} | ({self.rlr_aggregator} if self.defense == "rlr" else set())
         attacks = {self.attack, self.model_poisoning}
-        for key, spec in DEFENSE_KEYS.items():
-            value = self.defense_params[key]
-            readers = sorted({owner.split(".")[0] for owner in spec.params})
-            attackers = sorted(defense_key_attack_readers().get(key, ()))
-            if value != spec.default and not runs & set(readers) and not attacks & set(attackers):
+        changed = [key for key, spec in DEFENSE_KEYS.items() if self.defense_params[key] != spec.default]
+        attack_readers_of = defense_key_attack_readers() if changed else {}
+        for key in changed:
+            spec, value = DEFENSE_KEYS[key], self.defense_params[key]
+            readers = sorted(key_owners(spec))
+            attackers = sorted(attack_readers_of.get(key, ()))
+            if not runs & set(readers) and not attacks & set(attackers):
                 via = " (or defense=rlr with rlr-aggregator naming it)" if readers != ["rlr"] else ""
                 also = "".join(f" or {_choice_key(a)}={a}" for a in attackers)
                 return key, (f"{value!r} changes nothing: only defense={'|'.join(readers)}{via}{also} read it, and this "
@@ -418,7 +420,12 @@ ATTACK_KEYS = _attack_keys()
 def attack_readers() -> dict[str, frozenset[str]]:
     """Run-config key -> the attack and model-poisoning choices that read it: every attack whose
     parameter it sets (``ATTACK_KEYS``' params: declared, or read through ``shared_keys``)."""
-    return {key: frozenset(owner.split(".")[0] for owner in spec.params) for key, spec in ATTACK_KEYS.items()}
+    return {key: key_owners(spec) for key, spec in ATTACK_KEYS.items()}
+
+
+def key_owners(spec: DeclaredKey) -> frozenset[str]:
+    """The defenses or attacks whose parameters a declared key sets ("name.parameter" -> name)."""
+    return frozenset(owner.split(".")[0] for owner in spec.params)
 
 
 def defense_key_attack_readers() -> dict[str, frozenset[str]]:

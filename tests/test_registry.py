@@ -4,8 +4,8 @@ checks) and pyproject's keys all follow from a defense's own declaration."""
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -229,7 +229,7 @@ def test_a_defense_key_set_for_a_defense_not_configured_fails_naming_the_key(key
     nothing: start-up stops naming it and its readers. Each reader accepts it, and so does RLR
     running over a reader (rlr-aggregator), and an attack that reads it (rlr_adaptive: rlr-theta)."""
     spec = config_module.DEFENSE_KEYS[key]
-    readers = sorted({owner.split(".")[0] for owner in spec.params})
+    readers = sorted(config_module.key_owners(spec))
     value = _another_defense_value(key)
     with pytest.raises(ConfigError, match=f"run-config key '{key}': {value!r} changes nothing: only "
                                           f"defense={'|'.join(readers)}"):

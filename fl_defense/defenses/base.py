@@ -117,10 +117,16 @@ class Defense:
         ``None`` to send the global model itself (every defense but BackdoorIndicator, which plants
         its indicator task first). Updates are still taken against the true global model. A
         wrapper (``inner``, RLR's ``aggregator``) passes the call on to the defense it wraps."""
+        child = self.wrapped()
+        return child.broadcast(global_params) if child is not None else None
+
+    def wrapped(self) -> "Defense | None":
+        """The defense this one wraps (a wrapper's ``inner``, RLR's ``aggregator`` when it is a
+        defense), or None."""
         for attr in ("inner", "aggregator"):
             child = getattr(self, attr, None)
             if isinstance(child, Defense):
-                return child.broadcast(global_params)
+                return child
         return None
 
     def first_active_round(self) -> int:
@@ -130,11 +136,8 @@ class Defense:
         L-BFGS window). Before it the rule aggregates without judging, so an attack that ends
         earlier meets the undefended aggregate (``server_app`` says so at start-up). A wrapper
         reports the defense it wraps."""
-        for attr in ("inner", "aggregator"):
-            child = getattr(self, attr, None)
-            if isinstance(child, Defense):
-                return child.first_active_round()
-        return 1
+        child = self.wrapped()
+        return child.first_active_round() if child is not None else 1
 
     # State kept across rounds (none by default); saved with checkpoints.
     def state_dict(self) -> dict:
