@@ -558,6 +558,54 @@ def training_steps(table, roots: list[Path], num_supernodes: int) -> int:
     return total
 
 
+
+def first_active_round(cell: dict) -> int:
+    """``Defense.first_active_round`` of a cell's defense from its run config alone: a defense class
+    that overrides it (one that must fill a history first, FLDetector) is built from its run-config
+    keys, which is all it reads; every other rule acts from round 1. RLR reports its base rule."""
+    from fl_defense.defenses import DEFENSES
+    from fl_defense.defenses.base import Defense
+
+    cfg = ExperimentConfig.from_run_config(cell)
+    name = cfg.defense
+    if name == "rlr":
+        name = cfg.defense_kwargs("rlr")["aggregator"]
+    cls = DEFENSES.get(name)
+    if cls is None or cls.first_active_round is Defense.first_active_round:
+        return 1
+    return cls(**cfg.defense_kwargs(name)).first_active_round()
+
+
+def late_defenses(board: "Leaderboard", attacked: list[str]) -> list[str]:
+    """A line per defense row that cannot act from the attack's first round in some attacked column
+    (``first_active_round`` after the column's attack-start-round): its rounds before then aggregate
+    undefended, so those cells measure FedAvg's aggregate for that part of the window."""
+    found: dict[tuple[str, int, int, int], list[str]] = {}
+    for defense in board.defenses:
+        for attack in attacked:
+            if (defense, attack) in board.unsupported:
+                continue
+            cell = board.cell_config(defense, attack, board.seeds[0])
+            cfg = ExperimentConfig.from_run_config(cell)
+            first = first_active_round(cell)
+            if first > cfg.attack_start_round:
+                stop = cfg.attack_stop_round or cfg.num_server_rounds
+                found.setdefault((defense, first, cfg.attack_start_round, stop), []).append(attack)
+    lines = []
+    for (defense, first, start, stop), columns in found.items():
+        where = ("every attacked column" if len(columns) == len([a for a in attacked if (defense, a) not in board.unsupported])
+                 else ", ".join(columns))
+        if first > stop:
+            meets = "it cannot act at all while the attack lasts: its cells measure the undefended aggregate in the window"
+        else:
+            one = first - 1 == start
+            meets = (f"round{'' if one else 's'} {start}{'' if one else f'-{first - 1}'} of the attack "
+                     f"meet{'s' if one else ''} the undefended aggregate")
+        lines.append(f"- {defense} ({where}): acts from round {first} of the run (it needs the earlier rounds' "
+                     f"history first, `Defense.first_active_round`); the attack window is rounds {start}-{stop}, so {meets}.")
+    return lines
+
+
 def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                training_share: float, step_ms: float, note: str | None = None, title: str | None = None,
                subset: bool = False) -> Path:
@@ -650,6 +698,9 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                      + (f"{r['peak_asr']:.3f} ({r['peak_attack']})" if r["peak_attack"] else "-")
                      + f" | {r['qualifying']} of {r['attacked']}{of} | "
                      f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")
+    late = late_defenses(board, attacked)
+    if late:
+        lines += ["", "**Defenses that cannot act from the attack's first round** (ranked as measured):", "", *late]
     sections = [
         ("asr_window_end", "Attack success at the window's end", dict(vmin=0, vmax=1, cmap="magma"),
          "Triggered test images of other classes classified as the target, at the attack window's last round."),

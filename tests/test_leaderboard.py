@@ -638,3 +638,39 @@ def test_a_column_a_defense_cannot_run_is_not_applicable_and_a_bad_key_still_fai
     path.write_text(path.read_text().replace("num-malicious = 2", 'num-malicious = "two"'))
     with pytest.raises(ConfigError, match="num-malicious"):  # a bad value is no n/a: the file fails
         lb.Leaderboard.load(path)
+
+
+def test_first_active_round_of_a_cell_comes_from_its_run_config():
+    assert lb.first_active_round({"defense": "fldetector"}) == 12  # N = 10: the window holds N pairs after N + 1
+    assert lb.first_active_round({"defense": "fldetector", "fldetector-window": 3}) == 5
+    assert lb.first_active_round({"defense": "rlr", "rlr-aggregator": "fldetector"}) == 12  # RLR's base rule
+    assert lb.first_active_round({"defense": "flame"}) == 1
+    assert lb.first_active_round({"defense": "rlr"}) == 1
+
+
+def test_a_page_names_the_defenses_that_cannot_act_in_the_window(tmp_path, monkeypatch):
+    path = _board_file(tmp_path, '["fldetector", "flame"]')
+    board = lb.Leaderboard.load(path, seeds=[1])
+    results = tmp_path / "results"
+    for defense, attack, seed, cell in board.cells():
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    out = tmp_path / "page"
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--seeds", "1", "--report-only"])
+    page = (out / "index.md").read_text()
+    late = page.split("**Defenses that cannot act from the attack's first round**")[1].split("\n## ")[0]
+    assert "- fldetector (every attacked column): acts from round 12 of the run" in late
+    assert "the attack window is rounds 1-2, so it cannot act at all while the attack lasts" in late
+    assert "flame" not in late  # it judges each round on its own
+    path = _board_file(tmp_path, '["flame"]')
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--seeds", "1", "--report-only"])
+    assert "cannot act from the attack's first round" not in (out / "index.md").read_text()
+
+
+def test_a_window_the_defense_joins_late_names_the_rounds_it_misses():
+    board = lb.Leaderboard.load(ROOT / "simulation/grids/warmup_protocol.toml")
+    assert board.clean == "clean_30" and board.cell_config("fedavg", "clean_30", 1)["num-server-rounds"] == 30
+    assert lb.late_defenses(board, ["plus_after_warmup", "boost_after_warmup"]) == [
+        "- fldetector (every attacked column): acts from round 12 of the run (it needs the earlier rounds' history "
+        "first, `Defense.first_active_round`); the attack window is rounds 11-20, so round 11 of the attack meets "
+        "the undefended aggregate."]
