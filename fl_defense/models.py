@@ -1,4 +1,10 @@
-"""The models used in the papers, sized for any image shape the datasets module produces."""
+"""The models used in the papers, sized for any image shape the datasets module produces.
+
+The convolutional models max-pool before their ReLU. The two commute exactly (both are monotone
+and round nothing), so outputs and gradients are bitwise those of the usual conv-ReLU-pool order
+(tests/test_models.py), while the ReLU and its backward run on a quarter of the activations: on
+one CPU thread, inference about 2x and training about 1.4x faster (benchmarks/pool_relu.py).
+"""
 
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         c, h, w = in_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 16, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(),
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 64), nn.ReLU(),
                                   nn.Linear(64, num_classes))
@@ -46,7 +52,7 @@ class RLRCNN(nn.Module):
         super().__init__()
         c, h, w = in_shape
         self.net = nn.Sequential(
-            nn.Conv2d(c, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.MaxPool2d(2), nn.ReLU(),
             nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * ((h - 4) // 2) * ((w - 4) // 2), 128),
             nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes),
         )
@@ -62,7 +68,7 @@ class CifarCNN(nn.Module):
         super().__init__()
         c, h, w = in_shape
         def block(i, o):
-            return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            return [nn.Conv2d(i, o, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
         self.net = nn.Sequential(*block(c, 32), *block(32, 64), *block(64, 128), nn.Flatten(),
                                  nn.Linear(128 * (h // 8) * (w // 8), 256), nn.ReLU(), nn.Linear(256, num_classes))
 
