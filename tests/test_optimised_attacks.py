@@ -521,3 +521,14 @@ def test_the_fused_pass_equals_its_definitions_on_both_paths():
         torch.testing.assert_close(out["gram"], x64[rows] @ x64[rows].T, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(out["sq"], (x64[rows] ** 2).sum(1), rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(out["bmu"], x64[rows] @ x64.mean(0), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [MinMax, MinSum])
+def test_min_max_and_min_sum_with_one_known_update_send_it_with_gamma_zero(cls):
+    """A round with one colluder under partial knowledge: the std of one update is 0, so p = 0 and
+    every gamma is feasible; the attack sends the update itself and records gamma 0 (not the
+    doubling search's cap)."""
+    own = torch.randn(1, 40, generator=torch.Generator().manual_seed(5))
+    attack = cls(direction="std")
+    out = attack.craft(own, AttackRound(num_clients=10, num_attackers=1, knowledge="partial"))
+    assert torch.equal(out, own[0]) and attack.last_gamma == 0.0

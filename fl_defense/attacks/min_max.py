@@ -124,6 +124,9 @@ class MinMax(ColludingAttack):
             self.last_gamma = most_damaging_gamma(objective, self.gamma_init, self.tol)
             return mean.add_(p, alpha=self.last_gamma)
         mean, p, dist = self._setup(known)
+        if dist.pp == 0:  # no direction (the std of one known update is 0): every gamma sends mu
+            self.last_gamma = 0.0
+            return mean
         gamma = largest_feasible(self.feasible(dist, rnd, known), self.gamma_init, self.tol)
         self.last_gamma = gamma
         return mean.add_(p, alpha=gamma)
