@@ -3,7 +3,7 @@
 The convolutional models max-pool before their ReLU. The two commute exactly (both are monotone
 and round nothing), so outputs and gradients are bitwise those of the usual conv-ReLU-pool order
 (tests/test_models.py), while the ReLU and its backward run on a quarter of the activations: on
-one CPU thread, inference about 2x and training about 1.4x faster (benchmarks/pool_relu.py).
+one CPU thread, inference about 2x and training about 1.4x faster (benchmarks/local_training.py).
 """
 
 from __future__ import annotations

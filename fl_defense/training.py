@@ -36,9 +36,42 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
             model.to(memory_format=torch.contiguous_format)
 
 
+class SGD:
+    """SGD with heavy-ball momentum, step for step what ``torch.optim.SGD(params, lr, momentum)``
+    computes on the CPU (its single-tensor path: the buffer starts as a copy of the first gradient,
+    then buf = momentum * buf + grad, and p -= lr * buf; bitwise equal, tests/test_training.py).
+    Written out because ``torch.optim`` imports ``torch._dynamo`` on its first use, about 0.9 CPU s
+    in every fresh process: each Ray actor of every cell paid it once (benchmarks/local_training.py
+    measures it)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.momentum = lr, momentum
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if grad is None:
+                continue
+            if self.momentum != 0:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(self.momentum).add_(grad)
+                grad = buf
+            p.add_(grad, alpha=-self.lr)
+
+
 def _sgd(model, images, labels, epochs, batch_size, lr, momentum, device, seed, before_step, after_step, penalty,
          fast: bool) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     n, last = len(images), 0.0
     for _ in range(epochs):
@@ -49,7 +82,7 @@ def _sgd(model, images, labels, epochs, batch_size, lr, momentum, device, seed, 
             x, y = images[idx].to(device), labels[idx].to(device)
             if fast:
                 x = x.contiguous(memory_format=torch.channels_last)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             if penalty is not None:
                 loss = loss + penalty(model)
