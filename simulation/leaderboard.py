@@ -558,7 +558,6 @@ def training_steps(table, roots: list[Path], num_supernodes: int) -> int:
     return total
 
 
-
 def first_active_round(cell: dict) -> int:
     """``Defense.first_active_round`` of a cell's defense from its run config alone: a defense class
     that overrides it (one that must fill a history first, FLDetector) is built from its run-config
@@ -593,16 +592,18 @@ def late_defenses(board: "Leaderboard", attacked: list[str]) -> list[str]:
                 found.setdefault((defense, first, cfg.attack_start_round, stop), []).append(attack)
     lines = []
     for (defense, first, start, stop), columns in found.items():
-        where = ("every attacked column" if len(columns) == len([a for a in attacked if (defense, a) not in board.unsupported])
-                 else ", ".join(columns))
+        runnable = [a for a in attacked if (defense, a) not in board.unsupported]
+        where = "every attacked column" if len(columns) == len(runnable) else ", ".join(columns)
         if first > stop:
-            meets = "it cannot act at all while the attack lasts: its cells measure the undefended aggregate in the window"
+            meets = ("it cannot act at all while the attack lasts: its cells measure the undefended aggregate "
+                     "in the window")
         else:
             one = first - 1 == start
             meets = (f"round{'' if one else 's'} {start}{'' if one else f'-{first - 1}'} of the attack "
                      f"meet{'s' if one else ''} the undefended aggregate")
         lines.append(f"- {defense} ({where}): acts from round {first} of the run (it needs the earlier rounds' "
-                     f"history first, `Defense.first_active_round`); the attack window is rounds {start}-{stop}, so {meets}.")
+                     f"history first, `Defense.first_active_round`); the attack window is rounds {start}-{stop}, "
+                     f"so {meets}.")
     return lines
 
 
