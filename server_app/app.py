@@ -80,24 +80,34 @@ def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=No
     )
 
 
+def undefended_window(cfg: ExperimentConfig, first: int) -> tuple[str, bool] | None:
+    """What the attack window meets when the defense acts from round ``first``
+    (``Defense.first_active_round``): "the attack window is rounds a-b, so ..." and whether the
+    whole window is undefended; None when the defense acts from the attack's first round or no
+    attack is configured. The start-up note and the leaderboard pages both say it."""
+    if (cfg.attack == "none" and cfg.model_poisoning == "none") or first <= cfg.attack_start_round:
+        return None
+    start, stop = cfg.attack_start_round, cfg.attack_stop_round or cfg.num_server_rounds
+    if first > stop:
+        meets = "it cannot act at all while the attack lasts"
+    elif first - 1 == start:
+        meets = f"round {start} of the attack meets the undefended aggregate"
+    else:
+        meets = f"rounds {start}-{first - 1} of the attack meet the undefended aggregate"
+    return f"the attack window is rounds {start}-{stop}, so {meets}", first > stop
+
+
 def warmup_notice(cfg: ExperimentConfig, defense: Defense, offset: int = 0) -> str | None:
     """A line for the start-up output when the defense cannot act for part or all of the attack
-    window (``Defense.first_active_round``: FLDetector fills its L-BFGS window first): its rounds
-    before then aggregate undefended. None when it can act from the attack's first round, when no
-    attack is configured, or when the run resumes (``offset``: the restored state is warmed up)."""
-    if offset or (cfg.attack == "none" and cfg.model_poisoning == "none"):
-        return None
+    window (``undefended_window``): its rounds before then aggregate undefended. None when it can
+    act from the attack's first round, when no attack is configured, or when the run resumes
+    (``offset``: the restored state is warmed up)."""
     first = defense.first_active_round()
-    if first <= cfg.attack_start_round:
+    missed = None if offset else undefended_window(cfg, first)
+    if missed is None:
         return None
-    window = f"rounds {cfg.attack_start_round}-{cfg.attack_stop_round or cfg.num_server_rounds}"
-    if cfg.attack_stop_round and first > cfg.attack_stop_round:
-        meets = "it cannot act at all while the attack lasts"
-    else:
-        meets = f"rounds {cfg.attack_start_round}-{first - 1} of the attack meet the undefended aggregate"
     return (f"[fl-defense] note: {cfg.defense} acts from round {first} of this run (it needs the earlier "
-            f"rounds' history first); the attack window is {window}, so {meets} "
-            f"(attack-start-round delays the attack)")
+            f"rounds' history first); {missed[0]} (attack-start-round delays the attack)")
 
 
 def results_folder(cfg: ExperimentConfig) -> Path:

@@ -558,17 +558,14 @@ def training_steps(table, roots: list[Path], num_supernodes: int) -> int:
     return total
 
 
-def first_active_round(cell: dict) -> int:
+def first_active_round(cfg: ExperimentConfig) -> int:
     """``Defense.first_active_round`` of a cell's defense from its run config alone: a defense class
     that overrides it (one that must fill a history first, FLDetector) is built from its run-config
     keys, which is all it reads; every other rule acts from round 1. RLR reports its base rule."""
     from fl_defense.defenses import DEFENSES
     from fl_defense.defenses.base import Defense
 
-    cfg = ExperimentConfig.from_run_config(cell)
-    name = cfg.defense
-    if name == "rlr":
-        name = cfg.defense_kwargs("rlr")["aggregator"]
+    name = cfg.rlr_aggregator if cfg.defense == "rlr" else cfg.defense
     cls = DEFENSES.get(name)
     if cls is None or cls.first_active_round is Defense.first_active_round:
         return 1
@@ -577,33 +574,27 @@ def first_active_round(cell: dict) -> int:
 
 def late_defenses(board: "Leaderboard", attacked: list[str]) -> list[str]:
     """A line per defense row that cannot act from the attack's first round in some attacked column
-    (``first_active_round`` after the column's attack-start-round): its rounds before then aggregate
-    undefended, so those cells measure FedAvg's aggregate for that part of the window."""
-    found: dict[tuple[str, int, int, int], list[str]] = {}
+    (``server_app.app.undefended_window``, as the start-up note says it): its rounds before then
+    aggregate undefended, so those cells measure FedAvg's aggregate for that part of the window."""
+    from server_app.app import undefended_window
+
+    found: dict[tuple[str, int, str, bool], list[str]] = {}
     for defense in board.defenses:
         for attack in attacked:
             if (defense, attack) in board.unsupported:
                 continue
-            cell = board.cell_config(defense, attack, board.seeds[0])
-            cfg = ExperimentConfig.from_run_config(cell)
-            first = first_active_round(cell)
-            if first > cfg.attack_start_round:
-                stop = cfg.attack_stop_round or cfg.num_server_rounds
-                found.setdefault((defense, first, cfg.attack_start_round, stop), []).append(attack)
+            cfg = ExperimentConfig.from_run_config(board.cell_config(defense, attack, board.seeds[0]))
+            first = first_active_round(cfg)
+            missed = undefended_window(cfg, first)
+            if missed is not None:
+                found.setdefault((defense, first, *missed), []).append(attack)
     lines = []
-    for (defense, first, start, stop), columns in found.items():
+    for (defense, first, window, whole), columns in found.items():
         runnable = [a for a in attacked if (defense, a) not in board.unsupported]
         where = "every attacked column" if len(columns) == len(runnable) else ", ".join(columns)
-        if first > stop:
-            meets = ("it cannot act at all while the attack lasts: its cells measure the undefended aggregate "
-                     "in the window")
-        else:
-            one = first - 1 == start
-            meets = (f"round{'' if one else 's'} {start}{'' if one else f'-{first - 1}'} of the attack "
-                     f"meet{'s' if one else ''} the undefended aggregate")
         lines.append(f"- {defense} ({where}): acts from round {first} of the run (it needs the earlier rounds' "
-                     f"history first, `Defense.first_active_round`); the attack window is rounds {start}-{stop}, "
-                     f"so {meets}.")
+                     f"history first, `Defense.first_active_round`); {window}"
+                     + (": its cells measure the undefended aggregate in the window" if whole else "") + ".")
     return lines
 
 

@@ -641,11 +641,14 @@ def test_a_column_a_defense_cannot_run_is_not_applicable_and_a_bad_key_still_fai
 
 
 def test_first_active_round_of_a_cell_comes_from_its_run_config():
-    assert lb.first_active_round({"defense": "fldetector"}) == 12  # N = 10: the window holds N pairs after N + 1
-    assert lb.first_active_round({"defense": "fldetector", "fldetector-window": 3}) == 5
-    assert lb.first_active_round({"defense": "rlr", "rlr-aggregator": "fldetector"}) == 12  # RLR's base rule
-    assert lb.first_active_round({"defense": "flame"}) == 1
-    assert lb.first_active_round({"defense": "rlr"}) == 1
+    def first(cell):
+        return lb.first_active_round(ExperimentConfig.from_run_config(cell))
+
+    assert first({"defense": "fldetector"}) == 12  # N = 10: the window holds N pairs after N + 1
+    assert first({"defense": "fldetector", "fldetector-window": 3}) == 5
+    assert first({"defense": "rlr", "rlr-aggregator": "fldetector"}) == 12  # RLR's base rule
+    assert first({"defense": "flame"}) == 1
+    assert first({"defense": "rlr"}) == 1
 
 
 def test_a_page_names_the_defenses_that_cannot_act_in_the_window(tmp_path, monkeypatch):
