@@ -76,6 +76,23 @@ class CifarCNN(nn.Module):
         return self.net(x)
 
 
+def relu_before_pool(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every (MaxPool2d, ReLU) pair of its Sequentials in the usual order,
+    ReLU then MaxPool2d: the reference the shipped order is checked against (tests/test_models.py)
+    and timed against (benchmarks/local_training.py). The weights are copied, not shared."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for seq in [m for m in out.modules() if isinstance(m, nn.Sequential)]:
+        layers = list(seq)
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):
+                layers[i], layers[i + 1] = layers[i + 1], layers[i]
+        for i, layer in enumerate(layers):
+            seq[i] = layer
+    return out
+
+
 _CLASSES = {"mlp": MLP, "cnn_small": SmallCNN, "rlr_cnn": RLRCNN, "cifar_cnn": CifarCNN}
 
 
