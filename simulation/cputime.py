@@ -90,7 +90,9 @@ class TreeCPU:
 
     @property
     def seconds(self) -> float:
-        return sum(self._seen.values())
+        """The total so far, while the sampling thread runs (it reads a copy: the thread may be
+        adding processes)."""
+        return sum(self._seen.copy().values())
 
 
 __all__ = ["TreeCPU", "tree_cpu_seconds"]

@@ -134,12 +134,40 @@ def record_cpu(folder: Path, cpu_seconds: float, wall_seconds: float, state: str
     started, Ray's workers included: simulation.cputime) and the host's CPU capability (which
     torch's kernels, and so the times, depend on) to the cell's ``cpu.jsonl`` (wall-clock figures
     stay out of the deterministic summary.json); a resumed cell adds a line, so the sum is the
-    cell's cost."""
+    cell's cost, the attempts whose runner was killed included (note_attempt)."""
+    with (folder / "cpu.jsonl").open("a") as fh:
+        fh.write(json.dumps(_cpu_record(cpu_seconds, wall_seconds, state)) + "\n")
+    (folder / ATTEMPT).unlink(missing_ok=True)
+
+
+ATTEMPT = "cpu-attempt.json"  # the running attempt's CPU so far, rewritten at every round
+
+
+def _cpu_record(cpu_seconds: float, wall_seconds: float, state: str) -> dict:
     import torch
 
-    with (folder / "cpu.jsonl").open("a") as fh:
-        fh.write(json.dumps({"cpu_seconds": round(cpu_seconds, 3), "wall_seconds": round(wall_seconds, 3),
-                             "started_as": state, "capability": torch.backends.cpu.get_cpu_capability()}) + "\n")
+    return {"cpu_seconds": round(cpu_seconds, 3), "wall_seconds": round(wall_seconds, 3), "started_as": state,
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def note_attempt(folder: Path, cpu_seconds: float, wall_seconds: float, state: str) -> None:
+    """Keep the running attempt's CPU so far in the cell's ``cpu-attempt.json`` (written whole, then
+    renamed): if the process running the grid is killed, no record_cpu follows, and the attempt the
+    resumed cell builds on would otherwise count for nothing (settle_interrupted_attempt)."""
+    tmp = folder / f"{ATTEMPT}.tmp"
+    tmp.write_text(json.dumps({**_cpu_record(cpu_seconds, wall_seconds, state), "interrupted": True}))
+    tmp.replace(folder / ATTEMPT)
+
+
+def settle_interrupted_attempt(folder: Path) -> None:
+    """Move an interrupted attempt's last CPU note into ``cpu.jsonl`` (marked ``interrupted``), so a
+    resumed cell's cost includes the rounds it resumes from; the CPU after the attempt's last round
+    line is not in it."""
+    path = folder / ATTEMPT
+    if path.exists():
+        with (folder / "cpu.jsonl").open("a") as fh:
+            fh.write(path.read_text().strip() + "\n")
+        path.unlink()
 
 
 def cell_cpu(folder: Path) -> tuple[float | None, str | None]:
@@ -197,6 +225,8 @@ def _run_cell_locked(cell: dict, folder: Path, num_supernodes: int, on_round, en
     overrides = {**cell, "results-dir": str(folder.parent), "run-name": folder.name, "resume": state == "partial"}
     if state == "new" and folder.exists():
         shutil.rmtree(folder)  # a cell that died before its first checkpoint starts afresh
+    if state == "partial":
+        settle_interrupted_attempt(folder)
     cmd = [sys.executable, "-m", "simulation.run", "--in-process", "--num-supernodes", str(num_supernodes),
            "--run-config-json", json.dumps(overrides)]
     wall_before = time.perf_counter()
@@ -211,6 +241,8 @@ def _run_cell_locked(cell: dict, folder: Path, num_supernodes: int, on_round, en
         if line.startswith(DONE):
             result = line[len(DONE):].split("; results in")[0].strip()
         m = re.match(r"\[fl-defense\] round\s+(\d+)", line)
+        if m and meter is not None and folder.exists():
+            note_attempt(folder, meter.seconds, time.perf_counter() - wall_before, state)
         if m and int(m.group(1)) > 0 and on_round is not None:
             on_round(int(m.group(1)))
     proc.wait()

@@ -192,3 +192,59 @@ def test_a_cell_another_process_is_running_is_left_to_it(tmp_path, monkeypatch):
     assert not (out / busy / "summary.json").exists()
     g.run_grid(grid.sharded(1, 4), out, progress=False)
     assert launched[-1] == busy and len(launched) == len(mine)
+
+
+def test_a_cell_whose_runner_was_killed_keeps_that_attempts_cpu(tmp_path, monkeypatch):
+    """The runner notes each round's CPU so far; if it dies (here: its round callback raises), the
+    resumed cell's cpu.jsonl counts that attempt (marked interrupted) beside the resumed one."""
+    import simulation.grid as g
+
+    cell = {"defense": "fedavg", "seed": 1}
+    folder = tmp_path / "out" / cell_id(cell)
+    readings = iter([1.5, 2.5, 3.0])
+
+    class Meter:
+        def __init__(self, pid):
+            pass
+
+        def __enter__(self):
+            return self
+
+        @property
+        def seconds(self):
+            return next(readings)
+
+        def stop(self):
+            return 4.0
+
+    class Cell:
+        def __init__(self, cmd, **kwargs):
+            overrides = json.loads(cmd[cmd.index("--run-config-json") + 1])
+            self.pid, self.returncode = 1, 0
+            folder.mkdir(parents=True, exist_ok=True)
+            if overrides["resume"]:  # the second attempt finishes the run
+                (folder / "summary.json").write_text("{}")
+                self.stdout = ["[fl-defense] round 3\n"]
+            else:
+                (folder / "checkpoint.pkl").write_bytes(b"")
+                self.stdout = ["[fl-defense] round 1\n", "[fl-defense] round 2\n"]
+
+        def wait(self):
+            return 0
+
+    def killed(r):
+        if r == 2:
+            raise KeyboardInterrupt  # the runner dies after round 2's line
+
+    monkeypatch.setattr(g, "TreeCPU", Meter)
+    monkeypatch.setattr(g.subprocess, "Popen", Cell)
+    with pytest.raises(KeyboardInterrupt):
+        g.run_cell(cell, folder, 2, on_round=killed)
+    assert not (folder / "cpu.jsonl").exists()
+    assert json.loads((folder / g.ATTEMPT).read_text())["cpu_seconds"] == 2.5  # the note after round 2
+    assert g.cell_state(folder) == "partial"
+    assert g.run_cell(cell, folder, 2).returncode == 0
+    records = [json.loads(line) for line in (folder / "cpu.jsonl").read_text().splitlines()]
+    assert [(r["cpu_seconds"], r["started_as"], r.get("interrupted")) for r in records] == [
+        (2.5, "new", True), (4.0, "partial", None)]
+    assert g.cell_cpu(folder)[0] == 6.5 and not (folder / g.ATTEMPT).exists()
