@@ -34,7 +34,9 @@ Leaderboard file: a grid file whose ``[fixed]`` table is the protocol, plus
 
 Cells are defense x attack x seed, each the protocol plus the defense's keys plus the attack's bundle;
 a cell's folder is named by a hash of its run config (``grid.cell_id``), so the page finds every cell
-of the matrix in any of the results folders it is given, and finished cells are never rerun. A
+of the matrix in any of the results folders it is given, and finished cells are never rerun (a
+finished cell whose recorded config differs from its cell's now, a changed default, stops the
+command: ``check_records``). A
 forged Fisher against a defense that asks the clients for none is dropped from the cell's run config
 (``effective_config``), so such a column shares the cell of the column without it.
 
@@ -353,6 +355,55 @@ def collect(board: Leaderboard, roots: list[Path]):
 def finished_folder(name: str, roots: list[Path]) -> Path | None:
     """The first of ``roots`` holding the cell ``name`` finished."""
     return next((r / name for r in roots if cell_state(r / name) == "done"), None)
+
+
+# keys that say where or on what a cell ran, not what it computes
+PLACE_KEYS = frozenset({"results-dir", "run-name", "resume", "data-dir", "pretrain-dir", "device"})
+
+
+def record_mismatch(folder: Path, cell: dict) -> str | None:
+    """How a finished cell's recorded run config (its summary.json) differs from the one its cell
+    has now: ``key: recorded R, now V`` for the first such key (PLACE_KEYS aside), or None. A cell's
+    folder is named by the keys its grid sets, so a changed default (or a key whose meaning
+    changed) leaves the name as it was while the computation differs: such a record is not this
+    config's cell. A key the record lacks counts as its default (a run from before the key
+    existed, which the key's default reproduces)."""
+    recorded = json.loads((folder / "summary.json").read_text()).get("config")
+    if recorded is None:
+        return "its summary.json records no run config"
+    default = ExperimentConfig().as_run_config()
+    for key, now in ExperimentConfig.from_run_config(cell).as_run_config().items():
+        was = recorded.get(key, default[key])
+        if key not in PLACE_KEYS and was != now:
+            return f"{key}: recorded {was!r}, now {now!r}"
+    return None
+
+
+def stale_records(board: Leaderboard, roots: list[Path]) -> list[tuple[Path, str]]:
+    """(folder, record_mismatch) of every finished copy of the board's cells under ``roots`` whose
+    record disagrees with its cell's run config now."""
+    stale, seen = [], set()
+    for *_, cell in board.cells():
+        name = cell_id(cell)
+        if name in seen:
+            continue
+        seen.add(name)
+        for root in roots:
+            if cell_state(root / name) == "done" and (problem := record_mismatch(root / name, cell)):
+                stale.append((root / name, problem))
+    return stale
+
+
+def check_records(board: Leaderboard, roots: list[Path]) -> None:
+    """Fail, naming the first stale record and what differs, if any finished cell was run with a
+    config other than its cell's now: the runner would skip it as done and the page would show it
+    as this config's."""
+    stale = stale_records(board, roots)
+    if stale:
+        folder, problem = stale[0]
+        raise ConfigError(f"{len(stale)} finished leaderboard cells were run with another config than their cell "
+                          f"has now (a changed default?), e.g. {folder}: {problem}. Their figures are not this "
+                          "config's: move those folders aside to rerun them, or restore what changed")
 
 
 def export_records(board: Leaderboard, roots: list[Path], dest: Path) -> list[str]:
@@ -791,6 +842,7 @@ def main(argv: list[str]) -> None:
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else None
     board = Leaderboard.load(path, _csv(args.defenses), _csv(args.attacks), seeds)
     roots = [Path(r).resolve() for r in (args.results or [str(ROOT / "results" / "leaderboard" / board.name)])]
+    check_records(board, roots)
     if args.export:
         copied = export_records(board, roots, Path(args.export).resolve())
         print(f"[fl-defense] {len(copied)} finished cells' records copied to {args.export}")

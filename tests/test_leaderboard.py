@@ -677,3 +677,33 @@ def test_a_window_the_defense_joins_late_names_the_rounds_it_misses():
         "- fldetector (every attacked column): acts from round 12 of the run (it needs the earlier rounds' history "
         "first, `Defense.first_active_round`); the attack window is rounds 11-20, so round 11 of the attack meets "
         "the undefended aggregate."]
+
+
+def test_a_cell_run_with_another_config_than_its_cell_has_now_stops_the_leaderboard(tmp_path, monkeypatch):
+    """A changed default leaves a cell's folder name as it was: the record's config, not the name,
+    says whether the figures are this config's. Where a key differs, every mode fails naming the
+    folder and the key; a key that says only where a cell ran, or one the record predates (at its
+    default), is not a difference."""
+    path = _board_file(tmp_path, '["flame"]')
+    board = lb.Leaderboard.load(path, seeds=[1])
+    results = tmp_path / "cells"
+    for *_, cell in board.cells():
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: None)
+    args = ["--grid", str(path), "--results", str(results), "--out", str(tmp_path / "page"), "--seeds", "1"]
+    summary_path = results / cell_id(board.cells()[1][3]) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["config"]["results-dir"] = "/elsewhere"  # where it ran
+    summary["config"].pop("fisher-forgery")  # a record from before the key existed (its default now)
+    summary_path.write_text(json.dumps(summary))
+    lb.main([*args, "--report-only"])
+    assert lb.stale_records(board, [results]) == []
+
+    summary["config"]["local-epochs"] += 1  # as if the default had changed since the cell ran
+    summary_path.write_text(json.dumps(summary))
+    assert lb.stale_records(board, [results]) == [
+        (summary_path.parent, f"local-epochs: recorded {summary['config']['local-epochs']}, "
+                              f"now {summary['config']['local-epochs'] - 1}")]
+    for mode in (["--report-only"], [], ["--export", str(tmp_path / "export")]):
+        with pytest.raises(ConfigError, match=f"1 finished leaderboard cells .*/{summary_path.parent.name}: local-epochs"):
+            lb.main([*args, *mode])
