@@ -134,10 +134,11 @@ def record_cpu(folder: Path, cpu_seconds: float, wall_seconds: float, state: str
     started, Ray's workers included: simulation.cputime) and the host's CPU capability (which
     torch's kernels, and so the times, depend on) to the cell's ``cpu.jsonl`` (wall-clock figures
     stay out of the deterministic summary.json); a resumed cell adds a line, so the sum is the
-    cell's cost, the attempts whose runner was killed included (note_attempt)."""
+    cell's cost, including the attempts whose runner was killed that a resumed cell continues from
+    (note_attempt)."""
+    (folder / ATTEMPT).unlink(missing_ok=True)  # this attempt's running note: superseded by its record
     with (folder / "cpu.jsonl").open("a") as fh:
         fh.write(json.dumps(_cpu_record(cpu_seconds, wall_seconds, state)) + "\n")
-    (folder / ATTEMPT).unlink(missing_ok=True)
 
 
 ATTEMPT = "cpu-attempt.json"  # the running attempt's CPU so far, rewritten at every round
@@ -162,12 +163,17 @@ def note_attempt(folder: Path, cpu_seconds: float, wall_seconds: float, state: s
 def settle_interrupted_attempt(folder: Path) -> None:
     """Move an interrupted attempt's last CPU note into ``cpu.jsonl`` (marked ``interrupted``), so a
     resumed cell's cost includes the rounds it resumes from; the CPU after the attempt's last round
-    line is not in it."""
+    line is not in it. A cell that died before its first checkpoint starts afresh, its folder and
+    note removed: that attempt's work is not built on. (A runner killed after its cell's last
+    round but before record_cpu leaves a finished cell with a note: cell_cpu counts it, and
+    export settles it.)"""
     path = folder / ATTEMPT
+    (folder / f"{ATTEMPT}.tmp").unlink(missing_ok=True)
     if path.exists():
-        with (folder / "cpu.jsonl").open("a") as fh:
-            fh.write(path.read_text().strip() + "\n")
+        note = path.read_text().strip()
         path.unlink()
+        with (folder / "cpu.jsonl").open("a") as fh:
+            fh.write(note + "\n")
 
 
 def cell_cpu(folder: Path) -> tuple[float | None, str | None]:
@@ -175,9 +181,12 @@ def cell_cpu(folder: Path) -> tuple[float | None, str | None]:
     (``+``-joined where a resumed cell ran on hosts of different capability); None for the seconds
     where there is no record, for the capability where no attempt recorded one (before 2026-12-02)."""
     path = folder / "cpu.jsonl"
-    if not path.exists():
+    lines = path.read_text().splitlines() if path.exists() else []
+    if (folder / ATTEMPT).exists() and (folder / "summary.json").exists():  # unsettled (settle_interrupted_attempt)
+        lines.append((folder / ATTEMPT).read_text())
+    records = [json.loads(line) for line in lines if line.strip()]
+    if not records:
         return None, None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     found = sorted({r["capability"] for r in records if r.get("capability")})
     return sum(r["cpu_seconds"] for r in records), "+".join(found) or None
 
@@ -241,7 +250,7 @@ def _run_cell_locked(cell: dict, folder: Path, num_supernodes: int, on_round, en
         if line.startswith(DONE):
             result = line[len(DONE):].split("; results in")[0].strip()
         m = re.match(r"\[fl-defense\] round\s+(\d+)", line)
-        if m and meter is not None and folder.exists():
+        if m and meter is not None and meter.exact and folder.exists():
             note_attempt(folder, meter.seconds, time.perf_counter() - wall_before, state)
         if m and int(m.group(1)) > 0 and on_round is not None:
             on_round(int(m.group(1)))

@@ -80,7 +80,8 @@ from pathlib import Path
 from fl_defense.config import ConfigError, ExperimentConfig
 from fl_defense.durability import mean_after_window
 
-from .grid import ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid
+from .grid import (ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid,
+                   settle_interrupted_attempt)
 
 QUALIFY_POINTS = 2.0
 DEFAULT_GRID = "simulation/grids/leaderboard.toml"
@@ -357,40 +358,40 @@ def finished_folder(name: str, roots: list[Path]) -> Path | None:
     return next((r / name for r in roots if cell_state(r / name) == "done"), None)
 
 
-# keys that say where or on what a cell ran, not what it computes
-PLACE_KEYS = frozenset({"results-dir", "run-name", "resume", "data-dir", "pretrain-dir", "device"})
-
-
-def record_mismatch(folder: Path, cell: dict) -> str | None:
+def record_mismatch(folder: Path, cell: dict, default: dict | None = None) -> str | None:
     """How a finished cell's recorded run config (its summary.json) differs from the one its cell
-    has now: ``key: recorded R, now V`` for the first such key (PLACE_KEYS aside), or None. A cell's
-    folder is named by the keys its grid sets, so a changed default (or a key whose meaning
-    changed) leaves the name as it was while the computation differs: such a record is not this
-    config's cell. A key the record lacks counts as its default (a run from before the key
-    existed, which the key's default reproduces)."""
+    has now: ``key: recorded R, now V`` for the first such key (``report.BOOKKEEPING`` aside: where
+    the files are), or None. A cell's folder is named by the keys its grid sets, so a changed
+    default leaves the name as it was while the computation differs: such a record is not this
+    config's cell. A key the record lacks is taken at its default now (``default``: the default
+    config's keys), as for a run from before the key existed; a default changed after such a key
+    was added goes unseen for that record."""
+    from .report import BOOKKEEPING
+
     recorded = json.loads((folder / "summary.json").read_text()).get("config")
     if recorded is None:
         return "its summary.json records no run config"
-    default = ExperimentConfig().as_run_config()
+    default = default or ExperimentConfig().as_run_config()
     for key, now in ExperimentConfig.from_run_config(cell).as_run_config().items():
         was = recorded.get(key, default[key])
-        if key not in PLACE_KEYS and was != now:
+        if key not in BOOKKEEPING and was != now:
             return f"{key}: recorded {was!r}, now {now!r}"
     return None
 
 
 def stale_records(board: Leaderboard, roots: list[Path]) -> list[tuple[Path, str]]:
-    """(folder, record_mismatch) of every finished copy of the board's cells under ``roots`` whose
-    record disagrees with its cell's run config now."""
+    """(folder, record_mismatch) of each of the board's cells whose finished record, the one the
+    page and the runner use (``finished_folder``), disagrees with its cell's run config now."""
+    default = ExperimentConfig().as_run_config()
     stale, seen = [], set()
     for *_, cell in board.cells():
         name = cell_id(cell)
         if name in seen:
             continue
         seen.add(name)
-        for root in roots:
-            if cell_state(root / name) == "done" and (problem := record_mismatch(root / name, cell)):
-                stale.append((root / name, problem))
+        folder = finished_folder(name, roots)
+        if folder is not None and (problem := record_mismatch(folder, cell, default)):
+            stale.append((folder, problem))
     return stale
 
 
@@ -417,6 +418,7 @@ def export_records(board: Leaderboard, roots: list[Path], dest: Path) -> list[st
         source = finished_folder(name, roots)
         if source is None or cell_state(dest / name) == "done" or source == dest / name:
             continue
+        settle_interrupted_attempt(source)  # a note a killed runner left in a finished cell: into cpu.jsonl
         (dest / name).mkdir(parents=True, exist_ok=True)
         # summary.json last: a copy cut short is not taken for a finished cell
         for file in sorted(RECORD_FILES, key=lambda f: f == "summary.json"):
@@ -844,6 +846,7 @@ def main(argv: list[str]) -> None:
     roots = [Path(r).resolve() for r in (args.results or [str(ROOT / "results" / "leaderboard" / board.name)])]
     check_records(board, roots)
     if args.export:
+        check_records(board, [Path(args.export).resolve()])  # the copies it keeps
         copied = export_records(board, roots, Path(args.export).resolve())
         print(f"[fl-defense] {len(copied)} finished cells' records copied to {args.export}")
         return

@@ -26,9 +26,10 @@ def defense_label(config: dict) -> str:
     return config["defense"] if pre == "none" else f"{pre} + {config['defense']}"
 
 
-# Run-config keys that never tell two rows apart: the seed (rows average over it) and bookkeeping.
-NOT_A_VARIANT = {"seed", "run-name", "results-dir", "resume", "pretrain-dir", "data-dir", "device", "checkpoint",
-                 "keep-workspace"}
+# Run-config keys that say where a run's files are and how it keeps them, not what it computes
+BOOKKEEPING = frozenset({"run-name", "results-dir", "resume", "pretrain-dir", "data-dir", "checkpoint", "keep-workspace"})
+# Run-config keys that never tell two rows apart: the seed (rows average over it), the device and bookkeeping.
+NOT_A_VARIANT = {"seed", "device", *BOOKKEEPING}
 
 
 def cell_labels(configs: dict[str, dict]) -> dict[str, str]:

@@ -4,6 +4,7 @@ a page regenerated from results runs no cell; and one smoke-sized run for real (
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -689,7 +690,7 @@ def test_a_cell_run_with_another_config_than_its_cell_has_now_stops_the_leaderbo
     results = tmp_path / "cells"
     for *_, cell in board.cells():
         _fake_cell(results / cell_id(cell), cell, 0.0)
-    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: None)
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("a cell ran before the records were checked"))
     args = ["--grid", str(path), "--results", str(results), "--out", str(tmp_path / "page"), "--seeds", "1"]
     summary_path = results / cell_id(board.cells()[1][3]) / "summary.json"
     summary = json.loads(summary_path.read_text())
@@ -707,3 +708,12 @@ def test_a_cell_run_with_another_config_than_its_cell_has_now_stops_the_leaderbo
     for mode in (["--report-only"], [], ["--export", str(tmp_path / "export")]):
         with pytest.raises(ConfigError, match=f"1 finished leaderboard cells .*/{summary_path.parent.name}: local-epochs"):
             lb.main([*args, *mode])
+
+    # a stale copy where --export keeps the records (the committed cells) stops the export too
+    export = tmp_path / "export"
+    shutil.copytree(summary_path.parent, export / summary_path.parent.name)
+    summary["config"]["local-epochs"] -= 1
+    summary_path.write_text(json.dumps(summary))
+    lb.main([*args, "--report-only"])
+    with pytest.raises(ConfigError, match=f"1 finished leaderboard cells .*export/{summary_path.parent.name}: local-epochs"):
+        lb.main([*args, "--export", str(export)])

@@ -204,6 +204,8 @@ def test_a_cell_whose_runner_was_killed_keeps_that_attempts_cpu(tmp_path, monkey
     readings = iter([1.5, 2.5, 3.0])
 
     class Meter:
+        exact = True  # /proc readings (TreeCPU)
+
         def __init__(self, pid):
             pass
 
@@ -248,3 +250,23 @@ def test_a_cell_whose_runner_was_killed_keeps_that_attempts_cpu(tmp_path, monkey
     assert [(r["cpu_seconds"], r["started_as"], r.get("interrupted")) for r in records] == [
         (2.5, "new", True), (4.0, "partial", None)]
     assert g.cell_cpu(folder)[0] == 6.5 and not (folder / g.ATTEMPT).exists()
+
+
+def test_a_finished_cell_with_a_killed_runners_note_counts_it_once(tmp_path):
+    """A runner killed after its cell's last round but before it recorded the attempt leaves a
+    finished cell with a note: cell_cpu counts it, and settling it (as --export does) keeps it
+    counted once."""
+    import simulation.grid as g
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    g.record_cpu(folder, 3.0, 4.0, "new")
+    g.note_attempt(folder, 2.0, 2.5, "partial")
+    assert g.cell_cpu(folder)[0] == 3.0  # not finished: the note is a running (or interrupted) attempt
+    (folder / "summary.json").write_text("{}")
+    assert g.cell_cpu(folder)[0] == 5.0
+    g.settle_interrupted_attempt(folder)
+    assert g.cell_cpu(folder)[0] == 5.0 and not (folder / g.ATTEMPT).exists()
+    g.note_attempt(folder, 1.0, 1.0, "partial")
+    g.record_cpu(folder, 7.0, 8.0, "partial")  # the attempt's own record supersedes its note
+    assert g.cell_cpu(folder)[0] == 12.0 and not (folder / g.ATTEMPT).exists()
