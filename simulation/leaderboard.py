@@ -651,6 +651,32 @@ def late_defenses(board: "Leaderboard", attacked: list[str]) -> list[str]:
     return lines
 
 
+def remaining_cpu_seconds(board: Leaderboard, cells) -> tuple[int, float]:
+    """The board's unfinished cells (each cell once) and their projected CPU seconds: each at the
+    median CPU of its attack column's finished cells (``cells``: one row per finished cell, with
+    ``attack`` and ``cpu_seconds``), the median of all of them where its column has none."""
+    cpu = cells.dropna(subset=["cpu_seconds"])
+    if cpu.empty:
+        return 0, 0.0
+    by_column = cpu.groupby("attack")["cpu_seconds"].median().to_dict()
+    overall = float(cpu["cpu_seconds"].median())
+    done, todo = set(cells["cell"]), {}
+    for _, attack, _, cell in board.cells():
+        name = cell_id(cell)
+        if name not in done:
+            todo.setdefault(name, attack)  # a cell two columns share: the first column's
+    return len(todo), sum(float(by_column.get(attack, overall)) for attack in todo.values())
+
+
+def remaining_cpu_text(board: Leaderboard, cells) -> str:
+    left, seconds = remaining_cpu_seconds(board, cells)
+    if not left:
+        return ""
+    return (f" **Still to run:** {left:,} cells, about {seconds / 3600:.1f} CPU h ({seconds:,.0f} s) projected: each "
+            "at the median CPU of its attack column's finished cells (of all finished cells where its column has "
+            "none).")
+
+
 def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                training_share: float, step_ms: float, note: str | None = None, title: str | None = None,
                subset: bool = False) -> Path:
@@ -712,7 +738,8 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"({training_share:.0%}, the share of a protocol round spent in a plain PyTorch loop doing the same "
         f"training, `benchmarks/protocol_round.py`), plus the cells' {steps:,.0f} local SGD steps at "
         f"{step_ms:g} ms each (an assumed step time of a small CNN at this batch size on a GPU, launch-bound; "
-        "not measured here). Cells still run one after another, so this is a serial figure.", "",
+        "not measured here). Cells still run one after another, so this is a serial figure."
+        + remaining_cpu_text(board, cells), "",
         "**Hosts:** the CPU capability each cell ran with (`torch.backends.cpu.get_cpu_capability()`; kernels, "
         "and so times and the last digits of results, differ between capabilities): "
         + ", ".join(f"{cap} {n} cell{'s' if n != 1 else ''}" for cap, n in

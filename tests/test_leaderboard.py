@@ -717,3 +717,24 @@ def test_a_cell_run_with_another_config_than_its_cell_has_now_stops_the_leaderbo
     lb.main([*args, "--report-only"])
     with pytest.raises(ConfigError, match=f"1 finished leaderboard cells .*export/{summary_path.parent.name}: local-epochs"):
         lb.main([*args, "--export", str(export)])
+
+
+def test_the_page_projects_the_unfinished_cells_cpu_from_their_columns_medians(tmp_path):
+    import pandas as pd
+
+    path = _board_file(tmp_path, '["flame", "krum"]')
+    board = lb.Leaderboard.load(path, seeds=[1, 2])
+    cells = {(d, a, s): cell_id(c) for d, a, s, c in board.cells()}
+    finished = pd.DataFrame([  # clean: 10 and 30 s (median 20); plus: 4 s; alie: none finished
+        {"defense": "flame", "attack": "clean", "seed": 1, "cell": cells[("flame", "clean", 1)], "cpu_seconds": 10.0},
+        {"defense": "krum", "attack": "clean", "seed": 1, "cell": cells[("krum", "clean", 1)], "cpu_seconds": 30.0},
+        {"defense": "flame", "attack": "plus", "seed": 1, "cell": cells[("flame", "plus", 1)], "cpu_seconds": 4.0},
+        {"defense": "krum", "attack": "plus", "seed": 1, "cell": cells[("krum", "plus", 1)], "cpu_seconds": None}])
+    todo = {name for name in cells.values()} - set(finished["cell"])
+    # the clean column's 4 unfinished cells (fedavg's two, flame's and krum's seed 2) at 20 s, plus's 2 (seed 2)
+    # at 4 s (krum's seed-1 plus cell is finished without a record), alie's 4 at the median of all three records (10 s)
+    assert len(todo) == 10
+    assert lb.remaining_cpu_seconds(board, finished) == (10, 4 * 20.0 + 2 * 4.0 + 4 * 10.0)
+    assert "**Still to run:** 10 cells, about 0.0 CPU h (128 s) projected" in lb.remaining_cpu_text(board, finished)
+    everything = pd.DataFrame([{"attack": a, "cell": n, "cpu_seconds": 1.0} for (_, a, _), n in cells.items()])
+    assert lb.remaining_cpu_seconds(board, everything) == (0, 0.0) and lb.remaining_cpu_text(board, everything) == ""
