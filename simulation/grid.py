@@ -129,6 +129,9 @@ def cell_state(folder: Path) -> str:
     return "new"
 
 
+ATTEMPT = "cpu-attempt.json"  # the running attempt's CPU so far, rewritten at every round
+
+
 def record_cpu(folder: Path, cpu_seconds: float, wall_seconds: float, state: str) -> None:
     """Append one attempt's CPU time (user + system of the cell's process and every process it
     started, Ray's workers included: simulation.cputime) and the host's CPU capability (which
@@ -139,9 +142,6 @@ def record_cpu(folder: Path, cpu_seconds: float, wall_seconds: float, state: str
     (folder / ATTEMPT).unlink(missing_ok=True)  # this attempt's running note: superseded by its record
     with (folder / "cpu.jsonl").open("a") as fh:
         fh.write(json.dumps(_cpu_record(cpu_seconds, wall_seconds, state)) + "\n")
-
-
-ATTEMPT = "cpu-attempt.json"  # the running attempt's CPU so far, rewritten at every round
 
 
 def _cpu_record(cpu_seconds: float, wall_seconds: float, state: str) -> dict:
@@ -182,7 +182,7 @@ def cell_cpu(folder: Path) -> tuple[float | None, str | None]:
     where there is no record, for the capability where no attempt recorded one (before 2026-12-02)."""
     path = folder / "cpu.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    if (folder / ATTEMPT).exists() and (folder / "summary.json").exists():  # unsettled (settle_interrupted_attempt)
+    if (folder / ATTEMPT).exists() and cell_state(folder) == "done":  # unsettled (settle_interrupted_attempt)
         lines.append((folder / ATTEMPT).read_text())
     records = [json.loads(line) for line in lines if line.strip()]
     if not records:

@@ -82,6 +82,7 @@ from fl_defense.durability import mean_after_window
 
 from .grid import (ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid,
                    settle_interrupted_attempt)
+from .report import BOOKKEEPING
 
 QUALIFY_POINTS = 2.0
 DEFAULT_GRID = "simulation/grids/leaderboard.toml"
@@ -366,8 +367,6 @@ def record_mismatch(folder: Path, cell: dict, default: dict | None = None) -> st
     config's cell. A key the record lacks is taken at its default now (``default``: the default
     config's keys), as for a run from before the key existed; a default changed after such a key
     was added goes unseen for that record."""
-    from .report import BOOKKEEPING
-
     recorded = json.loads((folder / "summary.json").read_text()).get("config")
     if recorded is None:
         return "its summary.json records no run config"
@@ -383,13 +382,9 @@ def stale_records(board: Leaderboard, roots: list[Path]) -> list[tuple[Path, str
     """(folder, record_mismatch) of each of the board's cells whose finished record, the one the
     page and the runner use (``finished_folder``), disagrees with its cell's run config now."""
     default = ExperimentConfig().as_run_config()
-    stale, seen = [], set()
-    for *_, cell in board.cells():
-        name = cell_id(cell)
-        if name in seen:
-            continue
-        seen.add(name)
-        folder = finished_folder(name, roots)
+    stale = []
+    for cell in board.grid().cells:  # each cell once
+        folder = finished_folder(cell_id(cell), roots)
         if folder is not None and (problem := record_mismatch(folder, cell, default)):
             stale.append((folder, problem))
     return stale
