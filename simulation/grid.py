@@ -140,8 +140,13 @@ def record_cpu(folder: Path, cpu_seconds: float, wall_seconds: float, state: str
     cell's cost, including the attempts whose runner was killed that a resumed cell continues from
     (note_attempt)."""
     (folder / ATTEMPT).unlink(missing_ok=True)  # this attempt's running note: superseded by its record
+    _append_cpu_line(folder, json.dumps(_cpu_record(cpu_seconds, wall_seconds, state)))
+
+
+def _append_cpu_line(folder: Path, line: str) -> None:
+    """Add one attempt's record (a JSON object on one line) to the cell's ``cpu.jsonl``."""
     with (folder / "cpu.jsonl").open("a") as fh:
-        fh.write(json.dumps(_cpu_record(cpu_seconds, wall_seconds, state)) + "\n")
+        fh.write(line.strip() + "\n")
 
 
 def _cpu_record(cpu_seconds: float, wall_seconds: float, state: str) -> dict:
@@ -170,10 +175,9 @@ def settle_interrupted_attempt(folder: Path) -> None:
     path = folder / ATTEMPT
     (folder / f"{ATTEMPT}.tmp").unlink(missing_ok=True)
     if path.exists():
-        note = path.read_text().strip()
+        note = path.read_text()
         path.unlink()
-        with (folder / "cpu.jsonl").open("a") as fh:
-            fh.write(note + "\n")
+        _append_cpu_line(folder, note)
 
 
 def cell_cpu(folder: Path) -> tuple[float | None, str | None]:
