@@ -98,6 +98,7 @@ METRICS = {
     "accuracy_drop": ("accuracy drop (points)", 1),
     "asr_window_end": ("attack success at the window's end", 3),
     "asr_window_worst": ("worst attack success in the window", 3),
+    "floor_window_end": ("the same images untriggered at the window's end (floor)", 3),
     "asr_final": ("attack success at the run's end", 3),
     "asr_after_window": ("mean attack success after the window", 3),
     "lifespan_50": ("rounds after the window to < 0.5", 1),
@@ -304,6 +305,7 @@ def cell_metrics(folder: Path) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     return {
+        "floor_window_end": window_floor(rounds, window),
         "accuracy_final": summary["final"]["accuracy"],
         "accuracy_mean": mean(r["accuracy"] for r in trained),
         "asr_window_end": window.get("asr_window_end"),
@@ -322,6 +324,22 @@ def cell_metrics(folder: Path) -> dict:
         "rounds": summary["rounds_completed"],
         "attackers_sampled": sum(r.get("num_attackers_sampled") or 0 for r in trained),
     }
+
+
+def window_floor(rounds: list[dict], window: dict) -> float | None:
+    """The floor under the attack success at the window's end: the share of the same (eligible)
+    test images that the model classifies as the target without the trigger, in the round that
+    figure comes from (``durability.window_metrics``: the window's last recorded round). A model
+    that drifts towards the target reaches it with no backdoor at all; attack success minus floor
+    is the trigger's own effect. None where the round did not record it (an attack measured
+    without a trigger, or records from before the floor was kept)."""
+    if window.get("asr_window_end") is None:
+        return None
+    recorded = [r["round"] for r in rounds]
+    stop = window.get("stop_round") or 0
+    end = min(stop, max(recorded)) if stop > 0 and recorded else max(recorded, default=0)
+    value = next((r.get("clean_target_rate") for r in rounds if r["round"] == end), None)
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def lifespans(window: dict, last_round: int) -> dict:
@@ -502,6 +520,7 @@ def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
             "worst_attack": worst[0] if worst else None,
             "worst_asr": worst[1]["asr_window_end_mean"] if worst else None,
             "worst_asr_std": worst[1]["asr_window_end_std"] if worst else None,
+            "worst_floor": _finite(worst[1].get("floor_window_end_mean")) if worst else None,
             "peak_attack": peak[0] if peak else None,
             "peak_asr": peak[1]["asr_window_worst_mean"] if peak else None,
             "clean_drop": clean_drop,
@@ -523,6 +542,10 @@ def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
     for r in unranked:
         r["rank"] = None
     return ranked + unranked
+
+
+def _finite(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def heatmap_table(summary, metric: str, defenses: list[str], attacks: list[str], unsupported=()) -> str:
@@ -748,20 +771,23 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "accuracy drop under attack. Untargeted attacks show in the drop (which can disqualify a cell), "
         "not in attack success (the plus trigger measured as a reference). The peak column is not ranked on: "
         "the highest attack success in any round of the window over the same cells, which shows a backdoor "
-        "that lands while the attack lasts and fades before the window's end.", "",
+        "that lands while the attack lasts and fades before the window's end. The floor is what the worst "
+        "attack's figure stands on: the share of the same test images the model classifies as the target "
+        "without the trigger, at the same round (a model that drifts towards the target reaches it with no "
+        "backdoor); attack success minus floor is the trigger's own effect. It is shown, not ranked on.", "",
         *([f"**Partial:** {finished} of {total} cells finished. A defense is ranked on its finished cells only, so "
            "its worst attack may be among those not run yet; the qualifying-cells column says how many of its "
            f"{len(attacked)} attacked cells have finished.", ""] if finished < total else []),
-        "| rank | defense | worst attack success | worst attack | peak in the window | qualifying cells "
-        "| clean accuracy drop | largest drop under attack |", "|---|---|---|---|---|---|---|---|"]
+        "| rank | defense | worst attack success | its floor | worst attack | peak in the window | qualifying cells "
+        "| clean accuracy drop | largest drop under attack |", "|---|---|---|---|---|---|---|---|---|"]
     for r in ranking(summary, board.defenses, attacks, board.clean):  # the baseline alone (not chosen) is no entry
         if r["rank"] is None:
-            lines.append(f"| - | {r['defense']} | - | no attacked cell finished | - | 0 of {len(attacked)} | "
+            lines.append(f"| - | {r['defense']} | - | - | no attacked cell finished | - | 0 of {len(attacked)} | "
                          f"{fmt(r['clean_drop'], None, 1)} | - |")
             continue
         of = f" ({r['attacked']} of {len(attacked)} finished)" if r["attacked"] < len(attacked) else ""
         lines.append(f"| {r['rank']} | {r['defense']} | {fmt(r['worst_asr'], r['worst_asr_std'], 3)} | "
-                     f"{r['worst_attack'] or 'none qualifies'} | "
+                     f"{fmt(r.get('worst_floor'), None, 3)} | {r['worst_attack'] or 'none qualifies'} | "
                      + (f"{r['peak_asr']:.3f} ({r['peak_attack']})" if r["peak_attack"] else "-")
                      + f" | {r['qualifying']} of {r['attacked']}{of} | "
                      f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")

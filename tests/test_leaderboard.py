@@ -210,6 +210,27 @@ def test_ranking_by_worst_attack_among_cells_within_two_points():
     assert [x["rank"] for x in r] == [1, 2, 3, 4, 5]
 
 
+def test_the_floor_is_read_in_the_window_end_round_and_shown_with_the_worst_attack():
+    rounds = [{"round": r, "clean_target_rate": f} for r, f in enumerate([0.0, 0.1, 0.2, 0.3, 0.4])]
+    # a window of rounds 1-2 in a 4-round run: read at round 2; a window still open (stop past the
+    # run): its last round; none when the window has no figure or the round kept no floor
+    assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 2}) == 0.2
+    assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 9}) == 0.4
+    assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 0}) == 0.4
+    assert lb.window_floor(rounds, {"asr_window_end": None, "stop_round": 2}) is None
+    assert lb.window_floor([{"round": 2}], {"asr_window_end": 0.5, "stop_round": 2}) is None
+    rows = [{"defense": "A", "attack": a, "seed": seed, "accuracy_mean": 0.9, "asr_window_end": asr,
+             "asr_window_worst": asr, "floor_window_end": floor}
+            for a, asr, floor in [("clean", 0.0, None), ("x", 0.30, 0.25), ("y", 0.10, 0.01)] for seed in (1, 2)]
+    rows += [{"defense": "fedavg", "attack": "clean", "seed": seed, "accuracy_mean": 0.9, "asr_window_end": 0.0,
+              "asr_window_worst": 0.0, "floor_window_end": None} for seed in (1, 2)]
+    s = lb.summarise(lb.add_accuracy_drop(_table(rows), "fedavg", "clean"))
+    (a,) = [r for r in lb.ranking(s, ["A"], ["clean", "x", "y"], "clean")]
+    # ranked on attack success as measured; the floor of that same attack beside it
+    assert a["worst_attack"] == "x" and a["worst_asr"] == pytest.approx(0.30)
+    assert a["worst_floor"] == pytest.approx(0.25)
+
+
 def test_ranking_ties_break_on_the_clean_drop():
     r = _ranked([
         ("fedavg", "clean", [(1, 0.90, 0.0)]),
@@ -238,6 +259,9 @@ def _fake_cell(folder: Path, cell: dict, seed_shift: float) -> None:
     asr = [0.0, 0.6, 0.8, 0.3] if attacked else [0.0, 0.02, 0.02, 0.02]
     acc = 0.9 - (0.05 if cell["defense"] == "krum" else 0.0) - seed_shift
     rows = [{"round": r, "accuracy": acc if r == 3 else acc - 0.4, "attack_success_rate": asr[r]} for r in range(4)]
+    if attacked:  # the same images untriggered (the recorder's floor)
+        for r, floor in zip(rows, [0.0, 0.01, 0.05, 0.02]):
+            r["clean_target_rate"] = floor
     for r in rows[1:]:
         r.update({"num_attackers_sampled": 1 if attacked and r["round"] <= 2 else 0,
                   "tpr": 1.0 if attacked and r["round"] <= 2 and cell["defense"] == "flame" else None,
@@ -292,6 +316,7 @@ def test_cell_metrics_from_a_constructed_cell(tmp_path):
     # never below 0.1 in the run: right-censored, at least the one-round tail plus one
     assert (m["lifespan_10"], m["lifespan_10_censored"]) == (2, True)
     assert m["asr_after_window"] == 0.3  # round 3, the one round after the window (rounds 1-2)
+    assert m["floor_window_end"] == 0.05  # the untriggered share in round 2, where asr_window_end is read
     assert m["tpr"] == 1.0 and m["fpr"] == pytest.approx(0.1)
     assert m["cpu_seconds"] == 15.0  # every attempt of the cell
     assert m["round_seconds"] == 2.0 and m["aggregation_seconds"] == 0.01
@@ -378,7 +403,8 @@ def test_report_only_builds_the_page_from_results_and_runs_no_cell(tmp_path, mon
     rows = [line for line in ranking.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     # krum loses 5 points everywhere (no qualifying cell); flame and fedavg qualify
     assert rows[0].split("|")[2].strip() in ("flame", "fedavg") and "krum" not in rows[0]
-    assert "| krum | - | none qualifies |" in ranking
+    assert "| krum | - | - | none qualifies |" in ranking
+    assert rows[0].split("|")[4].strip() == "0.050"  # the floor under its worst attack (round 2, the window's end)
     assert "| fedavg |" not in ranking  # the baseline's clean cells alone (fedavg not chosen) are no entry
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == len(board.cells()) - 1
@@ -485,7 +511,7 @@ def test_a_partial_page_says_so_and_ranks_no_defense_without_an_attacked_cell(tm
     ranking = page.split("## Ranking")[1].split("\n## ")[0]
     assert "| 1 | flame |" in ranking and "qualifying" in ranking
     assert "| 1 of 1 (1 of 2 finished) |" in ranking  # flame: plus qualifies, alie not run
-    assert "| - | krum | - | no attacked cell finished | - | 0 of 2 |" in ranking
+    assert "| - | krum | - | - | no attacked cell finished | - | 0 of 2 |" in ranking
     assert "| 0.800 (plus) |" in ranking  # flame's plus cell peaked at 0.8 inside the window
     assert "**How it was run:** two shards side by side" in page
     command = next(line for line in page.splitlines() if line.startswith("    python -m simulation leaderboard"))
