@@ -305,7 +305,7 @@ def cell_metrics(folder: Path) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     return {
-        "floor_window_end": window_floor(rounds, window),
+        "floor_window_end": window_floor(rounds, window, summary.get("config", {}).get("attack")),
         "accuracy_final": summary["final"]["accuracy"],
         "accuracy_mean": mean(r["accuracy"] for r in trained),
         "asr_window_end": window.get("asr_window_end"),
@@ -326,14 +326,23 @@ def cell_metrics(folder: Path) -> dict:
     }
 
 
-def window_floor(rounds: list[dict], window: dict) -> float | None:
+def own_probe_images(attack: str | None) -> bool:
+    """Whether the attack's success is measured on images of its own (``SotaBackdoor.own_probe_images``:
+    the edge case's held-out tail), so that the recorded floor is not under it."""
+    from fl_defense.attacks import SOTA_BACKDOORS
+
+    return attack in SOTA_BACKDOORS and SOTA_BACKDOORS[attack].own_probe_images
+
+
+def window_floor(rounds: list[dict], window: dict, attack: str | None = None) -> float | None:
     """The floor under the attack success at the window's end: the share of the same (eligible)
     test images that the model classifies as the target without the trigger, in the round that
     figure comes from (``durability.window_metrics``: the window's last recorded round). A model
     that drifts towards the target reaches it with no backdoor at all; attack success minus floor
     is the trigger's own effect. None where the round did not record it (an attack measured
-    without a trigger, or records from before the floor was kept)."""
-    if window.get("asr_window_end") is None:
+    without a trigger, or records from before the floor was kept), and for an ``attack`` whose
+    success is measured on images of its own (``own_probe_images``)."""
+    if window.get("asr_window_end") is None or own_probe_images(attack):
         return None
     recorded = [r["round"] for r in rounds]
     stop = window.get("stop_round") or 0

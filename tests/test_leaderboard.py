@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fl_defense.attacks import SOTA_BACKDOORS
 from fl_defense.config import ConfigError, ExperimentConfig
 from fl_defense.defenses import DEFENSES
 from simulation import leaderboard as lb
@@ -219,6 +220,10 @@ def test_the_floor_is_read_in_the_window_end_round_and_shown_with_the_worst_atta
     assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 0}) == 0.4
     assert lb.window_floor(rounds, {"asr_window_end": None, "stop_round": 2}) is None
     assert lb.window_floor([{"round": 2}], {"asr_window_end": 0.5, "stop_round": 2}) is None
+    # the edge case measures its held-out tail, not the test images the floor counts: no floor
+    assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 2}, "edge_case") is None
+    assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 2}, "a3fl") == 0.2
+    assert [a for a in SOTA_BACKDOORS if lb.own_probe_images(a)] == ["edge_case"]
     rows = [{"defense": "A", "attack": a, "seed": seed, "accuracy_mean": 0.9, "asr_window_end": asr,
              "asr_window_worst": asr, "floor_window_end": floor}
             for a, asr, floor in [("clean", 0.0, None), ("x", 0.30, 0.25), ("y", 0.10, 0.01)] for seed in (1, 2)]

@@ -115,6 +115,7 @@ class EdgeCase(SotaBackdoor):
 
     name = "edge_case"
     paper = "Wang et al., NeurIPS 2020"
+    own_probe_images = True  # EdgeCaseProbe: the held-out tail, not the test set
     run_config = {
         "class": RunKey("attack=edge_case: the class whose tail images are relabelled target-label (mnist: usps "
                         "digits of it, usps: mnist digits, other datasets: its images farthest from the class mean)",

@@ -63,6 +63,9 @@ class SotaBackdoor:
     paper: str = ""
     run_config: dict = {}
     learned_probe: bool = False  # the probe follows what attackers report each round
+    # the probe measures images of its own (the edge case's held-out tail), not the test images
+    # that the recorded floor (clean_target_rate) counts: that floor is not its attack success's
+    own_probe_images: bool = False
     # one-attacker model poisoning it composes with (a backdoor whose own stage cannot carry a
     # TrainingTerms hook narrows it); colluding attacks compose when they use the poisoned update
     composes_with: frozenset[str] = COMPOSES_WITH
