@@ -45,12 +45,18 @@ def mean_after_window(asr: Mapping[int, float | None], stop: int) -> float | Non
     return sum(after) / len(after) if after else None
 
 
+def window_end_round(last: int, stop: int) -> int:
+    """The round ``asr_window_end`` is read in: the window's last round, or the run's last
+    recorded round ``last`` while the window is still open (``stop`` past it, or 0: no end)."""
+    return min(stop, last) if stop > 0 else last
+
+
 def window_metrics(asr: Mapping[int, float | None], start: int, stop: int) -> dict:
     """Attack success at the window's end, its worst round, and the lifespans (module docstring),
     from ``asr``: round -> attack success (round 0, the initial model, is never in the window)."""
     last = max(asr, default=0)
     closed = stop > 0 and stop < last
-    end = min(stop, last) if stop > 0 else last
+    end = window_end_round(last, stop)
     inside = [r for r in sorted(asr) if max(start, 1) <= r <= end and _known(asr[r])]
     worst = max(inside, key=lambda r: asr[r], default=None)  # the first of equal highs
     out = {
@@ -64,4 +70,4 @@ def window_metrics(asr: Mapping[int, float | None], start: int, stop: int) -> di
     return out
 
 
-__all__ = ["THRESHOLDS", "lifespan", "mean_after_window", "window_metrics"]
+__all__ = ["THRESHOLDS", "lifespan", "mean_after_window", "window_end_round", "window_metrics"]

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
-from fl_defense.durability import mean_after_window
+from fl_defense.durability import mean_after_window, window_end_round
 
 from .grid import (ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid,
                    settle_interrupted_attempt)
@@ -305,11 +305,11 @@ def cell_metrics(folder: Path) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     return {
-        "floor_window_end": window_floor(rounds, window, summary.get("config", {}).get("attack")),
         "accuracy_final": summary["final"]["accuracy"],
         "accuracy_mean": mean(r["accuracy"] for r in trained),
         "asr_window_end": window.get("asr_window_end"),
         "asr_window_worst": window.get("asr_window_worst"),
+        "floor_window_end": window_floor(rounds, window, summary.get("config", {}).get("attack")),
         "asr_final": summary["final"].get("attack_success_rate"),
         "asr_after_window": (mean_after_window({r["round"]: r.get("attack_success_rate") for r in rounds},
                                                window.get("stop_round") or 0) if window.get("window_closed") else None),
@@ -344,11 +344,8 @@ def window_floor(rounds: list[dict], window: dict, attack: str | None = None) ->
     success is measured on images of its own (``own_probe_images``)."""
     if window.get("asr_window_end") is None or own_probe_images(attack):
         return None
-    recorded = [r["round"] for r in rounds]
-    stop = window.get("stop_round") or 0
-    end = min(stop, max(recorded)) if stop > 0 and recorded else max(recorded, default=0)
-    value = next((r.get("clean_target_rate") for r in rounds if r["round"] == end), None)
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    end = window_end_round(max((r["round"] for r in rounds), default=0), window.get("stop_round") or 0)
+    return _finite(next((r.get("clean_target_rate") for r in rounds if r["round"] == end), None))
 
 
 def lifespans(window: dict, last_round: int) -> dict:
