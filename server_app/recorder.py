@@ -7,7 +7,8 @@ Attack success is the share of test images whose label is not the target (the ba
 one is set) that the global model assigns the target once the trigger is stamped on: the measure of
 the papers implemented here. A model that assigns the target to many images anyway scores high
 without any backdoor (an untrained one does: round 0), so every round also records
-``clean_target_rate``, the same share without the trigger: the floor attack success stands on.
+``clean_target_rate``, the same share without the trigger: the floor attack success stands on
+(not for an attack measured without a trigger, or on images of its own: the edge case's tail).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ DEFINITIONS = {
                            "is set) classified as the target once the trigger is applied; attack=semantic: "
                            "without a trigger; attack=none: the plus trigger, as a reference",
     "clean_target_rate": "the same images without the trigger, classified as the target: the floor attack success "
-                         "stands on (an untrained or biased model scores high on both); absent for attack=semantic",
+                         "stands on (an untrained or biased model scores high on both); absent for attack=semantic and for "
+                         "attack=edge_case (measured on its held-out tail, not on the test images)",
     "round 0": "the initial global model, before any training",
     "num_attackers_sampled": "clients among the round's sampled ones that attacked in it",
     "attack_window": "attackers attack in rounds start_round..stop_round (0: no end); attack success at the "
@@ -136,9 +138,12 @@ class RunRecorder:
         set_arrays(self.model, arrays)
         device = self.cfg.device if self.cfg.device == "cpu" or torch.cuda.is_available() else "cpu"
         # accuracy, the floor (the same images without the trigger) and the clean accuracy on the class a
-        # base-class backdoor redirects: one pass over the test images
+        # base-class backdoor redirects: one pass over the test images. No floor without a trigger (the
+        # semantic backdoor: the untriggered images are what it measures) or for a probe that measures
+        # images of its own (the edge case's held-out tail: the test images are not what it stands on)
+        probe = self.probes["attack_success_rate"]
         plain = untriggered_figures(self.model, self.test_x, self.test_y, self.cfg.target_label, self.cfg.base_label,
-                                    floor=self.probes["attack_success_rate"] is not None, device=device)
+                                    floor=probe is not None and not hasattr(probe, "success_rate"), device=device)
         acc = plain["accuracy"]
         rates = {name: attack_success_rate(self.model, self.test_x, self.test_y, trig, self.cfg.target_label,
                                            self.cfg.base_label, device) for name, trig in self.probes.items()}

@@ -341,7 +341,8 @@ def window_floor(rounds: list[dict], window: dict, attack: str | None = None) ->
     that drifts towards the target reaches it with no backdoor at all; attack success minus floor
     is the trigger's own effect. None where the round did not record it (an attack measured
     without a trigger, or records from before the floor was kept), and for an ``attack`` whose
-    success is measured on images of its own (``own_probe_images``)."""
+    success is measured on images of its own (``own_probe_images``: the recorder no longer keeps a
+    floor for those, but edge-case cells recorded before it stopped carry a test-set one)."""
     if window.get("asr_window_end") is None or own_probe_images(attack):
         return None
     end = window_end_round(max((r["round"] for r in rounds), default=0), window.get("stop_round") or 0)

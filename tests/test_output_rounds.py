@@ -47,6 +47,30 @@ def test_semantic_attacks_have_no_separate_floor(tmp_path):
     assert "without the trigger" not in lines[0]
 
 
+def test_a_probe_on_its_own_images_has_no_test_set_floor(tmp_path):
+    """The edge case's success is the share of its held-out tail sent to the target: the test
+    images without a trigger are not the floor it stands on, so none is recorded or shown."""
+    rec, lines, model, _ = _recorder(tmp_path, attack="edge_case", **{"target-label": 1})
+    assert hasattr(rec.probes["attack_success_rate"], "success_rate")
+    rec.evaluate(0, get_arrays(model), {})
+    row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text())
+    assert "clean_target_rate" not in row and row["attack_success_rate"] is not None
+    assert "without the trigger" not in lines[0]
+
+
+def test_the_attacks_own_probe_images_flag_matches_its_probe():
+    """``SotaBackdoor.own_probe_images`` (what the leaderboard reads, knowing only the attack's name)
+    says the same as the recorder's test (a probe that measures itself)."""
+    from fl_defense.attacks import SOTA_BACKDOORS
+
+    for name, attack in SOTA_BACKDOORS.items():
+        if attack.learned_probe:  # built from what the attackers report; a trigger either way
+            continue
+        cfg = ExperimentConfig.from_run_config({"num-server-rounds": 1, "attack": name, "target-label": 1})
+        spec = cfg.data_config(1).spec
+        assert hasattr(attack.probe(cfg, spec.shape), "success_rate") == attack.own_probe_images, name
+
+
 def test_a_rerun_under_the_same_name_does_not_keep_the_old_summary(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text('{"rounds_completed": 1}')
