@@ -99,6 +99,7 @@ METRICS = {
     "asr_window_end": ("attack success at the window's end", 3),
     "asr_window_worst": ("worst attack success in the window", 3),
     "floor_window_end": ("the same images untriggered at the window's end (floor)", 3),
+    "floor_window_worst": ("the same images untriggered in the window's worst round (the peak's floor)", 3),
     "asr_final": ("attack success at the run's end", 3),
     "asr_after_window": ("mean attack success after the window", 3),
     "lifespan_50": ("rounds after the window to < 0.5", 1),
@@ -310,6 +311,7 @@ def cell_metrics(folder: Path) -> dict:
         "asr_window_end": window.get("asr_window_end"),
         "asr_window_worst": window.get("asr_window_worst"),
         "floor_window_end": window_floor(rounds, window, summary.get("config", {}).get("attack")),
+        "floor_window_worst": window_floor(rounds, window, summary.get("config", {}).get("attack"), at="worst"),
         "asr_final": summary["final"].get("attack_success_rate"),
         "asr_after_window": (mean_after_window({r["round"]: r.get("attack_success_rate") for r in rounds},
                                                window.get("stop_round") or 0) if window.get("window_closed") else None),
@@ -334,19 +336,25 @@ def own_probe_images(attack: str | None) -> bool:
     return attack in SOTA_BACKDOORS and SOTA_BACKDOORS[attack].own_probe_images
 
 
-def window_floor(rounds: list[dict], window: dict, attack: str | None = None) -> float | None:
-    """The floor under the attack success at the window's end: the share of the same (eligible)
-    test images that the model classifies as the target without the trigger, in the round that
-    figure comes from (``durability.window_metrics``: the window's last recorded round). A model
+def window_floor(rounds: list[dict], window: dict, attack: str | None = None, at: str = "end") -> float | None:
+    """The floor under the attack success at the window's end (``at="end"``) or in its worst round
+    (``at="worst"``, the peak): the share of the same (eligible) test images that the model
+    classifies as the target without the trigger, in the round that figure comes from
+    (``durability.window_metrics``: the window's last recorded round, or ``worst_round``). A model
     that drifts towards the target reaches it with no backdoor at all; attack success minus floor
     is the trigger's own effect. None where the round did not record it (an attack measured
     without a trigger, or records from before the floor was kept), and for an ``attack`` whose
     success is measured on images of its own (``own_probe_images``: the recorder no longer keeps a
     floor for those, but edge-case cells recorded before it stopped carry a test-set one)."""
-    if window.get("asr_window_end") is None or own_probe_images(attack):
+    if at not in ("end", "worst"):
+        raise ValueError(f"window_floor: at={at!r}, not 'end' or 'worst'")
+    if window.get("asr_window_end" if at == "end" else "asr_window_worst") is None or own_probe_images(attack):
         return None
-    end = window_end_round(max((r["round"] for r in rounds), default=0), window.get("stop_round") or 0)
-    return _finite(next((r.get("clean_target_rate") for r in rounds if r["round"] == end), None))
+    if at == "end":
+        read = window_end_round(max((r["round"] for r in rounds), default=0), window.get("stop_round") or 0)
+    else:
+        read = window.get("worst_round")
+    return _finite(next((r.get("clean_target_rate") for r in rounds if r["round"] == read), None))
 
 
 def lifespans(window: dict, last_round: int) -> dict:
@@ -530,6 +538,7 @@ def ranking(summary, defenses: list[str], attacks: list[str], clean: str,
             "worst_floor": _finite(worst[1].get("floor_window_end_mean")) if worst else None,
             "peak_attack": peak[0] if peak else None,
             "peak_asr": peak[1]["asr_window_worst_mean"] if peak else None,
+            "peak_floor": _finite(peak[1].get("floor_window_worst_mean")) if peak else None,
             "clean_drop": clean_drop,
             "largest_drop": max(drops.values(), default=None),
             "smallest_drop": min(drops.values(), default=None),
@@ -781,7 +790,8 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "that lands while the attack lasts and fades before the window's end. The floor is what the worst "
         "attack's figure stands on: the share of the same test images the model classifies as the target "
         "without the trigger, at the same round (a model that drifts towards the target reaches it with no "
-        "backdoor); attack success minus floor is the trigger's own effect. It is shown, not ranked on.", "",
+        "backdoor); attack success minus floor is the trigger's own effect. It is shown, not ranked on, and "
+        "so is the peak's own floor (the same share in the peak's round), beside the peak.", "",
         *([f"**Partial:** {finished} of {total} cells finished. A defense is ranked on its finished cells only, so "
            "its worst attack may be among those not run yet; the qualifying-cells column says how many of its "
            f"{len(attacked)} attacked cells have finished.", ""] if finished < total else []),
@@ -795,7 +805,9 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         of = f" ({r['attacked']} of {len(attacked)} finished)" if r["attacked"] < len(attacked) else ""
         lines.append(f"| {r['rank']} | {r['defense']} | {fmt(r['worst_asr'], r['worst_asr_std'], 3)} | "
                      f"{fmt(r.get('worst_floor'), None, 3)} | {r['worst_attack'] or 'none qualifies'} | "
-                     + (f"{r['peak_asr']:.3f} ({r['peak_attack']})" if r["peak_attack"] else "-")
+                     + (f"{r['peak_asr']:.3f} ({r['peak_attack']}"
+                        + (f"; floor {r['peak_floor']:.3f}" if r.get("peak_floor") is not None else "") + ")"
+                        if r["peak_attack"] else "-")
                      + f" | {r['qualifying']} of {r['attacked']}{of} | "
                      f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")
     late = late_defenses(board, attacked)

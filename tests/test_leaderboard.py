@@ -223,17 +223,28 @@ def test_the_floor_is_read_in_the_window_end_round_and_shown_with_the_worst_atta
     # the edge case measures its held-out tail, not the test images the floor counts: no floor
     assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 2}, "edge_case") is None
     assert lb.window_floor(rounds, {"asr_window_end": 0.5, "stop_round": 2}, "a3fl") == 0.2
+    # the peak's floor: the same share in the round of the window's highest attack success, which a
+    # model drifting towards the target in one round can make (a peak of 0.104 over a floor of 0.14)
+    peak = {"asr_window_end": 0.5, "asr_window_worst": 0.6, "worst_round": 1, "stop_round": 2}
+    assert lb.window_floor(rounds, peak, at="worst") == 0.1 and lb.window_floor(rounds, peak) == 0.2
+    assert lb.window_floor(rounds, {**peak, "asr_window_worst": None, "worst_round": None}, at="worst") is None
+    assert lb.window_floor(rounds, peak, "edge_case", at="worst") is None
+    with pytest.raises(ValueError, match="at="):
+        lb.window_floor(rounds, peak, at="first")
     assert [a for a in SOTA_BACKDOORS if lb.own_probe_images(a)] == ["edge_case"]
     rows = [{"defense": "A", "attack": a, "seed": seed, "accuracy_mean": 0.9, "asr_window_end": asr,
-             "asr_window_worst": asr, "floor_window_end": floor}
-            for a, asr, floor in [("clean", 0.0, None), ("x", 0.30, 0.25), ("y", 0.10, 0.01)] for seed in (1, 2)]
+             "asr_window_worst": worst, "floor_window_end": floor, "floor_window_worst": worst_floor}
+            for a, asr, floor, worst, worst_floor in [("clean", 0.0, None, 0.0, None), ("x", 0.30, 0.25, 0.30, 0.25),
+                                                      ("y", 0.10, 0.01, 0.40, 0.35)] for seed in (1, 2)]
     rows += [{"defense": "fedavg", "attack": "clean", "seed": seed, "accuracy_mean": 0.9, "asr_window_end": 0.0,
-              "asr_window_worst": 0.0, "floor_window_end": None} for seed in (1, 2)]
+              "asr_window_worst": 0.0, "floor_window_end": None, "floor_window_worst": None} for seed in (1, 2)]
     s = lb.summarise(lb.add_accuracy_drop(_table(rows), "fedavg", "clean"))
     (a,) = [r for r in lb.ranking(s, ["A"], ["clean", "x", "y"], "clean")]
     # ranked on attack success as measured; the floor of that same attack beside it
     assert a["worst_attack"] == "x" and a["worst_asr"] == pytest.approx(0.30)
     assert a["worst_floor"] == pytest.approx(0.25)
+    # the peak (y's 0.40) with the floor of its own round
+    assert a["peak_attack"] == "y" and a["peak_floor"] == pytest.approx(0.35)
 
 
 def test_ranking_ties_break_on_the_clean_drop():
@@ -322,6 +333,7 @@ def test_cell_metrics_from_a_constructed_cell(tmp_path):
     assert (m["lifespan_10"], m["lifespan_10_censored"]) == (2, True)
     assert m["asr_after_window"] == 0.3  # round 3, the one round after the window (rounds 1-2)
     assert m["floor_window_end"] == 0.05  # the untriggered share in round 2, where asr_window_end is read
+    assert m["floor_window_worst"] == 0.05  # and where the window's highest attack success (0.8) is
     assert m["tpr"] == 1.0 and m["fpr"] == pytest.approx(0.1)
     assert m["cpu_seconds"] == 15.0  # every attempt of the cell
     assert m["round_seconds"] == 2.0 and m["aggregation_seconds"] == 0.01
@@ -410,6 +422,7 @@ def test_report_only_builds_the_page_from_results_and_runs_no_cell(tmp_path, mon
     assert rows[0].split("|")[2].strip() in ("flame", "fedavg") and "krum" not in rows[0]
     assert "| krum | - | - | none qualifies |" in ranking
     assert rows[0].split("|")[4].strip() == "0.050"  # the floor under its worst attack (round 2, the window's end)
+    assert rows[0].split("|")[6].strip() == "0.800 (plus; floor 0.050)"  # the peak, over its own round's floor
     assert "| fedavg |" not in ranking  # the baseline's clean cells alone (fedavg not chosen) are no entry
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == len(board.cells()) - 1
@@ -517,7 +530,7 @@ def test_a_partial_page_says_so_and_ranks_no_defense_without_an_attacked_cell(tm
     assert "| 1 | flame |" in ranking and "qualifying" in ranking
     assert "| 1 of 1 (1 of 2 finished) |" in ranking  # flame: plus qualifies, alie not run
     assert "| - | krum | - | - | no attacked cell finished | - | 0 of 2 |" in ranking
-    assert "| 0.800 (plus) |" in ranking  # flame's plus cell peaked at 0.8 inside the window
+    assert "| 0.800 (plus; floor 0.050) |" in ranking  # flame's plus cell peaked at 0.8 inside the window
     assert "**How it was run:** two shards side by side" in page
     command = next(line for line in page.splitlines() if line.startswith("    python -m simulation leaderboard"))
     assert "--note" not in command and "side by side" not in command
