@@ -299,6 +299,7 @@ def cell_metrics(folder: Path) -> dict:
     if (folder / "timings.jsonl").exists():
         timings = [json.loads(line) for line in (folder / "timings.jsonl").read_text().splitlines() if line.strip()]
     window = summary.get("attack_window") or {}
+    attack = summary.get("config", {}).get("attack")
     cpu_seconds, capability = cell_cpu(folder)
 
     def mean(values) -> float | None:
@@ -310,8 +311,8 @@ def cell_metrics(folder: Path) -> dict:
         "accuracy_mean": mean(r["accuracy"] for r in trained),
         "asr_window_end": window.get("asr_window_end"),
         "asr_window_worst": window.get("asr_window_worst"),
-        "floor_window_end": window_floor(rounds, window, summary.get("config", {}).get("attack")),
-        "floor_window_worst": window_floor(rounds, window, summary.get("config", {}).get("attack"), at="worst"),
+        "floor_window_end": window_floor(rounds, window, attack),
+        "floor_window_worst": window_floor(rounds, window, attack, at="worst"),
         "asr_final": summary["final"].get("attack_success_rate"),
         "asr_after_window": (mean_after_window({r["round"]: r.get("attack_success_rate") for r in rounds},
                                                window.get("stop_round") or 0) if window.get("window_closed") else None),
@@ -500,6 +501,15 @@ def fmt(mean: float | None, std: float | None, digits: int) -> str:
     if std is None or (isinstance(std, float) and math.isnan(std)):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def peak_text(r: dict) -> str:
+    """A ranking row's peak in the window: 'asr (attack)', with its round's floor where recorded
+    ('0.104 (dba; floor 0.140)'); '-' without a qualifying peak."""
+    if not r.get("peak_attack"):
+        return "-"
+    floor = f"; floor {r['peak_floor']:.3f}" if r.get("peak_floor") is not None else ""
+    return f"{r['peak_asr']:.3f} ({r['peak_attack']}{floor})"
 
 
 def summary_text(s, metric: str) -> str:
@@ -805,10 +815,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         of = f" ({r['attacked']} of {len(attacked)} finished)" if r["attacked"] < len(attacked) else ""
         lines.append(f"| {r['rank']} | {r['defense']} | {fmt(r['worst_asr'], r['worst_asr_std'], 3)} | "
                      f"{fmt(r.get('worst_floor'), None, 3)} | {r['worst_attack'] or 'none qualifies'} | "
-                     + (f"{r['peak_asr']:.3f} ({r['peak_attack']}"
-                        + (f"; floor {r['peak_floor']:.3f}" if r.get("peak_floor") is not None else "") + ")"
-                        if r["peak_attack"] else "-")
-                     + f" | {r['qualifying']} of {r['attacked']}{of} | "
+                     f"{peak_text(r)} | {r['qualifying']} of {r['attacked']}{of} | "
                      f"{fmt(r['clean_drop'], None, 1)} | {fmt(r['largest_drop'], None, 1)} |")
     late = late_defenses(board, attacked)
     if late:

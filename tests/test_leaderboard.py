@@ -245,6 +245,10 @@ def test_the_floor_is_read_in_the_window_end_round_and_shown_with_the_worst_atta
     assert a["worst_floor"] == pytest.approx(0.25)
     # the peak (y's 0.40) with the floor of its own round
     assert a["peak_attack"] == "y" and a["peak_floor"] == pytest.approx(0.35)
+    # as the ranking shows it: with the peak's floor, without one where none was recorded, none at all
+    assert lb.peak_text(a) == "0.400 (y; floor 0.350)"
+    assert lb.peak_text({**a, "peak_floor": None}) == "0.400 (y)"
+    assert lb.peak_text({**a, "peak_attack": None, "peak_asr": None}) == "-"
 
 
 def test_ranking_ties_break_on_the_clean_drop():
