@@ -43,6 +43,7 @@ class ExperimentConfig:
     min_available_clients: int = field(default=0, metadata=_key("clients that must be connected before a round is sampled (0: every node connected when the ServerApp starts)", check=_non_negative))
     min_valid_clients: int = field(default=1, metadata=_key("fewer valid results than this and the global model is kept", check=_positive))
     max_update_norm: float = field(default=0.0, metadata=_key("reject client updates with a larger L2 norm (0: off)", check=_non_negative))
+    max_rounds_without_valid: int = field(default=3, metadata=_key("stop the run after this many consecutive rounds in which every client result was rejected or failed (0: never; a grid cell runs to its last round with the kept model)", check=_non_negative))
     keep_workspace: bool = field(default=True, metadata=_key("keep the server's n x d updates matrix allocated between rounds (faster; false frees it after each round)"))
     dataset: str = field(default="digits", metadata=_key("dataset name", tuple(DATASETS)))
     data_dir: str = field(default="", metadata=_key("folder with <dataset>/{train,test}.parquet; empty: the hub id (digits: bundled)"))

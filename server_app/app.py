@@ -77,6 +77,7 @@ def build_strategy(cfg: ExperimentConfig, model: torch.nn.Module, evaluate_fn=No
         min_valid_clients=cfg.min_valid_clients,
         max_update_norm=cfg.max_update_norm,
         keep_workspace=cfg.keep_workspace,
+        max_rounds_without_valid=cfg.max_rounds_without_valid,
     )
 
 

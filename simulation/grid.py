@@ -52,6 +52,9 @@ from fl_defense.config import ConfigError, ExperimentConfig
 from .cputime import TreeCPU
 
 FAILED, DONE = "[fl-defense] FAILED: ", "[fl-defense] done: "
+# run-control keys every grid cell runs with unless it sets them (report.BOOKKEEPING: not part of what a
+# round computes, so a record is compared without them): no stop for rounds without a valid result
+GRID_RUN_CONTROL = {"max-rounds-without-valid": 0}
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,7 +238,10 @@ def run_cell(cell: dict, folder: Path, num_supernodes: int, on_round=None, env: 
 
 def _run_cell_locked(cell: dict, folder: Path, num_supernodes: int, on_round, env: dict | None) -> CellOutcome:
     state = cell_state(folder)
-    overrides = {**cell, "results-dir": str(folder.parent), "run-name": folder.name, "resume": state == "partial"}
+    # a cell is an experiment: a federation that collapses (every update rejected, round after round) is
+    # its result, recorded to the last round with the model the server kept, not a failed run
+    overrides = {**GRID_RUN_CONTROL, **cell, "results-dir": str(folder.parent), "run-name": folder.name,
+                 "resume": state == "partial"}
     if state == "new" and folder.exists():
         shutil.rmtree(folder)  # a cell that died before its first checkpoint starts afresh
     if state == "partial":
@@ -268,8 +274,10 @@ def _run_cell_locked(cell: dict, folder: Path, num_supernodes: int, on_round, en
 
 def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | None = None,
              cpus_per_cell: int = 4) -> list[Path]:
-    """Run every cell not yet done; return the cell folders in grid order. With ``ray_address``,
-    the cells run as tasks on that Ray cluster instead (simulation.cluster)."""
+    """Run every cell not yet done; return the cell folders in grid order. A cell that fails is said
+    at once and the cells after it still run; the grid then raises ``CellFailed`` naming every failed
+    cell (a shard left unattended does not stop at its first bad cell). With ``ray_address``, the
+    cells run as tasks on that Ray cluster instead (simulation.cluster)."""
     if ray_address is not None:
         from .cluster import run_grid_on_ray
 
@@ -279,6 +287,7 @@ def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | No
     folders = _prepare(grid, out)
     total_rounds = sum(_rounds(c) for c in grid.cells)
     bar = tqdm(total=total_rounds, unit="round", disable=not progress, dynamic_ncols=True)
+    failures: list[CellFailed] = []
     for i, (cell, folder) in enumerate(zip(grid.cells, folders), start=1):
         rounds = _rounds(cell)
         if cell_state(folder) == "done":
@@ -294,13 +303,18 @@ def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | No
 
         outcome = run_cell(cell, folder, grid.num_supernodes, on_round)
         failure = outcome.failure(folder, f"{i}/{len(grid.cells)}")
-        if failure is not None:
-            bar.close()
-            raise failure
         bar.n = done_before + rounds
         bar.refresh()
+        if failure is not None:  # said now, and the cells after it still run
+            failures.append(failure)
+            tqdm.write(f"[fl-defense] {failure}", file=sys.stdout)
+            continue
         tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: {outcome.result}", file=sys.stdout)
     bar.close()
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise CellFailed(f"{len(failures)} of {len(grid.cells)} cells failed: " + "; ".join(map(str, failures)))
     return folders
 
 

@@ -270,3 +270,84 @@ def test_a_finished_cell_with_a_killed_runners_note_counts_it_once(tmp_path):
     g.note_attempt(folder, 1.0, 1.0, "partial")
     g.record_cpu(folder, 7.0, 8.0, "partial")  # the attempt's own record supersedes its note
     assert g.cell_cpu(folder)[0] == 12.0 and not (folder / g.ATTEMPT).exists()
+
+
+def test_a_failed_cell_is_said_and_the_cells_after_it_still_run(tmp_path, monkeypatch, capsys):
+    """An unattended shard does not stop at its first bad cell: the failure is said at once, every
+    later cell runs, and the grid then fails naming each failed cell."""
+    import simulation.grid as g
+
+    grid = _grid(tmp_path)
+    out = tmp_path / "out"
+    mine = grid.sharded(1, 4).cells
+    bad = {cell_id(mine[0]), cell_id(mine[2])}
+    launched = []
+    good = _fake_cell_process(launched)
+
+    class SometimesFailing:
+        def __init__(self, cmd, **kwargs):
+            name = json.loads(cmd[cmd.index("--run-config-json") + 1])["run-name"]
+            if name in bad:  # its run prints its reason and exits without a summary
+                launched.append(name)
+                self.stdout, self.returncode = ["[fl-defense] FAILED: NoValidResultsError: broken\n"], 1
+            else:
+                good(cmd, **kwargs)
+                self.stdout, self.returncode = [], 0
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(g.subprocess, "Popen", SometimesFailing)
+    with pytest.raises(g.CellFailed) as failed:
+        g.run_grid(grid.sharded(1, 4), out, progress=False)
+    assert launched == [cell_id(c) for c in mine]  # every cell was started, the failed ones too
+    assert str(failed.value).startswith(f"2 of {len(mine)} cells failed")
+    assert all(name in str(failed.value) for name in bad) and "NoValidResultsError: broken" in str(failed.value)
+    said = [line for line in capsys.readouterr().out.splitlines() if "NoValidResultsError" in line]
+    assert len(said) == 2 and not any(line.startswith("[fl-defense] FAILED") for line in said)
+    # the finished cells stay done; a rerun starts only the two that failed
+    launched.clear()
+    bad.clear()
+    g.run_grid(grid.sharded(1, 4), out, progress=False)
+    assert launched == [cell_id(mine[0]), cell_id(mine[2])]
+
+
+def test_a_grid_cell_runs_to_its_last_round_when_no_result_is_valid(tmp_path, monkeypatch):
+    """A federation that collapses (every update rejected, round after round: a model blown up by
+    sign flipping) is a cell's result: the grid runs its cells with max-rounds-without-valid = 0,
+    unless a cell sets it, and a record differing only in it is the same experiment."""
+    import simulation.grid as g
+    from simulation.leaderboard import record_mismatch
+
+    sent = []
+
+    class Recorder:
+        def __init__(self, cmd, **kwargs):
+            sent.append(json.loads(cmd[cmd.index("--run-config-json") + 1]))
+            self.stdout, self.returncode = [], 1
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(g.subprocess, "Popen", Recorder)
+    g.run_cell({"defense": "fedavg"}, tmp_path / "a", 10)
+    g.run_cell({"defense": "fedavg", "max-rounds-without-valid": 5}, tmp_path / "b", 10)
+    assert [s["max-rounds-without-valid"] for s in sent] == [0, 5]
+    assert ExperimentConfig().max_rounds_without_valid == 3  # a single run, a deployment: stops
+    folder = tmp_path / "done"
+    _fake_run(folder, {"defense": "fedavg"})
+    assert record_mismatch(folder, {"defense": "fedavg", "max-rounds-without-valid": 0}) is None
+    assert "defense" in record_mismatch(folder, {"defense": "rlr", "max-rounds-without-valid": 0})
+
+
+def test_the_config_key_reaches_the_strategy():
+    import torch
+
+    from server_app.app import build_strategy
+
+    model = torch.nn.Linear(2, 2)
+    for value in (0, 3, 7):
+        cfg = ExperimentConfig.from_run_config({"max-rounds-without-valid": value})
+        assert build_strategy(cfg, model).aggregation.max_rounds_without_valid == value
+    with pytest.raises(ConfigError, match="max-rounds-without-valid"):
+        ExperimentConfig.from_run_config({"max-rounds-without-valid": -1})
