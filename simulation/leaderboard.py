@@ -326,7 +326,25 @@ def cell_metrics(folder: Path) -> dict:
         "capability": capability,
         "rounds": summary["rounds_completed"],
         "attackers_sampled": sum(r.get("num_attackers_sampled") or 0 for r in trained),
+        "rounds_no_valid": sum(1 for r in trained if no_valid_update(r)),
     }
+
+
+def no_valid_update(record: dict) -> bool:
+    """Whether a round had replies but not one valid update (every one rejected or failed): the
+    server kept its model. A run of such rounds is a federation that collapsed, a model blown up
+    until each client's update overflows float32; a grid runs the cell on to its last round."""
+    return not record.get("num_clients") and bool(record.get("num_rejected") or record.get("num_failures"))
+
+
+def collapsed_cells(table) -> list[str]:
+    """A line per finished cell with rounds that had no valid update (``no_valid_update``)."""
+    if "rounds_no_valid" not in table:
+        return []
+    hit = table[table["rounds_no_valid"].fillna(0) > 0].drop_duplicates("cell")
+    return [f"- {r.defense} x {r.attack}, seed {r.seed}: {int(r.rounds_no_valid)} of {int(r.rounds)} rounds without a "
+            f"valid update (every one rejected or failed; the model kept); final accuracy {r.accuracy_final:.3f}."
+            for r in hit.itertuples()]
 
 
 def own_probe_images(attack: str | None) -> bool:
@@ -385,7 +403,8 @@ def collect(board: Leaderboard, roots: list[Path]):
             continue
         rows.append({"defense": defense, "attack": attack, "seed": seed, "cell": name, **cell_metrics(folder)})
     return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS,
-                                       *(f"{m}_censored" for m in LIFESPANS), "window_closed", "rounds", "attackers_sampled", "capability"])
+                                       *(f"{m}_censored" for m in LIFESPANS), "window_closed", "rounds", "attackers_sampled", "rounds_no_valid",
+                                       "capability"])
 
 
 def finished_folder(name: str, roots: list[Path]) -> Path | None:
@@ -820,6 +839,10 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
     late = late_defenses(board, attacked)
     if late:
         lines += ["", "**Defenses that cannot act from the attack's first round** (ranked as measured):", "", *late]
+    collapsed = collapsed_cells(table)
+    if collapsed:
+        lines += ["", "**Collapsed federations** (rounds in which no client's update was valid, so the server kept its "
+                  "model; the cell ran on to its last round, and its figures count those rounds):", "", *collapsed]
     sections = [
         ("asr_window_end", "Attack success at the window's end", dict(vmin=0, vmax=1, cmap="magma"),
          "Triggered test images of other classes classified as the target, at the attack window's last round."),

@@ -786,3 +786,35 @@ def test_the_page_projects_the_unfinished_cells_cpu_from_their_columns_medians(t
     assert "**Still to run:** 10 cells, about 0.0 CPU h (128 s) projected" in lb.remaining_cpu_text(board, finished)
     everything = pd.DataFrame([{"attack": a, "cell": n, "cpu_seconds": 1.0} for (_, a, _), n in cells.items()])
     assert lb.remaining_cpu_seconds(board, everything) == (0, 0.0) and lb.remaining_cpu_text(board, everything) == ""
+
+
+def test_a_collapsed_federation_is_counted_and_the_page_lists_it(tmp_path, monkeypatch):
+    """Rounds whose every reply was rejected (the model kept: sign flipping blew it up until each
+    update overflowed float32) are counted per cell and listed on the page; a round without replies,
+    or with a valid update, is not such a round."""
+    assert lb.no_valid_update({"num_clients": 0, "num_rejected": 10, "num_failures": 0})
+    assert lb.no_valid_update({"num_clients": 0, "num_rejected": 0, "num_failures": 3})
+    assert not lb.no_valid_update({"num_clients": 1, "num_rejected": 9})
+    assert not lb.no_valid_update({"num_clients": 0, "num_rejected": 0, "num_failures": 0})
+    assert not lb.no_valid_update({"round": 1})  # records from before the counts: none
+    path = _board_file(tmp_path, '["flame"]')
+    board = lb.Leaderboard.load(path)
+    results = tmp_path / "cells"
+    for defense, attack, seed, cell in board.cells():
+        _fake_cell(results / cell_id(cell), cell, 0.0)
+    broken = results / cell_id(board.cell_config("flame", "plus", 1))
+    rows = [json.loads(line) for line in (broken / "rounds.jsonl").read_text().splitlines()]
+    for r in rows[2:]:
+        r.update({"num_clients": 0, "num_rejected": 10, "num_failures": 0})
+    (broken / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert lb.cell_metrics(broken)["rounds_no_valid"] == 2
+    assert lb.cell_metrics(results / cell_id(board.cell_config("flame", "clean", 1)))["rounds_no_valid"] == 0
+    monkeypatch.setattr(lb, "run_grid", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    out = tmp_path / "page"
+    lb.main(["--grid", str(path), "--results", str(results), "--out", str(out), "--report-only"])
+    page = (out / "index.md").read_text()
+    assert "**Collapsed federations**" in page
+    listed = [line for line in page.splitlines() if "rounds without a valid update" in line]
+    assert listed == ["- flame x plus, seed 1: 2 of 3 rounds without a valid update (every one rejected or failed; "
+                      "the model kept); final accuracy 0.900."]
+    assert "rounds_no_valid" in (out / "cells.csv").read_text().splitlines()[0]
