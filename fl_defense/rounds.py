@@ -91,6 +91,11 @@ class RoundRecord:
     # Evaluation only: client id -> attacker? Never passed to a defense.
     ground_truth: dict[str, bool] = field(default_factory=dict)
 
+    def num_attackers(self) -> int:
+        """Attackers among the round's replies, whether their results were accepted or rejected (a
+        federation whose every update is rejected still sampled its attackers)."""
+        return sum(bool(mal) for mal in self.ground_truth.values())
+
     def detection(self) -> dict:
         """Confusion counts of flagged vs ground truth, and TPR/FPR (None where undefined)."""
         tp = fp = fn = tn = 0

@@ -160,7 +160,7 @@ class RunRecorder:
             det = rec.detection()
             row.update({
                 "num_clients": len(rec.client_ids),
-                "num_attackers_sampled": sum(bool(rec.ground_truth.get(cid)) for cid in rec.client_ids),
+                "num_attackers_sampled": rec.num_attackers(),
                 "num_flagged": int(sum(rec.flagged)),
                 "tpr": det["tpr"], "fpr": det["fpr"], "detection": det,
                 "num_rejected": len(rec.rejected), "rejected": rec.rejected, "num_failures": rec.failures,
@@ -205,7 +205,7 @@ class RunRecorder:
         cfg = self.cfg
         crfl = DEFENSES["crfl"](**cfg.defense_kwargs("crfl"))
         rows = [r for r in self.rows if r.get("clients")] + ([row] if row.get("clients") else [])
-        attacked = [r for r in rows if r["num_attackers_sampled"] > 0]
+        attacked = [r for r in rows if any(c["malicious"] for c in r["clients"])]  # attackers aggregated
         if attacked:
             t_adv = attacked[-1]["round"]
             attackers = [c for c in attacked[-1]["clients"] if c["malicious"]]

@@ -200,3 +200,22 @@ def test_non_finite_buffers_are_rejected():
     agg = DefendedAggregation(FedAvg(), trainable=trainable)
     _, metrics = agg.aggregate(1, g, results)
     assert metrics["fl-defense.num-rejected"] == 1 and "array 3 contains NaN" in agg.records[-1].rejected[0]["reason"]
+
+
+def test_rejected_attackers_still_count_as_sampled():
+    """The records say how many attackers a round sampled even when their results were rejected:
+    a federation whose model blew up (every update overflows) still sampled its attackers. The
+    count is the evaluation layer's (ground truth); the defense never sees it."""
+    rng = np.random.default_rng(3)
+    g = model_arrays(rng)
+    agg = DefendedAggregation(FedAvg())
+    ok = [a + 0.01 for a in g]
+    overflowing = [np.full_like(a, 3e38) for a in g]
+    results = [ClientResult("a", ok, 5), ClientResult("b", overflowing, 5), ClientResult("c", ok, 5)]
+    agg.aggregate(1, g, results, ground_truth={"a": False, "b": True, "c": True})
+    rec = agg.records[-1]
+    assert [r["client_id"] for r in rec.rejected] == ["b"] and rec.client_ids == ["a", "c"]
+    assert rec.num_attackers() == 2  # c, accepted, and b, rejected
+    assert rec.detection()["fn"] == 1  # detection counts the aggregated clients only
+    agg.aggregate(2, g, [ClientResult("b", overflowing, 5)], ground_truth={"b": True})
+    assert agg.records[-1].kept_global and agg.records[-1].num_attackers() == 1
