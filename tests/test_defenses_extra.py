@@ -479,3 +479,30 @@ def test_mpsa_counts_equal_the_direct_formula_on_long_rows_with_ties_and_zeros()
         for r in (0, 17, d // 2, d - 1):
             t = np.partition(row, r)[r]
             assert kth_smallest(row, r) == (t, np.count_nonzero(row > t), np.count_nonzero(row == t))
+
+
+@pytest.mark.parametrize("wrap", ["nnm", "bucketing"])
+def test_a_wrapped_krum_returns_the_row_it_picked_not_a_clients_own_model(wrap):
+    """Krum alone returns the picked client's own arrays (``DefenseResult.selected``). Over NNM it
+    picks a mixed row, over bucketing a bucket's mean: no client's model, so the round's new model
+    is global + that row (the defense's params), never the arrays of the client with its index."""
+    from fl_defense.rounds import ClientResult, DefendedAggregation
+
+    rng = np.random.default_rng(7)
+    g = [rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
+    deltas = rng.normal(size=(10, 35)).astype(np.float32)
+    deltas[8:] += 3.0  # two attackers that push the same way: each other's nearest neighbours
+    results = [ClientResult(str(k), [g[0] + d[:30].reshape(6, 5), g[1] + d[30:]], 10) for k, d in enumerate(deltas)]
+    defense = (NNM(Krum(num_malicious=1), num_malicious=1) if wrap == "nnm"
+               else Bucketing(Krum(num_malicious=1), bucket_size=2, seed=0))
+    new, _ = DefendedAggregation(defense).aggregate(1, g, results)
+    got = np.concatenate([new[0].ravel(), new[1]]) - np.concatenate([g[0].ravel(), g[1]])
+    if wrap == "nnm":  # Krum over the mixed rows, by hand
+        mixed = mixing_matrix(torch.from_numpy(deltas), 1).numpy() @ deltas.astype(np.float64)
+        rows = mixed
+    else:
+        groups = Bucketing(Krum(num_malicious=1), bucket_size=2, seed=0).buckets(10)
+        rows = np.stack([deltas[m].mean(0) for m in groups])
+    picked = Krum(num_malicious=1).aggregate(torch.zeros(35), round_updates(rows.astype(np.float32))).selected
+    np.testing.assert_allclose(got, rows[picked], rtol=1e-4, atol=1e-5)
+    assert not any(np.allclose(got, d, atol=1e-4) for d in deltas)  # no client's own update

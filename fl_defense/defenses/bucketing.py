@@ -85,6 +85,9 @@ class Bucketing(SeededGenerator, Defense):
             fisher=None if ru.fisher is None else bucket_means(ru.fisher, groups),
         )
         res = self.inner.aggregate(global_params, bucketed)
+        # a rule that picks one row (Krum) picked a bucket's mean, no client's own model (and its
+        # index is a bucket's, not a client's): the new model is res.params
+        res.selected = None
         idx = member_of.to(res.weights.device)
         sizes = torch.tensor([len(m) for m in groups], dtype=res.weights.dtype, device=res.weights.device)
         res.weights = res.weights[idx] / sizes[idx]

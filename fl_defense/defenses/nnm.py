@@ -96,6 +96,9 @@ class NNM(Defense):
         if ru.fisher is not None:
             mix_rows_in_place(ru.fisher, mix)
         res = self.inner.aggregate(global_params, ru)
+        # a rule that picks one row (Krum) picked a mixed row, which is no client's own model: the
+        # new model is res.params (global + that mixed row), not the picked client's arrays
+        res.selected = None
         res.weights = (mix.T @ res.weights.to("cpu", torch.float64)).to(res.weights.device, res.weights.dtype)
         res.info = {**res.info, "neighbours": [row.nonzero().flatten().tolist() for row in mix]}
         return res
