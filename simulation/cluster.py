@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .grid import ROOT, CellFailed, Grid, _prepare, cell_state, run_cell
+from .grid import ROOT, CellFailed, Grid, _prepare, cell_state, cells_failed, run_cell
 from .run import RAY_CPUS_ENV  # the CPUs of the Ray instance a cell's simulation starts
 
 
@@ -61,7 +61,7 @@ def run_grid_on_ray(grid: Grid, out: Path, address: str, cpus_per_cell: int = 4)
     finally:
         ray.shutdown()
     if failures:
-        raise CellFailed(f"{len(failures)} of {len(todo)} cells failed: " + "; ".join(map(str, failures)))
+        raise cells_failed(failures, len(todo))
     return folders
 
 

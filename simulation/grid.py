@@ -202,6 +202,12 @@ class CellFailed(RuntimeError):
     """A grid cell's federation failed; the message says which, why and where its log is."""
 
 
+def cells_failed(failures: list[CellFailed], started: int) -> CellFailed:
+    """One error naming every cell that failed among the ``started`` ones a run started (run_grid,
+    and simulation.cluster's Ray tasks)."""
+    return CellFailed(f"{len(failures)} of {started} cells failed: " + "; ".join(map(str, failures)))
+
+
 @dataclass
 class CellOutcome:
     """How one run of a cell's process went."""
@@ -288,6 +294,7 @@ def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | No
     total_rounds = sum(_rounds(c) for c in grid.cells)
     bar = tqdm(total=total_rounds, unit="round", disable=not progress, dynamic_ncols=True)
     failures: list[CellFailed] = []
+    started = 0
     for i, (cell, folder) in enumerate(zip(grid.cells, folders), start=1):
         rounds = _rounds(cell)
         if cell_state(folder) == "done":
@@ -301,6 +308,7 @@ def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | No
             bar.n = done_before + r
             bar.refresh()
 
+        started += 1
         outcome = run_cell(cell, folder, grid.num_supernodes, on_round)
         failure = outcome.failure(folder, f"{i}/{len(grid.cells)}")
         bar.n = done_before + rounds
@@ -314,7 +322,7 @@ def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | No
     if len(failures) == 1:
         raise failures[0]
     if failures:
-        raise CellFailed(f"{len(failures)} of {len(grid.cells)} cells failed: " + "; ".join(map(str, failures)))
+        raise cells_failed(failures, started)
     return folders
 
 

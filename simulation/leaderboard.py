@@ -403,8 +403,8 @@ def collect(board: Leaderboard, roots: list[Path]):
             continue
         rows.append({"defense": defense, "attack": attack, "seed": seed, "cell": name, **cell_metrics(folder)})
     return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS,
-                                       *(f"{m}_censored" for m in LIFESPANS), "window_closed", "rounds", "attackers_sampled", "rounds_no_valid",
-                                       "capability"])
+                                       *(f"{m}_censored" for m in LIFESPANS), "window_closed", "rounds",
+                                       "attackers_sampled", "rounds_no_valid", "capability"])
 
 
 def finished_folder(name: str, roots: list[Path]) -> Path | None:

@@ -26,11 +26,11 @@ def defense_label(config: dict) -> str:
     return config["defense"] if pre == "none" else f"{pre} + {config['defense']}"
 
 
-# Run-config keys that say where a run's files are and how it keeps them, not what it computes
-# Run-config keys that say where files go or whether a run goes on, never what a round computes: records that
-# differ only in them are the same experiment (max-rounds-without-valid: a grid runs every cell to its end).
-BOOKKEEPING = frozenset({"run-name", "results-dir", "resume", "pretrain-dir", "data-dir", "checkpoint", "keep-workspace",
-                         "max-rounds-without-valid"})
+# Run-config keys that say where a run's files are, how it keeps them or whether it goes on, never what a
+# round computes: records that differ only in them are the same experiment (max-rounds-without-valid: a grid
+# runs every cell to its end).
+BOOKKEEPING = frozenset({"run-name", "results-dir", "resume", "pretrain-dir", "data-dir", "checkpoint",
+                         "keep-workspace", "max-rounds-without-valid"})
 # Run-config keys that never tell two rows apart: the seed (rows average over it), the device and bookkeeping.
 NOT_A_VARIANT = {"seed", "device", *BOOKKEEPING}
 
