@@ -48,16 +48,16 @@ def run_grid_on_ray(grid: Grid, out: Path, address: str, cpus_per_cell: int = 4)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i, folder = pending.pop(ready[0])
-            label = f"{i}/{len(grid.cells)}"
+            label = grid.label(i, folder)
             try:
                 outcome = ray.get(ready[0])
             except Exception as exc:  # the task itself died (its node lost, ...)
-                failures.append(CellFailed(f"cell {label} {folder.name}: its Ray task failed: {exc}"))
+                failures.append(CellFailed(f"cell {label}: its Ray task failed: {exc}"))
                 continue
             failure = outcome.failure(folder, label)
             if failure is not None:
                 failures.append(failure)
-            print(f"[fl-defense] cell {label} {folder.name}: {failure or outcome.result}", file=sys.stdout, flush=True)
+            print(f"[fl-defense] cell {label}: {failure or outcome.result}", file=sys.stdout, flush=True)
     finally:
         ray.shutdown()
     if failures:

@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
@@ -65,10 +65,22 @@ class Grid:
     num_supernodes: int
     cells: list[dict]
     shard: tuple[int, int] | None = None  # (i, k): this grid is shard i of k of the file's cells
+    # cell folder name -> what the cell is, said beside its folder in the run's lines (a leaderboard's
+    # "nnm+krum x signflip, seed 2": the folder name shows the base defense and the data attack only)
+    names: dict[str, str] = field(default_factory=dict)
 
     def sharded(self, i: int, k: int) -> "Grid":
         """Shard ``i`` of ``k`` (1-based): cells i, i+k, i+2k, ... in the grid's order."""
-        return Grid(self.name, self.num_supernodes, shard_cells(self.cells, i, k), shard=(i, k))
+        return Grid(self.name, self.num_supernodes, shard_cells(self.cells, i, k), shard=(i, k), names=self.names)
+
+    def keeping(self, cells: list[dict]) -> "Grid":
+        """The same grid (shard, names) with only ``cells``."""
+        return Grid(self.name, self.num_supernodes, cells, shard=self.shard, names=self.names)
+
+    def label(self, i: int, folder: Path) -> str:
+        """How the run's lines name cell ``i`` (1-based): '3/12 <folder>', with its name where it has one."""
+        name = self.names.get(folder.name)
+        return f"{i}/{len(self.cells)} {folder.name}" + (f" ({name})" if name else "")
 
     @property
     def suffix(self) -> str:
@@ -218,9 +230,10 @@ class CellOutcome:
     elsewhere: bool = False  # another process holds the cell's lock: it runs it, this one did not
 
     def failure(self, folder: Path, label: str) -> CellFailed | None:
+        """``label``: how the run names the cell (``Grid.label``)."""
         if self.elsewhere or (self.returncode == 0 and cell_state(folder) == "done"):
             return None
-        return CellFailed(f"cell {label} {folder.name}: "
+        return CellFailed(f"cell {label}: "
                           f"{self.reason or f'its process exited with status {self.returncode}'} (its log: "
                           f"{folder}.log; run the grid again to resume)")
 
@@ -297,11 +310,12 @@ def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | No
     started = 0
     for i, (cell, folder) in enumerate(zip(grid.cells, folders), start=1):
         rounds = _rounds(cell)
+        label = grid.label(i, folder)
         if cell_state(folder) == "done":
             bar.update(rounds)
-            tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: done earlier", file=sys.stdout)
+            tqdm.write(f"[fl-defense] cell {label}: done earlier", file=sys.stdout)
             continue
-        bar.set_description(f"cell {i}/{len(grid.cells)} {folder.name}")
+        bar.set_description(f"cell {label}")
         done_before = bar.n
 
         def on_round(r: int) -> None:
@@ -310,14 +324,14 @@ def run_grid(grid: Grid, out: Path, progress: bool = True, ray_address: str | No
 
         started += 1
         outcome = run_cell(cell, folder, grid.num_supernodes, on_round)
-        failure = outcome.failure(folder, f"{i}/{len(grid.cells)}")
+        failure = outcome.failure(folder, label)
         bar.n = done_before + rounds
         bar.refresh()
         if failure is not None:  # said now, and the cells after it still run
             failures.append(failure)
             tqdm.write(f"[fl-defense] {failure}", file=sys.stdout)
             continue
-        tqdm.write(f"[fl-defense] cell {i}/{len(grid.cells)} {folder.name}: {outcome.result}", file=sys.stdout)
+        tqdm.write(f"[fl-defense] cell {label}: {outcome.result}", file=sys.stdout)
     bar.close()
     if len(failures) == 1:
         raise failures[0]

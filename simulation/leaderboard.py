@@ -223,8 +223,16 @@ class Leaderboard:
     def grid(self) -> Grid:
         """The cells to run, each once: two columns that give a row the same run config (see
         ``effective_config``) share its cell."""
-        unique = {cell_id(c): c for *_, c in self.cells()}
-        return Grid(name=self.name, num_supernodes=self.num_supernodes, cells=list(unique.values()))
+        unique, places = {}, {}
+        for defense, attack, seed, cell in self.cells():
+            name = cell_id(cell)
+            unique.setdefault(name, cell)
+            places.setdefault(name, (defense, seed, []))[2].append(attack)
+        # the run's lines name each cell's row, column(s) and seed: its folder name cannot (a variant's
+        # folder starts with its base defense, every model-poisoning column's with the attack "none")
+        names = {name: f"row {defense}, column{'s' if len(cols) > 1 else ''} {', '.join(cols)}, seed {seed}"
+                 for name, (defense, seed, cols) in places.items()}
+        return Grid(name=self.name, num_supernodes=self.num_supernodes, cells=list(unique.values()), names=names)
 
     def shared_columns(self) -> dict[str, str]:
         """attack -> the column whose cells it shares for some row (the first in column order)."""
@@ -960,8 +968,7 @@ def main(argv: list[str]) -> None:
                      and finished_folder(cell_id(c), roots[1:]) is not None}
         if elsewhere:
             print(f"[fl-defense] {len(elsewhere)} cells finished under the other results folders: not run here")
-            grid = Grid(grid.name, grid.num_supernodes, [c for c in grid.cells if cell_id(c) not in elsewhere],
-                        shard=grid.shard)
+            grid = grid.keeping([c for c in grid.cells if cell_id(c) not in elsewhere])
         t0 = time.time()
         run_grid(grid, roots[0], progress=not args.no_progress, ray_address=args.ray_address,
                  cpus_per_cell=args.cpus_per_cell)

@@ -511,6 +511,9 @@ model-poisoning = "boost"
     assert "**4 of 4 cells**" in page and "| flame |" in page
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done earlier") == 4
+    # each line names the cell's row, column and seed, which its folder name cannot
+    assert "(row flame, column plus, seed 1): done earlier" in again.stdout
+    assert "(row fedavg, column clean, seed 1): " in proc.stdout
     assert pd.read_csv(out / "cells.csv").drop(columns=["round_seconds", "aggregation_seconds"]).equals(
         cells.drop(columns=["round_seconds", "aggregation_seconds"]))
 
@@ -582,6 +585,20 @@ def test_uncovered_attacks_name_the_backdoors_and_forgeries_without_a_bundle():
     assert "fisher-forgery=mimic" not in missing and "fisher-forgery=none" not in missing
     shipped = lb.Leaderboard.load(ROOT / "simulation" / "grids" / "leaderboard.toml")
     assert lb.uncovered_attacks(shipped.attacks) == ["mask"]  # a trigger file of the user's own
+
+
+def test_the_grid_names_each_cell_by_its_row_columns_and_seed():
+    """A cell's folder starts with its base defense and its data attack, so NNM + Krum's sign-flipping
+    cell reads 'krum-...-none-...': the run's lines say the row, the columns sharing it and the seed."""
+    board = lb.Leaderboard.load(ROOT / "simulation" / "grids" / "leaderboard.toml")
+    grid = board.grid()
+    assert set(grid.names) == {cell_id(c) for c in grid.cells}
+    name = {(d, a, s): grid.names[cell_id(c)] for d, a, s, c in board.cells()}
+    flip = cell_id(board.cell_config("nnm+krum", "signflip", 2))
+    assert flip.startswith("krum-fashion_mnist-none-") and name["nnm+krum", "signflip", 2] == "row nnm+krum, column signflip, seed 2"
+    # a forged Fisher reaches FDCR only: for Krum the forgery columns share the plus cell, and say so
+    assert name["krum", "fisher_noise", 3] == "row krum, columns plus, fisher_clean, fisher_mimic, fisher_noise, seed 3"
+    assert name["fdcr", "fisher_noise", 3] == "row fdcr, column fisher_noise, seed 3"
 
 
 def test_a_file_that_extends_another_shares_its_cells_and_adds_columns(tmp_path, monkeypatch):

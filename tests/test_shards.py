@@ -312,6 +312,43 @@ def test_a_failed_cell_is_said_and_the_cells_after_it_still_run(tmp_path, monkey
     assert launched == [cell_id(mine[0]), cell_id(mine[2])]
 
 
+def test_every_line_of_a_run_names_the_cell_as_its_grid_names_it(tmp_path, monkeypatch, capsys):
+    """A grid's names (a leaderboard's row, column and seed) follow its cells through a shard and a
+    filter, and every line a run says of a cell carries it: skipped, finished, failed."""
+    import simulation.grid as g
+
+    grid = _grid(tmp_path)
+    names = {cell_id(c): f"the {c['defense']} cell of seed {c['seed']}" for c in grid.cells}
+    grid = Grid(grid.name, grid.num_supernodes, grid.cells, names=names)
+    mine = grid.sharded(2, 3).keeping(grid.sharded(2, 3).cells[:3])
+    assert mine.names == names and mine.shard == (2, 3) and len(mine.cells) == 3
+    out = tmp_path / "out"
+    first, second, third = mine.cells
+    _fake_run(out / cell_id(first), first)
+    good = _fake_cell_process([])
+
+    class FailsTheThird:
+        def __init__(self, cmd, **kwargs):
+            if json.loads(cmd[cmd.index("--run-config-json") + 1])["run-name"] == cell_id(third):
+                self.stdout, self.returncode = ["[fl-defense] FAILED: NoValidResultsError: broken\n"], 1
+            else:
+                good(cmd, **kwargs)
+                self.stdout, self.returncode = ["[fl-defense] done: accuracy 0.5; results in x\n"], 0
+
+        def wait(self):
+            return self.returncode
+
+    monkeypatch.setattr(g.subprocess, "Popen", FailsTheThird)
+    with pytest.raises(g.CellFailed) as failed:
+        g.run_grid(mine, out, progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[fl-defense] cell")]
+    assert lines[0] == f"[fl-defense] cell 1/3 {cell_id(first)} ({names[cell_id(first)]}): done earlier"
+    assert lines[1] == f"[fl-defense] cell 2/3 {cell_id(second)} ({names[cell_id(second)]}): accuracy 0.5"
+    assert lines[2].startswith(f"[fl-defense] cell 3/3 {cell_id(third)} ({names[cell_id(third)]}): NoValidResultsError")
+    assert f"cell 3/3 {cell_id(third)} ({names[cell_id(third)]}): " in str(failed.value)
+    assert g.Grid("g", 10, [first]).label(1, out / cell_id(first)) == f"1/1 {cell_id(first)}"  # no names: the folder
+
+
 def test_a_grid_cell_runs_to_its_last_round_when_no_result_is_valid(tmp_path, monkeypatch):
     """A federation that collapses (every update rejected, round after round: a model blown up by
     sign flipping) is a cell's result: the grid runs its cells with max-rounds-without-valid = 0,
