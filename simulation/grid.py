@@ -66,7 +66,7 @@ class Grid:
     cells: list[dict]
     shard: tuple[int, int] | None = None  # (i, k): this grid is shard i of k of the file's cells
     # cell folder name -> what the cell is, said beside its folder in the run's lines (a leaderboard's
-    # "nnm+krum x signflip, seed 2": the folder name shows the base defense and the data attack only)
+    # "row nnm+krum, column signflip, seed 2": the folder name shows the base defense and data attack only)
     names: dict[str, str] = field(default_factory=dict)
 
     def sharded(self, i: int, k: int) -> "Grid":
