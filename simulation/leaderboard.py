@@ -229,7 +229,8 @@ class Leaderboard:
             unique.setdefault(name, cell)
             places.setdefault(name, (defense, seed, []))[2].append(attack)
         # the run's lines name each cell's row, column(s) and seed: its folder name cannot (a variant's
-        # folder starts with its base defense, every model-poisoning column's with the attack "none")
+        # folder starts with its base defense; it names the data attack, "none" or "plus" for most
+        # model-poisoning columns)
         names = {name: f"row {defense}, column{'s' if len(cols) > 1 else ''} {', '.join(cols)}, seed {seed}"
                  for name, (defense, seed, cols) in places.items()}
         return Grid(name=self.name, num_supernodes=self.num_supernodes, cells=list(unique.values()), names=names)
