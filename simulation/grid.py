@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fl_defense.config import ConfigError, ExperimentConfig
@@ -71,11 +71,11 @@ class Grid:
 
     def sharded(self, i: int, k: int) -> "Grid":
         """Shard ``i`` of ``k`` (1-based): cells i, i+k, i+2k, ... in the grid's order."""
-        return Grid(self.name, self.num_supernodes, shard_cells(self.cells, i, k), shard=(i, k), names=self.names)
+        return replace(self, cells=shard_cells(self.cells, i, k), shard=(i, k))
 
     def keeping(self, cells: list[dict]) -> "Grid":
         """The same grid (shard, names) with only ``cells``."""
-        return Grid(self.name, self.num_supernodes, cells, shard=self.shard, names=self.names)
+        return replace(self, cells=cells)
 
     def label(self, i: int, folder: Path) -> str:
         """How the run's lines name cell ``i`` (1-based): '3/12 <folder>', with its name where it has one."""
