@@ -13,23 +13,13 @@ round; this splits the craft to show what its statistics cost beyond the Gram.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from fl_defense.attacks.base import column_pass
 from fl_defense.attacks.min_max import pass_with_direction
 from fl_defense.defenses.krum import gram_matrix
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from timing import best  # benchmarks/timing.py (run as a script: its folder is on the path)
 
 
 def main() -> None:
