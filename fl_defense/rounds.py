@@ -20,7 +20,7 @@ from .defenses.base import Defense
 from .defenses.parallel import map_in_groups, workers
 from .fisher import FisherDecodeError, decode_fisher
 from .updates import ParamLayout, RoundUpdates, reuse_rows
-from .validation import check_arrays, check_num_examples, check_update
+from .validation import check_arrays, check_num_examples, update_norm
 
 log = logging.getLogger("fl_defense")
 
@@ -82,6 +82,9 @@ class RoundRecord:
     num_examples: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     flagged: list[bool] = field(default_factory=list)
+    # ||w_k - w||_2 of each accepted update as the defense received it (float32), from the
+    # finiteness check's own dot product
+    update_norms: list[float] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     failures: int = 0
     kept_global: bool = False
@@ -203,16 +206,17 @@ class DefendedAggregation:
                 continue
             candidates.append(res)
             fishers.append(fisher)
-        valid, updates, global_vec = candidates, None, None
+        valid, updates, global_vec, norms = candidates, None, None, []
         if candidates:  # values are checked on the flattened rows, even in a round that will be kept
-            valid, fishers, updates, global_vec = self._flatten_checked(layout, global_arrays, candidates,
-                                                                        fishers, record)
+            valid, fishers, updates, global_vec, norms = self._flatten_checked(layout, global_arrays, candidates,
+                                                                               fishers, record)
 
         self.last_valid = valid
         self.identities.update({str(r.client_id): stable_identity(r) for r in valid})
         record.client_ids = [r.client_id for r in valid]
         record.partition_ids = [_as_int(r.metrics.get(PARTITION_KEY)) for r in valid]
         record.num_examples = [int(r.num_examples) for r in valid]
+        record.update_norms = norms
         if len(valid) < self.min_clients:
             record.kept_global = True
             record.reason = f"{len(valid)} valid results, fewer than the minimum of {self.min_clients}"
@@ -328,23 +332,25 @@ class DefendedAggregation:
         record.rejected.append({"client_id": res.client_id, "reason": reason})
 
     def _flatten_checked(self, layout: ParamLayout, global_arrays: list[np.ndarray], candidates: list[ClientResult],
-                         fishers: list, record: RoundRecord) -> tuple[list[ClientResult], list, torch.Tensor, torch.Tensor]:
+                         fishers: list, record: RoundRecord
+                         ) -> tuple[list[ClientResult], list, torch.Tensor, torch.Tensor, list[float]]:
         """Flatten each candidate's delta_k = w_k - w into its row of the updates matrix and check
-        its values there (``check_update``) while the row is in cache. On the CPU the candidates
+        its values there (``validation.update_norm``) while the row is in cache. On the CPU the candidates
         are shared out among the threads (``parallel.map_in_groups``; each row is written and
         checked the same way whichever thread takes it). Rejected rows are then closed up, in
         order, by moving the accepted rows after them. Returns the accepted results, their
-        Fisher diagonals, the matrix of their rows and the global vector."""
+        Fisher diagonals, the matrix of their rows, the global vector and the rows' L2 norms (the
+        check's own dot product: no further pass)."""
         global_vec = layout.flatten(global_arrays, self.device)
         updates = self._matrix("updates", len(candidates), layout.dim, layout.dtype)
 
-        def fill(k: int) -> str | None:
+        def fill(k: int) -> tuple[float | None, str | None]:
             layout.flatten_into(candidates[k].arrays, updates[k], minus=global_vec)  # one pass
-            return check_update(updates[k], candidates[k].arrays, layout, self.max_update_norm)
+            return update_norm(updates[k], candidates[k].arrays, layout, self.max_update_norm)
 
-        reasons = map_in_groups(fill, range(len(candidates)), workers() if self.device.type == "cpu" else 1)
-        valid, kept_fishers = [], []
-        for k, (res, fisher, reason) in enumerate(zip(candidates, fishers, reasons)):
+        checked = map_in_groups(fill, range(len(candidates)), workers() if self.device.type == "cpu" else 1)
+        valid, kept_fishers, norms = [], [], []
+        for k, (res, fisher, (norm, reason)) in enumerate(zip(candidates, fishers, checked)):
             if reason is not None:
                 self._reject(record, res, reason)
                 continue
@@ -352,7 +358,8 @@ class DefendedAggregation:
                 updates[len(valid)].copy_(updates[k])
             valid.append(res)
             kept_fishers.append(fisher)
-        return valid, kept_fishers, updates[:len(valid)], global_vec
+            norms.append(norm)
+        return valid, kept_fishers, updates[:len(valid)], global_vec, norms
 
     def _build_round(self, updates: torch.Tensor, valid: list[ClientResult], fishers: list,
                      layout: ParamLayout) -> RoundUpdates:

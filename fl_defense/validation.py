@@ -38,11 +38,19 @@ def check_arrays(arrays: object, layout: ParamLayout) -> str | None:
 
 def check_update(row: torch.Tensor, arrays: list[np.ndarray], layout: ParamLayout,
                  max_update_norm: float = 0.0) -> str | None:
-    """The values of one flattened update delta_k = w_k - w (float32, as the defenses see it).
+    """The reason to reject one flattened update delta_k = w_k - w, or None (``update_norm``)."""
+    return update_norm(row, arrays, layout, max_update_norm)[1]
+
+
+def update_norm(row: torch.Tensor, arrays: list[np.ndarray], layout: ParamLayout,
+                max_update_norm: float = 0.0) -> tuple[float | None, str | None]:
+    """(||delta_k||_2, None) for an acceptable flattened update delta_k = w_k - w (float32, as the
+    defenses see it), or (None, the reason to reject it).
 
     One dot product decides the common case: ||delta||^2 is finite exactly when every entry is
     finite and the norm does not overflow float32 (the Gram-based defenses would get inf or NaN
-    distances from such a row). Only a rejected row is looked at again, to name the array."""
+    distances from such a row). The same product is the norm the round's record keeps, so the
+    record costs no further pass. Only a rejected row is looked at again, to name the array."""
     r = row.detach()
     if r.device.type == "cpu":
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the answer, not an error
@@ -50,15 +58,16 @@ def check_update(row: torch.Tensor, arrays: list[np.ndarray], layout: ParamLayou
     else:
         sq = float(torch.dot(r, r))
     if math.isfinite(sq):
-        if max_update_norm > 0 and not math.sqrt(sq) <= max_update_norm:
-            return f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:g}"
-        return None
+        norm = math.sqrt(sq)
+        if max_update_norm > 0 and not norm <= max_update_norm:
+            return None, f"update norm {norm:.3g} exceeds the bound {max_update_norm:g}"
+        return norm, None
     for i, sl in zip(layout.trainable_indices, layout.layer_slices):
         if not np.all(np.isfinite(arrays[i])):
-            return f"array {i} contains NaN or Inf"
+            return None, f"array {i} contains NaN or Inf"
         if not bool(torch.isfinite(row[sl]).all()):
-            return f"array {i} minus the global model is not finite in float32 (overflow)"
-    return f"update norm overflows float32 (||delta||^2 > {np.finfo(np.float32).max:.3g})"
+            return None, f"array {i} minus the global model is not finite in float32 (overflow)"
+    return None, f"update norm overflows float32 (||delta||^2 > {np.finfo(np.float32).max:.3g})"
 
 
 def check_num_examples(num_examples: object) -> str | None:

@@ -166,10 +166,10 @@ class RunRecorder:
                 "num_rejected": len(rec.rejected), "rejected": rec.rejected, "num_failures": rec.failures,
                 "kept_global": rec.kept_global, "reason": rec.reason,
                 "clients": [
-                    {"partition": pid, "num_examples": n, "weight": w, "flagged": f,
+                    {"partition": pid, "num_examples": n, "weight": w, "flagged": f, "update_norm": u,
                      "malicious": rec.ground_truth.get(cid)}
-                    for cid, pid, n, w, f in zip(rec.client_ids, rec.partition_ids, rec.num_examples,
-                                                 rec.weights, rec.flagged)
+                    for cid, pid, n, w, f, u in zip(rec.client_ids, rec.partition_ids, rec.num_examples,
+                                                    rec.weights, rec.flagged, rec.update_norms)
                 ],
                 "info": rec.info,
             })

@@ -4,8 +4,9 @@
 
 Reads the cell's ``summary.json`` and ``rounds.jsonl`` (nothing is rerun) and prints, round by
 round, the attackers against the benign clients: who was flagged, the attackers' share of the
-aggregation weight against their share of the examples (what FedAvg would give them), and the
-figures of the defense's own tests from its ``info``:
+aggregation weight against their share of the examples (what FedAvg would give them), the
+attackers' update norms against the benign ones' (in records that keep them), and the figures of
+the defense's own tests from its ``info``:
 
 - DeepSight: threshold exceedings (TE) of attackers and benign clients against the labelling bound
   median(TE) / 2, the final clusters with their suspicious members against tau, accepted or not;
@@ -44,7 +45,11 @@ def common(row: dict) -> dict:
     weights = np.array([float(c["weight"]) for c in clients])
     examples = np.array([float(c["num_examples"] or 0) for c in clients])
     total_w = weights.sum()
+    norms = [c.get("update_norm") for c in clients]  # absent from records before they were kept
+    norms = np.array(norms, dtype=float) if all(u is not None for u in norms) else None
     return {"round": row["round"], "asr": row.get("attack_success_rate"), "malicious": mal,
+            "norms_attackers": None if norms is None else norms[mal].tolist(),
+            "norms_benign": None if norms is None else norms[~mal].tolist(),
             "attackers": int(mal.sum()), "benign": int((~mal).sum()),
             "flagged_attackers": int((flagged & mal).sum()), "flagged_benign": int((flagged & ~mal).sum()),
             "weight_share": float(weights[mal].sum() / total_w) if total_w > 0 else 0.0,
@@ -138,6 +143,9 @@ def format_round(d: dict, defense: str) -> list[str]:
             f"(examples {d['example_share']:.2f})" + ("  global model kept" if d["kept_global"] else ""))
     lines = [head]
     mal = d["malicious"]
+    if d.get("norms_attackers") and d.get("norms_benign"):
+        lines.append(f"    update norms: attackers {_floats(d['norms_attackers'], '.3g')}  benign median "
+                     f"{np.median(d['norms_benign']):.3g} (range {min(d['norms_benign']):.3g}-{max(d['norms_benign']):.3g})")
     if defense == "deepsight" and "te_bound" in d:
         lines.append(f"    TE attackers {_ints(d['te_attackers'])}  benign {_ints(d['te_benign'])}  "
                      f"bound median/2 = {d['te_bound']:g}  suspicious: attackers {d['suspicious_attackers']}, "

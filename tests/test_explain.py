@@ -141,6 +141,24 @@ def test_the_explain_command_prints_every_cell(tmp_path, capsys):
     assert "attackers flagged 3 of 3 times" in out
 
 
+def test_explain_prints_the_attackers_update_norms_against_the_benign_ones(tmp_path):
+    """Records that keep each client's update norm get a line of the attackers' norms against the
+    benign median and range; records written before the norms were kept get none."""
+    from fl_defense.defenses import FedAvg
+
+    mal = [False] * 3 + [True]
+    res = FedAvg().aggregate(torch.zeros(5), round_updates(np.ones((4, 5)), layer_sizes=[5]))
+    write_cell(tmp_path / "old", {"defense": "fedavg", "attack": "plus"}, [(mal, res)])
+    assert "update norms" not in explain.report(tmp_path / "old")
+    rows = [json.loads(line) for line in (tmp_path / "old" / "rounds.jsonl").read_text().splitlines()]
+    for c, norm in zip(rows[1]["clients"], [1.0, 2.0, 4.0, 40.0]):
+        c["update_norm"] = norm
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "summary.json").write_text((tmp_path / "old" / "summary.json").read_text())
+    (tmp_path / "new" / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "    update norms: attackers [40]  benign median 2 (range 1-4)" in explain.report(tmp_path / "new").splitlines()
+
+
 def test_replay_trains_a_round_from_the_checkpoint_and_aggregates_with_the_cells_defense(tmp_path):
     """On the bundled digits: 4 clients, one attacker; the replayed round is the cell's defense on
     fresh updates from the checkpointed model, with the NEUPs DeepSight's TEs are counted from."""

@@ -118,3 +118,25 @@ def test_round_0_of_a_pretrained_run_says_pre_trained(tmp_path):
     rec, lines, model, _ = _recorder(tmp_path, **{"pretrain-rounds": 30})
     rec.evaluate(0, get_arrays(model), {})
     assert lines[0].startswith("[fl-defense] round   0 (initial model, pre-trained for 30 rounds) | accuracy")
+
+
+def test_each_client_line_carries_its_update_norm(tmp_path):
+    """``rounds.jsonl`` keeps the norm the defense received from each accepted client, beside its
+    weight and flag (what ``simulation.explain`` prints against the benign clients')."""
+    import numpy as np
+
+    from fl_defense.defenses import FedAvg
+    from fl_defense.rounds import ClientResult, DefendedAggregation
+
+    rec, _, model, _ = _recorder(tmp_path)
+    g = get_arrays(model)
+    agg = DefendedAggregation(FedAvg())
+    agg.aggregate(1, g, [ClientResult(str(k), [a + np.float32(0.1 * k) for a in g], 5) for k in (1, 2)],
+                  ground_truth={"1": False, "2": True})
+    rec.strategy = agg
+    rec.evaluate(0, g, {})
+    rec.evaluate(1, g, {})
+    row = json.loads((tmp_path / "run" / "rounds.jsonl").read_text().splitlines()[1])
+    norms = [c["update_norm"] for c in row["clients"]]
+    assert [c["malicious"] for c in row["clients"]] == [False, True]
+    assert norms == agg.records[-1].update_norms and norms[1] == pytest.approx(2 * norms[0], rel=1e-5)

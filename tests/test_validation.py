@@ -219,3 +219,23 @@ def test_rejected_attackers_still_count_as_sampled():
     assert rec.detection()["fn"] == 1  # detection counts the aggregated clients only
     agg.aggregate(2, g, [ClientResult("b", overflowing, 5)], ground_truth={"b": True})
     assert agg.records[-1].kept_global and agg.records[-1].num_attackers() == 1
+
+
+def test_the_record_keeps_each_accepted_update_norm_from_the_check():
+    """The finiteness check's dot product is ||w_k - w||^2: the record keeps its root for every
+    accepted update, in the order of ``client_ids``, and none for a rejected one (the gap a
+    rejected row leaves in the updates matrix is closed, and so is its norm's)."""
+    rng = np.random.default_rng(4)
+    g = model_arrays(rng)
+    shifts = {"a": 0.01, "b": 0.5, "c": float("nan"), "d": 2.0}
+    results = [ClientResult(cid, [a + np.float32(s) for a in g], 5) for cid, s in shifts.items()]
+    agg = DefendedAggregation(FedAvg())
+    agg.aggregate(1, g, results)
+    rec = agg.records[-1]
+    assert rec.client_ids == ["a", "b", "d"] and [r["client_id"] for r in rec.rejected] == ["c"]
+    d = sum(a.size for a in g)
+    expected = [np.linalg.norm(np.concatenate([(a + np.float32(shifts[c]) - a).ravel() for a in g]))
+                for c in rec.client_ids]
+    np.testing.assert_allclose(rec.update_norms, expected, rtol=1e-5)
+    np.testing.assert_allclose(rec.update_norms, [0.01 * d ** 0.5, 0.5 * d ** 0.5, 2.0 * d ** 0.5], rtol=1e-4)
+    assert rec.to_dict()["update_norms"] == rec.update_norms
