@@ -333,6 +333,7 @@ def cell_metrics(folder: Path) -> dict:
         "round_seconds": mean(t.get("round_seconds") for t in timings if t["round"] > 0),
         "cpu_seconds": cpu_seconds,
         "capability": capability,
+        "initial_accuracy": (summary.get("initial") or {}).get("accuracy"),
         "rounds": summary["rounds_completed"],
         "attackers_sampled": sum(r.get("num_attackers_sampled") or 0 for r in trained),
         "rounds_no_valid": sum(1 for r in trained if no_valid_update(r)),
@@ -413,7 +414,8 @@ def collect(board: Leaderboard, roots: list[Path]):
         rows.append({"defense": defense, "attack": attack, "seed": seed, "cell": name, **cell_metrics(folder)})
     return pd.DataFrame(rows, columns=["defense", "attack", "seed", "cell", *METRICS,
                                        *(f"{m}_censored" for m in LIFESPANS), "window_closed", "rounds",
-                                       "attackers_sampled", "rounds_no_valid", "capability"])
+                                       "attackers_sampled", "rounds_no_valid", "capability",
+                                       "initial_accuracy"])
 
 
 def finished_folder(name: str, roots: list[Path]) -> Path | None:
@@ -749,6 +751,34 @@ def remaining_cpu_text(board: Leaderboard, cells) -> str:
             "none).")
 
 
+def starting_models_text(cells, baseline: str, clean: str) -> str | None:
+    """The models a page's cells started from, seed by seed, told apart by their accuracy before
+    round 1 (``summary.json``'s ``initial``): a seed's clean pre-training is rebuilt on each machine
+    that runs it, and two machines of one CPU capability can still build different models. None
+    when no cell records it."""
+    known = cells.dropna(subset=["initial_accuracy"])
+    if known.empty:
+        return None
+    parts, mixed = [], []
+    for seed, group in known.groupby("seed"):
+        counts = sorted(group["initial_accuracy"].value_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+        text = ", ".join(f"{n} cell{'s' if n != 1 else ''} from {acc:.4f}" for acc, n in counts)
+        if len(counts) > 1:
+            mixed.append(str(seed))
+            base = group[(group["defense"] == baseline) & (group["attack"] == clean)]["initial_accuracy"]
+            if len(base):
+                text += f" (the {baseline} {clean} baseline from {base.iloc[0]:.4f})"
+        parts.append(f"seed {seed}: {text}")
+    line = ("**Starting models:** the accuracy before round 1 of the model each cell started from (its seed's clean "
+            "pre-training, rebuilt on each machine that runs the seed; machines of one CPU capability can still "
+            "build different models): " + "; ".join(parts) + ".")
+    if mixed:
+        line += (f" The cells of seed{'s' if len(mixed) > 1 else ''} {' and '.join(mixed)} did not all start from one "
+                 "model: an accuracy drop, or a difference between two cells, that spans two starts holds the starts' "
+                 "difference as well as the attack's.")
+    return line
+
+
 def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                training_share: float, step_ms: float, note: str | None = None, title: str | None = None,
                subset: bool = False) -> Path:
@@ -816,6 +846,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         "and so times and the last digits of results, differ between capabilities): "
         + ", ".join(f"{cap} {n} cell{'s' if n != 1 else ''}" for cap, n in
                     cells["capability"].fillna("not recorded").value_counts().sort_index().items()) + ".", "",
+        *([starts, ""] if (starts := starting_models_text(cells, board.baseline, board.clean)) else []),
         *([f"**How it was run:** {note}", ""] if note else []),
         "## Ranking", "",
         f"By the worst attack: the highest attack success at the window's end over every attack, among the "
