@@ -74,6 +74,7 @@ import shlex
 import sys
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -779,6 +780,46 @@ def starting_models_text(cells, baseline: str, clean: str) -> str | None:
     return line
 
 
+def pretraining_warnings(board: Leaderboard, pending: list[dict], roots: list[Path]) -> list[str]:
+    """Before cells run: for each seed with cells to run, whether this machine's pre-trained model
+    (the cache the cells would start from) is the one the seed's finished cells started from. A
+    seed's pre-training is rebuilt on each machine, and two machines of one CPU capability can build
+    different models; cells from two starts in one seed compare the starts as well as the attacks.
+    One line per seed whose finished cells started elsewhere, or whose pre-training is rebuilt here."""
+    from fl_defense.pretrain import cache_folder, is_cached
+
+    starts: dict[int, Counter] = {}
+    for _, _, seed, cell in board.cells():
+        folder = finished_folder(cell_id(cell), roots)
+        if folder is not None:
+            initial = (json.loads((folder / "summary.json").read_text()).get("initial") or {}).get("accuracy")
+            if initial is not None:
+                starts.setdefault(seed, Counter())[initial] += 1
+    lines, seen = [], set()
+    for cell in pending:
+        cfg = ExperimentConfig.from_run_config(cell)
+        if cfg.pretrain_rounds <= 0 or cfg.seed in seen or cfg.seed not in starts:
+            continue
+        seen.add(cfg.seed)
+        finished = ", ".join(f"{acc:.4f} ({n} cell{'s' if n != 1 else ''})"
+                             for acc, n in sorted(starts[cfg.seed].items(), key=lambda kv: (-kv[1], kv[0])))
+        cache = cache_folder(cfg, board.num_supernodes)
+        if not is_cached(cache):
+            lines.append(f"[fl-defense] note: seed {cfg.seed}'s pre-training is not cached here ({cache}) and will be "
+                         f"rebuilt; its finished cells started from a model at accuracy {finished}. A rebuild on "
+                         "another machine can differ: check the page's starting-models line once a cell is done.")
+            continue
+        here = json.loads((cache / "summary.json").read_text())["final"]["accuracy"]
+        if set(starts[cfg.seed]) != {here}:
+            lines.append(f"[fl-defense] warning: seed {cfg.seed}'s pre-trained model here ({cache}) is at accuracy "
+                         f"{here:.4f}, but the seed's finished cells started from {finished}: cells run here would not all "
+                         "share their start, and a comparison across two starts holds the starts' difference as "
+                         "well as the attack's. "
+                         "To keep one start, run the seed where its finished cells ran, or give that machine's "
+                         "pre-training as pretrain-dir.")
+    return lines
+
+
 def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                training_share: float, step_ms: float, note: str | None = None, title: str | None = None,
                subset: bool = False) -> Path:
@@ -1001,6 +1042,9 @@ def main(argv: list[str]) -> None:
         if elsewhere:
             print(f"[fl-defense] {len(elsewhere)} cells finished under the other results folders: not run here")
             grid = grid.keeping([c for c in grid.cells if cell_id(c) not in elsewhere])
+        pending = [c for c in grid.cells if cell_state(roots[0] / cell_id(c)) != "done"]
+        for line in pretraining_warnings(board, pending, roots):
+            print(line)
         t0 = time.time()
         run_grid(grid, roots[0], progress=not args.no_progress, ray_address=args.ray_address,
                  cpus_per_cell=args.cpus_per_cell)

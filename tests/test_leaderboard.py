@@ -419,6 +419,48 @@ def test_the_page_says_when_a_seeds_cells_started_from_different_models(tmp_path
     assert sorted(table["initial_accuracy"].unique()) == [0.7204, 0.7555, 0.7566]
 
 
+def test_a_run_warns_when_this_machines_pretraining_is_not_the_seeds_finished_cells_start(tmp_path):
+    """Session 29 ran 173 of seed 3's cells from a pre-training rebuilt on its machine (0.7566 before
+    round 1) beside 347 from another (0.7555) without a word. Before cells run, each seed with cells
+    to run is checked: a cached pre-training unlike the finished cells' start is a warning; one not
+    cached here (to be rebuilt) is a note; one that matches says nothing."""
+    from fl_defense.pretrain import cache_folder
+
+    pre = tmp_path / "pre"
+    path = _board_file(tmp_path, '["flame"]', extra=f'pretrain-rounds = 2\npretrain-dir = "{pre.as_posix()}"')
+    board = lb.Leaderboard.load(path)
+    results = tmp_path / "cells"
+    pending = []
+    for defense, attack, seed, cell in board.cells():
+        if attack != "clean":
+            pending.append(cell)
+            continue
+        folder = results / cell_id(cell)
+        _fake_cell(folder, cell, 0.0)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["initial"] = {"accuracy": {1: 0.7555, 2: 0.7405}[seed]}
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+    def cache(seed: int, accuracy: float) -> Path:
+        folder = cache_folder(ExperimentConfig.from_run_config(board.cell_config("flame", "plus", seed)), 10)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(json.dumps({"final": {"accuracy": accuracy}}))
+        (folder / "checkpoint.pkl").write_bytes(b"")
+        return folder
+
+    cache(1, 0.7566)
+    lines = lb.pretraining_warnings(board, pending, [results])
+    assert len(lines) == 2
+    assert lines[0].startswith("[fl-defense] warning: seed 1's pre-trained model here") and "0.7566" in lines[0]
+    assert "but the seed's finished cells started from 0.7555 (2 cells)" in lines[0]
+    assert lines[1].startswith("[fl-defense] note: seed 2's pre-training is not cached here")
+    assert "finished cells started from a model at accuracy 0.7405 (2 cells)" in lines[1]
+    cache(1, 0.7555)
+    cache(2, 0.7405)
+    assert lb.pretraining_warnings(board, pending, [results]) == []  # the starts match: nothing to say
+    assert lb.pretraining_warnings(board, [], [results]) == []  # nothing to run
+
+
 def test_report_only_builds_the_page_from_results_and_runs_no_cell(tmp_path, monkeypatch):
     path = _board_file(tmp_path, '["flame", "krum"]')
     board = lb.Leaderboard.load(path)
