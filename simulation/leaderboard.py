@@ -780,6 +780,16 @@ def starting_models_text(cells, baseline: str, clean: str) -> str | None:
     return line
 
 
+def docs_link(page_folder: Path, target: str) -> str:
+    """The relative link from a page in ``page_folder`` to ``docs/<target>``; a page written outside
+    docs/ links as the pages in docs/results/<name>/ do."""
+    docs = (ROOT / "docs").resolve()
+    folder = Path(page_folder).resolve()
+    if folder != docs and docs not in folder.parents:
+        return f"../../{target}"
+    return Path(os.path.relpath(docs / target, folder)).as_posix()
+
+
 def pretraining_warnings(board: Leaderboard, pending: list[dict], roots: list[Path]) -> list[str]:
     """Before cells run: for each seed with cells to run, whether this machine's pre-trained model
     (the cache the cells would start from) is the one the seed's finished cells started from. A
@@ -858,7 +868,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
                f"Every defense against every attack and no attack ({board.clean}), under the benchmark protocol ")
     lines = [
         f"# {title or f'Leaderboard: {board.name}'}", "",
-        opening + "([its definition](../../protocol.md)): "
+        opening + f"([its definition]({docs_link(out, 'protocol.md')})): "
         f"{cfg.dataset}, {cfg.model_name}, {board.num_supernodes} clients ({cfg.partitioner}"
         + (f" alpha {cfg.dirichlet_alpha}" if cfg.partitioner == "dirichlet" else "") + f"), {per_round} sampled per "
         f"round, {cfg.malicious_fraction:g} of the population attackers ({cfg.attacker_pool} pool), "

@@ -903,3 +903,13 @@ def test_a_collapsed_federation_is_counted_and_the_page_lists_it(tmp_path, monke
     assert listed == ["- flame x plus, seed 1: 2 of 3 rounds without a valid update (every one rejected or failed; "
                       "the model kept); final accuracy 0.900."]
     assert "rounds_no_valid" in (out / "cells.csv").read_text().splitlines()[0]
+
+
+def test_a_page_links_the_protocol_from_wherever_under_docs_it_is_written():
+    """A report one folder deeper (docs/results/attacks-protocol/second-start) broke the strict docs
+    build with the fixed '../../protocol.md'; the link is now relative to the page's folder."""
+    from simulation.grid import ROOT
+
+    assert lb.docs_link(ROOT / "docs" / "results" / "leaderboard", "protocol.md") == "../../protocol.md"
+    assert lb.docs_link(ROOT / "docs" / "results" / "a" / "b", "protocol.md") == "../../../protocol.md"
+    assert lb.docs_link(ROOT / "results" / "leaderboard", "protocol.md") == "../../protocol.md"  # outside docs/
