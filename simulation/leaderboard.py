@@ -752,6 +752,11 @@ def remaining_cpu_text(board: Leaderboard, cells) -> str:
             "none).")
 
 
+def _and(items: list[str]) -> str:
+    """'1', '1 and 2', '1, 2 and 3'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def starting_models_text(cells, baseline: str, clean: str) -> str | None:
     """The models a page's cells started from, seed by seed, told apart by their accuracy before
     round 1 (``summary.json``'s ``initial``): a seed's clean pre-training is rebuilt on each machine
@@ -774,7 +779,7 @@ def starting_models_text(cells, baseline: str, clean: str) -> str | None:
             "pre-training, rebuilt on each machine that runs the seed; machines of one CPU capability can still "
             "build different models): " + "; ".join(parts) + ".")
     if mixed:
-        line += (f" The cells of seed{'s' if len(mixed) > 1 else ''} {' and '.join(mixed)} did not all start from one "
+        line += (f" The cells of seed{'s' if len(mixed) > 1 else ''} {_and(mixed)} did not all start from one "
                  "model: an accuracy drop, or a difference between two cells, that spans two starts holds the starts' "
                  "difference as well as the attack's.")
     return line
