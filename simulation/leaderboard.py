@@ -882,6 +882,7 @@ def write_page(board: Leaderboard, roots: list[Path], out: Path, command: str,
         f"seeds {', '.join(map(str, board.seeds))}. Every figure: mean ± std over seeds.", "",
         f"**{finished} of {total} cells** finished ({len(defenses)} defenses x {len(attacks)} attack columns x "
         f"{len(board.seeds)} seed{'s' if len(board.seeds) != 1 else ''}"
+        + (f", less {len(board.unsupported) * len(board.seeds)} not applicable (n/a, below)" if board.unsupported else "")
         + (f"; {places - total} places of the matrix share a cell with another column ("
            + "; ".join(f"{a} with {o}" for a, o in board.shared_columns().items())
            + ") where the row's defense does not read the key that tells them apart: `fisher-forgery` reaches "
