@@ -82,8 +82,8 @@ class RoundRecord:
     num_examples: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     flagged: list[bool] = field(default_factory=list)
-    # ||w_k - w||_2 of each accepted update as the defense received it (float32), from the
-    # finiteness check's own dot product
+    # ||w_k - w||_2 of each accepted update as the server received it (float32, before any
+    # pre-aggregation), from the finiteness check's own dot product
     update_norms: list[float] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     failures: int = 0

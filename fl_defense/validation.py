@@ -1,7 +1,7 @@
 """Checks every client result passes before any defense sees it.
 
-Each check returns a reason (a short sentence) or None; a rejected result is logged and counted,
-never allowed to crash the round.
+Each check returns a reason (a short sentence) or None (``update_norm`` returns the update's norm
+beside it); a rejected result is logged and counted, never allowed to crash the round.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .updates import ParamLayout
 def check_arrays(arrays: object, layout: ParamLayout) -> str | None:
     """Structure (count, shapes, dtypes) of a client's arrays, and the values of its buffers.
 
-    The trainable arrays' values are checked on the flattened update instead (``check_update``),
+    The trainable arrays' values are checked on the flattened update instead (``update_norm``),
     in the same pass that builds the updates matrix, while the row is still in cache."""
     if not isinstance(arrays, (list, tuple)):
         return f"parameters must be a list of arrays, got {type(arrays).__name__}"

@@ -169,7 +169,7 @@ class RunRecorder:
                     {"partition": pid, "num_examples": n, "weight": w, "flagged": f, "update_norm": u,
                      "malicious": rec.ground_truth.get(cid)}
                     for cid, pid, n, w, f, u in zip(rec.client_ids, rec.partition_ids, rec.num_examples,
-                                                    rec.weights, rec.flagged, rec.update_norms)
+                                                    rec.weights, rec.flagged, rec.update_norms, strict=True)
                 ],
                 "info": rec.info,
             })

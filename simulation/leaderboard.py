@@ -81,7 +81,7 @@ from pathlib import Path
 from fl_defense.config import ConfigError, ExperimentConfig
 from fl_defense.durability import mean_after_window, window_end_round
 
-from .grid import (ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid,
+from .grid import (GRID_RUN_CONTROL, ROOT, Grid, add_ray_arguments, cell_cpu, cell_id, cell_state, parse_shard, run_grid,
                    settle_interrupted_attempt)
 from .report import BOOKKEEPING
 
@@ -762,22 +762,25 @@ def starting_models_text(cells, baseline: str, clean: str) -> str | None:
     round 1 (``summary.json``'s ``initial``): a seed's clean pre-training is rebuilt on each machine
     that runs it, and two machines of one CPU capability can still build different models. None
     when no cell records it."""
-    known = cells.dropna(subset=["initial_accuracy"])
-    if known.empty:
+    if cells["initial_accuracy"].isna().all():
         return None
     parts, mixed = [], []
-    for seed, group in known.groupby("seed"):
-        counts = sorted(group["initial_accuracy"].value_counts().items(), key=lambda kv: (-kv[1], kv[0]))
-        text = ", ".join(f"{n} cell{'s' if n != 1 else ''} from {acc:.4f}" for acc, n in counts)
+    for seed, group in cells.groupby("seed"):
+        known = group["initial_accuracy"].dropna()
+        counts = sorted(known.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+        digits = 4 if len({f"{acc:.4f}" for acc, _ in counts}) == len(counts) else 8
+        text = ", ".join(f"{n} cell{'s' if n != 1 else ''} from {acc:.{digits}f}" for acc, n in counts)
+        if len(known) < len(group):
+            text += f"{', ' if counts else ''}{len(group) - len(known)} not recorded"
         if len(counts) > 1:
             mixed.append(str(seed))
-            base = group[(group["defense"] == baseline) & (group["attack"] == clean)]["initial_accuracy"]
+            base = group[(group["defense"] == baseline) & (group["attack"] == clean)]["initial_accuracy"].dropna()
             if len(base):
-                text += f" (the {baseline} {clean} baseline from {base.iloc[0]:.4f})"
+                text += f" (the {baseline} {clean} baseline from {base.iloc[0]:.{digits}f})"
         parts.append(f"seed {seed}: {text}")
-    line = ("**Starting models:** the accuracy before round 1 of the model each cell started from (its seed's clean "
-            "pre-training, rebuilt on each machine that runs the seed; machines of one CPU capability can still "
-            "build different models): " + "; ".join(parts) + ".")
+    line = ("**Starting models:** the accuracy before round 1 of the model each cell started from (a seed's clean "
+            "pre-training, where the cells have one, is rebuilt on each machine that runs the seed, and machines of "
+            "one CPU capability can still build different models): " + "; ".join(parts) + ".")
     if mixed:
         line += (f" The cells of seed{'s' if len(mixed) > 1 else ''} {_and(mixed)} did not all start from one "
                  "model: an accuracy drop, or a difference between two cells, that spans two starts holds the starts' "
@@ -795,43 +798,76 @@ def docs_link(page_folder: Path, target: str) -> str:
     return Path(os.path.relpath(docs / target, folder)).as_posix()
 
 
-def pretraining_warnings(board: Leaderboard, pending: list[dict], roots: list[Path]) -> list[str]:
-    """Before cells run: for each seed with cells to run, whether this machine's pre-trained model
-    (the cache the cells would start from) is the one the seed's finished cells started from. A
-    seed's pre-training is rebuilt on each machine, and two machines of one CPU capability can build
-    different models; cells from two starts in one seed compare the starts as well as the attacks.
-    One line per seed whose finished cells started elsewhere, or whose pre-training is rebuilt here."""
-    from fl_defense.pretrain import cache_folder, is_cached
+def _pretrain_cache(cfg: ExperimentConfig, results_dir: Path, num_supernodes: int) -> Path:
+    """The pre-training cache a grid cell of ``cfg`` starts from: the cell runs with its results
+    folder as ``results-dir`` and the checkout as its working directory (``grid.run_cell``), so a
+    relative ``pretrain-dir`` is the checkout's."""
+    from fl_defense.pretrain import pretrain_id
 
-    starts: dict[int, Counter] = {}
-    for _, _, seed, cell in board.cells():
-        folder = finished_folder(cell_id(cell), roots)
-        if folder is not None:
-            initial = (json.loads((folder / "summary.json").read_text()).get("initial") or {}).get("accuracy")
-            if initial is not None:
-                starts.setdefault(seed, Counter())[initial] += 1
+    base = Path(cfg.pretrain_dir).expanduser() if cfg.pretrain_dir else Path(results_dir) / "pretrain"
+    return (base if base.is_absolute() else ROOT / base).resolve() / pretrain_id(cfg, num_supernodes)
+
+
+def _cache_start(cache: Path) -> float | None:
+    """The accuracy of a cached pre-training's final model (what its cells start from), or None when
+    the cache is missing, unfinished or unreadable."""
+    from fl_defense.pretrain import is_cached
+
+    if not is_cached(cache):
+        return None
+    try:
+        return (json.loads((cache / "summary.json").read_text()).get("final") or {}).get("accuracy")
+    except (OSError, ValueError):
+        return None
+
+
+def pretraining_warnings(board: Leaderboard, pending: list[dict], roots: list[Path]) -> list[str]:
+    """Before cells run: whether this machine's pre-trained model (the cache the new cells would
+    start from) is the one the finished cells of the same pre-training started from. A seed's
+    pre-training is rebuilt on each machine, and two machines of one CPU capability can build
+    different models; cells from two starts compare the starts as well as the attacks. One line per
+    pre-training whose finished cells started from another model, or which is to be rebuilt here.
+    Advice only: nothing here stops a run."""
+    from fl_defense.pretrain import pretrain_id
+
+    starts: dict[str, Counter] = {}
+    seen_cells = set()
+    for _, _, _, cell in board.cells():
+        name = cell_id(cell)
+        folder = finished_folder(name, roots) if name not in seen_cells else None
+        seen_cells.add(name)
+        if folder is None:
+            continue
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        initial = (summary.get("initial") or {}).get("accuracy")
+        if initial is not None and summary.get("pretrained_from"):
+            starts.setdefault(summary["pretrained_from"], Counter())[initial] += 1
     lines, seen = [], set()
     for cell in pending:
-        cfg = ExperimentConfig.from_run_config(cell)
-        if cfg.pretrain_rounds <= 0 or cfg.seed in seen or cfg.seed not in starts:
+        cfg = ExperimentConfig.from_run_config({**GRID_RUN_CONTROL, **cell})
+        if cfg.pretrain_rounds <= 0:
             continue
-        seen.add(cfg.seed)
+        key = pretrain_id(cfg, board.num_supernodes)
+        if key in seen or key not in starts:
+            continue
+        seen.add(key)
         finished = ", ".join(f"{acc:.4f} ({n} cell{'s' if n != 1 else ''})"
-                             for acc, n in sorted(starts[cfg.seed].items(), key=lambda kv: (-kv[1], kv[0])))
-        cache = cache_folder(cfg, board.num_supernodes)
-        if not is_cached(cache):
+                             for acc, n in sorted(starts[key].items(), key=lambda kv: (-kv[1], kv[0])))
+        cache = _pretrain_cache(cfg, roots[0], board.num_supernodes)
+        here = _cache_start(cache)
+        if here is None:
             lines.append(f"[fl-defense] note: seed {cfg.seed}'s pre-training is not cached here ({cache}) and will be "
                          f"rebuilt; its finished cells started from a model at accuracy {finished}. A rebuild on "
                          "another machine can differ: check the page's starting-models line once a cell is done.")
-            continue
-        here = json.loads((cache / "summary.json").read_text())["final"]["accuracy"]
-        if set(starts[cfg.seed]) != {here}:
+        elif set(starts[key]) != {here}:
             lines.append(f"[fl-defense] warning: seed {cfg.seed}'s pre-trained model here ({cache}) is at accuracy "
                          f"{here:.4f}, but the seed's finished cells started from {finished}: cells run here would not all "
                          "share their start, and a comparison across two starts holds the starts' difference as "
-                         "well as the attack's. "
-                         "To keep one start, run the seed where its finished cells ran, or give that machine's "
-                         "pre-training as pretrain-dir.")
+                         "well as the attack's. To keep one start, run the seed where its finished cells ran, or "
+                         "copy that machine's cache folder into pretrain-dir.")
     return lines
 
 
@@ -1058,7 +1094,7 @@ def main(argv: list[str]) -> None:
         if elsewhere:
             print(f"[fl-defense] {len(elsewhere)} cells finished under the other results folders: not run here")
             grid = grid.keeping([c for c in grid.cells if cell_id(c) not in elsewhere])
-        pending = [c for c in grid.cells if cell_state(roots[0] / cell_id(c)) != "done"]
+        pending = [c for c in grid.cells if cell_state(roots[0] / cell_id(c)) == "new"]  # a resumed cell has its model
         for line in pretraining_warnings(board, pending, roots):
             print(line)
         t0 = time.time()

@@ -421,42 +421,46 @@ def test_the_page_says_when_a_seeds_cells_started_from_different_models(tmp_path
 
 def test_a_run_warns_when_this_machines_pretraining_is_not_the_seeds_finished_cells_start(tmp_path):
     """Session 29 ran 173 of seed 3's cells from a pre-training rebuilt on its machine (0.7566 before
-    round 1) beside 347 from another (0.7555) without a word. Before cells run, each seed with cells
-    to run is checked: a cached pre-training unlike the finished cells' start is a warning; one not
-    cached here (to be rebuilt) is a note; one that matches says nothing."""
-    from fl_defense.pretrain import cache_folder
+    round 1) beside 347 from another (0.7555) without a word. Before cells run, each pre-training
+    that new cells would start from is checked against the start of its finished cells: a cached
+    one that differs is a warning; one not cached here (to be rebuilt) or unreadable is a note; one
+    that matches says nothing. The cache is where the cells look for it: under the first results
+    folder when the board sets no pretrain-dir."""
+    from fl_defense.pretrain import pretrain_id
 
-    pre = tmp_path / "pre"
-    path = _board_file(tmp_path, '["flame"]', extra=f'pretrain-rounds = 2\npretrain-dir = "{pre.as_posix()}"')
+    path = _board_file(tmp_path, '["flame"]', extra="pretrain-rounds = 2")
     board = lb.Leaderboard.load(path)
     results = tmp_path / "cells"
-    pending = []
+    pending, key = [], {}
     for defense, attack, seed, cell in board.cells():
+        key[seed] = pretrain_id(ExperimentConfig.from_run_config(cell), 10)
         if attack != "clean":
             pending.append(cell)
             continue
         folder = results / cell_id(cell)
         _fake_cell(folder, cell, 0.0)
         summary = json.loads((folder / "summary.json").read_text())
-        summary["initial"] = {"accuracy": {1: 0.7555, 2: 0.7405}[seed]}
+        summary.update({"initial": {"accuracy": {1: 0.7555, 2: 0.7405}[seed]}, "pretrained_from": key[seed]})
         (folder / "summary.json").write_text(json.dumps(summary))
 
-    def cache(seed: int, accuracy: float) -> Path:
-        folder = cache_folder(ExperimentConfig.from_run_config(board.cell_config("flame", "plus", seed)), 10)
+    def cache(seed: int, summary: dict) -> Path:
+        folder = results / "pretrain" / key[seed]  # where a cell run with results-dir = results looks
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "summary.json").write_text(json.dumps({"final": {"accuracy": accuracy}}))
+        (folder / "summary.json").write_text(json.dumps(summary))
         (folder / "checkpoint.pkl").write_bytes(b"")
         return folder
 
-    cache(1, 0.7566)
+    cache(1, {"final": {"accuracy": 0.7566}})
     lines = lb.pretraining_warnings(board, pending, [results])
     assert len(lines) == 2
     assert lines[0].startswith("[fl-defense] warning: seed 1's pre-trained model here") and "0.7566" in lines[0]
     assert "but the seed's finished cells started from 0.7555 (2 cells)" in lines[0]
     assert lines[1].startswith("[fl-defense] note: seed 2's pre-training is not cached here")
     assert "finished cells started from a model at accuracy 0.7405 (2 cells)" in lines[1]
-    cache(1, 0.7555)
-    cache(2, 0.7405)
+    cache(2, {"rounds_completed": 2})  # a cache summary without its final figures: a note, not a crash
+    assert lb.pretraining_warnings(board, pending, [results])[1].startswith("[fl-defense] note: seed 2")
+    cache(1, {"final": {"accuracy": 0.7555}})
+    cache(2, {"final": {"accuracy": 0.7405}})
     assert lb.pretraining_warnings(board, pending, [results]) == []  # the starts match: nothing to say
     assert lb.pretraining_warnings(board, [], [results]) == []  # nothing to run
 
@@ -915,3 +919,15 @@ def test_a_page_links_the_protocol_from_wherever_under_docs_it_is_written():
     assert lb.docs_link(ROOT / "docs" / "results" / "leaderboard", "protocol.md") == "../../protocol.md"
     assert lb.docs_link(ROOT / "docs" / "results" / "a" / "b", "protocol.md") == "../../../protocol.md"
     assert lb.docs_link(ROOT / "results" / "leaderboard", "protocol.md") == "../../protocol.md"  # outside docs/
+
+
+def test_the_starting_models_line_counts_old_records_and_tells_close_starts_apart():
+    cells = pd.DataFrame({"defense": ["fedavg", "flame", "krum", "fedavg", "flame"],
+                          "attack": ["clean", "plus", "plus", "clean", "plus"], "seed": [1, 1, 1, 2, 2],
+                          "initial_accuracy": [0.75551, 0.75549, None, None, None]})
+    line = lb.starting_models_text(cells, "fedavg", "clean")
+    # two starts that print alike at four digits get eight; cells with no record are counted, not dropped
+    assert ("seed 1: 1 cell from 0.75549000, 1 cell from 0.75551000, 1 not recorded (the fedavg clean baseline "
+            "from 0.75551000); seed 2: 2 not recorded.") in line
+    assert "The cells of seed 1 did not all start from one model" in line
+    assert lb.starting_models_text(cells.assign(initial_accuracy=None), "fedavg", "clean") is None

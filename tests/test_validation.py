@@ -238,4 +238,6 @@ def test_the_record_keeps_each_accepted_update_norm_from_the_check():
                 for c in rec.client_ids]
     np.testing.assert_allclose(rec.update_norms, expected, rtol=1e-5)
     np.testing.assert_allclose(rec.update_norms, [0.01 * d ** 0.5, 0.5 * d ** 0.5, 2.0 * d ** 0.5], rtol=1e-4)
-    assert rec.to_dict()["update_norms"] == rec.update_norms
+    kept = DefendedAggregation(FedAvg(), min_clients=4)  # three valid: the global model is kept
+    assert kept.aggregate(1, g, results)[0] is None and kept.records[-1].kept_global
+    np.testing.assert_allclose(kept.records[-1].update_norms, rec.update_norms, rtol=1e-6)
