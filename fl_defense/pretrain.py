@@ -44,10 +44,13 @@ def pretrain_id(cfg: ExperimentConfig, num_supernodes: int) -> str:
     return f"{cfg.dataset}-{cfg.model_name}-{cfg.pretrain_rounds}r-{digest}"
 
 
-def cache_folder(cfg: ExperimentConfig, num_supernodes: int) -> Path:
-    """Where the pre-training of this run is (or will be) cached."""
-    root = Path(cfg.pretrain_dir or Path(cfg.results_dir) / "pretrain").expanduser().resolve()
-    return root / pretrain_id(cfg, num_supernodes)
+def cache_folder(cfg: ExperimentConfig, num_supernodes: int, relative_to: Path | None = None) -> Path:
+    """Where the pre-training of this run is (or will be) cached. A relative folder is taken from
+    ``relative_to`` (default: the working directory, where the run itself resolves it)."""
+    root = Path(cfg.pretrain_dir or Path(cfg.results_dir) / "pretrain").expanduser()
+    if relative_to is not None and not root.is_absolute():
+        root = Path(relative_to) / root
+    return root.resolve() / pretrain_id(cfg, num_supernodes)
 
 
 def is_cached(folder: Path) -> bool:

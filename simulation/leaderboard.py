@@ -757,6 +757,11 @@ def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _most_first(counts) -> list[tuple[float, int]]:
+    """(start, cells) pairs, the most common start first, then by value."""
+    return sorted(counts, key=lambda kv: (-kv[1], kv[0]))
+
+
 def starting_models_text(cells, baseline: str, clean: str) -> str | None:
     """The models a page's cells started from, seed by seed, told apart by their accuracy before
     round 1 (``summary.json``'s ``initial``): a seed's clean pre-training is rebuilt on each machine
@@ -767,7 +772,7 @@ def starting_models_text(cells, baseline: str, clean: str) -> str | None:
     parts, mixed = [], []
     for seed, group in cells.groupby("seed"):
         known = group["initial_accuracy"].dropna()
-        counts = sorted(known.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))
+        counts = _most_first(known.value_counts().items())
         digits = 4 if len({f"{acc:.4f}" for acc, _ in counts}) == len(counts) else 8
         text = ", ".join(f"{n} cell{'s' if n != 1 else ''} from {acc:.{digits}f}" for acc, n in counts)
         if len(known) < len(group):
@@ -798,16 +803,6 @@ def docs_link(page_folder: Path, target: str) -> str:
     return Path(os.path.relpath(docs / target, folder)).as_posix()
 
 
-def _pretrain_cache(cfg: ExperimentConfig, results_dir: Path, num_supernodes: int) -> Path:
-    """The pre-training cache a grid cell of ``cfg`` starts from: the cell runs with its results
-    folder as ``results-dir`` and the checkout as its working directory (``grid.run_cell``), so a
-    relative ``pretrain-dir`` is the checkout's."""
-    from fl_defense.pretrain import pretrain_id
-
-    base = Path(cfg.pretrain_dir).expanduser() if cfg.pretrain_dir else Path(results_dir) / "pretrain"
-    return (base if base.is_absolute() else ROOT / base).resolve() / pretrain_id(cfg, num_supernodes)
-
-
 def _cache_start(cache: Path) -> float | None:
     """The accuracy of a cached pre-training's final model (what its cells start from), or None when
     the cache is missing, unfinished or unreadable."""
@@ -828,8 +823,10 @@ def pretraining_warnings(board: Leaderboard, pending: list[dict], roots: list[Pa
     different models; cells from two starts compare the starts as well as the attacks. One line per
     pre-training whose finished cells started from another model, or which is to be rebuilt here.
     Advice only: nothing here stops a run."""
-    from fl_defense.pretrain import pretrain_id
+    from fl_defense.pretrain import cache_folder, pretrain_id
 
+    if not pending:
+        return []
     starts: dict[str, Counter] = {}
     seen_cells = set()
     for _, _, _, cell in board.cells():
@@ -847,7 +844,8 @@ def pretraining_warnings(board: Leaderboard, pending: list[dict], roots: list[Pa
             starts.setdefault(summary["pretrained_from"], Counter())[initial] += 1
     lines, seen = [], set()
     for cell in pending:
-        cfg = ExperimentConfig.from_run_config({**GRID_RUN_CONTROL, **cell})
+        # as grid.run_cell runs it: the first results folder as results-dir, the checkout as working directory
+        cfg = ExperimentConfig.from_run_config({**GRID_RUN_CONTROL, **cell, "results-dir": str(roots[0])})
         if cfg.pretrain_rounds <= 0:
             continue
         key = pretrain_id(cfg, board.num_supernodes)
@@ -855,8 +853,8 @@ def pretraining_warnings(board: Leaderboard, pending: list[dict], roots: list[Pa
             continue
         seen.add(key)
         finished = ", ".join(f"{acc:.4f} ({n} cell{'s' if n != 1 else ''})"
-                             for acc, n in sorted(starts[key].items(), key=lambda kv: (-kv[1], kv[0])))
-        cache = _pretrain_cache(cfg, roots[0], board.num_supernodes)
+                             for acc, n in _most_first(starts[key].items()))
+        cache = cache_folder(cfg, board.num_supernodes, relative_to=ROOT)
         here = _cache_start(cache)
         if here is None:
             lines.append(f"[fl-defense] note: seed {cfg.seed}'s pre-training is not cached here ({cache}) and will be "
